@@ -1,0 +1,27 @@
+"""autoqra: joint per-layer quantization bit-width and LoRA rank search under a hard memory budget."""
+
+from autoqra import models, quant_backends
+from autoqra.apply import apply_assignment, quantize_model
+from autoqra.budget import parse_size, resolve_budget
+from autoqra.config import TrainSpec
+from autoqra.memory import MemoryBreakdown, MemoryModel, measure_memory
+from autoqra.memory_trace import measure_peak
+from autoqra.space import Assignment, SearchSpace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Assignment",
+    "MemoryBreakdown",
+    "MemoryModel",
+    "SearchSpace",
+    "TrainSpec",
+    "apply_assignment",
+    "measure_memory",
+    "measure_peak",
+    "models",
+    "parse_size",
+    "quant_backends",
+    "quantize_model",
+    "resolve_budget",
+]

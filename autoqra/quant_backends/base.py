@@ -1,0 +1,143 @@
+r"""The quantization-backend interface and its registry.
+
+A backend turns one frozen ``nn.Linear`` into a quantized module and says, exactly and
+analytically, how many bytes that module will hold. The memory model relies on the
+second half of that contract: ``weight_bytes`` must equal what ``quantize`` allocates, to
+the byte, for every supported bit-width.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Bit-width meaning "leave this module unquantized" (kept in the model's own dtype).
+UNQUANTIZED_BITS = 16
+
+_BACKENDS: dict[str, type[QuantBackend]] = {}
+
+
+def register_backend(name: str) -> Callable[[type[QuantBackend]], type[QuantBackend]]:
+    """Class decorator that registers a backend under ``name`` (later registrations win)."""
+
+    def deco(cls: type[QuantBackend]) -> type[QuantBackend]:
+        cls.name = name
+        _BACKENDS[name] = cls
+        return cls
+
+    return deco
+
+
+def available_backends() -> list[str]:
+    """Names of all registered backends (installed or not)."""
+    return sorted(_BACKENDS)
+
+
+def get_backend(backend: str | QuantBackend, **kwargs: Any) -> QuantBackend:
+    """Resolve a backend name (or pass an instance through).
+
+    Raises:
+        ValueError: unknown name, naming the registered ones.
+        ImportError: the backend's library is not installed.
+    """
+    if isinstance(backend, QuantBackend):
+        if kwargs:
+            raise ValueError("backend options can only be given with a backend name, not an instance")
+        return backend
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} is not registered; registered backends: {available_backends()}")
+    inst = _BACKENDS[backend](**kwargs)
+    if not inst.is_available():
+        raise ImportError(f"backend {backend!r} needs a library that is not installed: {inst.install_hint}")
+    return inst
+
+
+class QuantBackend(abc.ABC):
+    """Quantizes single linear layers and accounts their bytes exactly.
+
+    Subclasses set ``name`` (via :func:`register_backend`), ``supported_bits`` and
+    implement :meth:`quantize`, :meth:`weight_bytes` and :meth:`module_tensors`.
+    Heavy imports belong inside methods so that ``import autoqra`` never fails.
+    """
+
+    name: str = "base"
+    #: Bit-widths :meth:`quantize` accepts, besides 16 (= unquantized) which every backend accepts.
+    supported_bits: tuple[int, ...] = ()
+    #: True when :meth:`quantize` needs calibration inputs (GPTQ).
+    needs_calibration: bool = False
+    install_hint: str = ""
+
+    def is_available(self) -> bool:
+        """Whether the backend's library imports on this machine."""
+        return True
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able identity of this backend and its options (for caching and artifacts)."""
+        return {"name": self.name}
+
+    def check_bits(self, bits: Iterable[int]) -> None:
+        """Raise ``ValueError`` naming the backend and its supported bits if any is unsupported."""
+        allowed = set(self.supported_bits) | {UNQUANTIZED_BITS}
+        bad = sorted({int(b) for b in bits} - allowed)
+        if bad:
+            raise ValueError(
+                f"backend {self.name!r} does not support bits {bad}; supported bits: "
+                f"{sorted(allowed)} (16 = unquantized)"
+            )
+
+    @abc.abstractmethod
+    def quantize(self, linear: nn.Linear, bits: int, calib: torch.Tensor | None = None) -> nn.Module:
+        """Return a new quantized module computing ``linear`` at ``bits``.
+
+        Args:
+            linear: a frozen ``nn.Linear`` (not modified).
+            bits: one of ``supported_bits``.
+            calib: this module's entry of :meth:`calibrate`'s result, for backends that need it.
+        """
+
+    @abc.abstractmethod
+    def weight_bytes(self, out_features: int, in_features: int, bits: int) -> tuple[int, int]:
+        """Exact ``(packed_weight_bytes, metadata_bytes)`` :meth:`quantize` allocates for one layer.
+
+        Bias and anything kept unquantized are *not* included (they count as unquantized
+        parameters). ``metadata_bytes`` covers scales, zero points, absmax and similar.
+        """
+
+    def shared_bytes(self, bits_used: Iterable[int]) -> int:
+        """Bytes of tensors shared by all quantized layers (allocated once per model), e.g. a codebook."""
+        return 0
+
+    @abc.abstractmethod
+    def owns(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a layer this backend produced."""
+
+    @abc.abstractmethod
+    def module_tensors(self, module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Live tensors of one owned module: ``(packed_weights, metadata, other)``.
+
+        Includes tensors held outside ``parameters()``/``buffers()`` (HQQ's meta dict,
+        bitsandbytes' quant_state). ``other`` holds e.g. the bias.
+        """
+
+    def calibrate(self, model: nn.Module, module_names: list[str], calib_ids: torch.Tensor) -> dict[str, Any]:
+        """Collect per-module calibration statistics for :meth:`quantize` (backends that need them).
+
+        Args:
+            model: the unquantized source model.
+            module_names: full names of the linears that will be quantized.
+            calib_ids: ``(n_seq, seq_len)`` token ids.
+
+        Returns:
+            ``{module_name: stats}``; each value is passed as ``calib`` to :meth:`quantize`.
+        """
+        return {}
+
+    def prepare_for_peft(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Hook run on the quantized base model before peft wraps it (set flags peft reads)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec()})"
