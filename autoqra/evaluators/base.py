@@ -1,0 +1,112 @@
+r"""The evaluator interface, fidelities, results and the evaluator registry."""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from autoqra.space import Assignment
+
+STATUSES = ("ok", "failed", "oom", "nan")
+_EVALUATORS: dict[str, type[Evaluator]] = {}
+
+
+def register_evaluator(name: str) -> Callable[[type[Evaluator]], type[Evaluator]]:
+    """Class decorator registering an evaluator under ``name``."""
+
+    def deco(cls: type[Evaluator]) -> type[Evaluator]:
+        cls.name = name
+        _EVALUATORS[name] = cls
+        return cls
+
+    return deco
+
+
+def available_evaluators() -> list[str]:
+    return sorted(_EVALUATORS)
+
+
+def evaluator_class(name: str) -> type[Evaluator]:
+    if name not in _EVALUATORS:
+        raise ValueError(f"evaluator={name!r} is not registered; registered evaluators: {available_evaluators()}")
+    return _EVALUATORS[name]
+
+
+@attrs.frozen
+class Fidelity:
+    """How much training one evaluation gets, in **optimizer steps**.
+
+    Attributes:
+        steps: optimizer steps of LoRA training before scoring (0 = score without training).
+        name: label used in histories and reports (``"low"``, ``"high"``, ``"final"``...).
+    """
+
+    steps: int = attrs.field()
+    name: str = ""
+
+    @steps.validator
+    def _check(self, att: attrs.Attribute, v: int) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"Fidelity.steps={v!r} is not allowed; it must be an integer >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "name": self.name}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fidelity:
+        return cls(int(d["steps"]), d.get("name", ""))
+
+
+@attrs.define
+class EvalResult:
+    """Outcome of one evaluation.
+
+    Attributes:
+        score: higher is better (``-inf`` unless status is ``"ok"``).
+        metrics: named metrics (e.g. ``loss``, ``ppl``, ``accuracy``).
+        status: ``"ok" | "failed" | "oom" | "nan"``.
+        error: message when status is not ``"ok"``.
+        seconds: wall time of the evaluation.
+        memory: measured bytes (``model_bytes`` of live tensors, ``peak_bytes`` of the step...).
+    """
+
+    score: float = -math.inf
+    metrics: dict[str, float] = attrs.Factory(dict)
+    status: str = "ok"
+    error: str = ""
+    seconds: float = 0.0
+    memory: dict[str, int] = attrs.Factory(dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"EvalResult.status={self.status!r} is not allowed; choose one of {list(STATUSES)}")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and math.isfinite(self.score)
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
+        return cls(**d)
+
+
+class Evaluator(abc.ABC):
+    """Scores an assignment at a fidelity. Must never raise for a bad candidate: it returns a
+    result with status ``"failed" | "oom" | "nan"`` instead, so a search survives bad points."""
+
+    name: str = "base"
+
+    @abc.abstractmethod
+    def evaluate(self, assignment: Assignment, fidelity: Fidelity) -> EvalResult:
+        """Quantize + wrap the model at ``assignment``, train ``fidelity.steps`` steps, and score."""
+
+    @abc.abstractmethod
+    def spec(self) -> dict[str, Any]:
+        """JSON-able identity (data, task, hyper-parameters, seed) used in trial-store keys."""
