@@ -97,3 +97,122 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {p} must hold a mapping at top level, got {type(data).__name__}")
     return data
+
+
+def _opt_positive_int(inst: Any, att: attrs.Attribute, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{att.name}={value!r} is not allowed; it must be a positive integer or None")
+
+
+def _opt_positive(inst: Any, att: attrs.Attribute, value: Any) -> None:
+    if value is not None:
+        _positive(inst, att, value)
+
+
+def _int_tuple(v: Any) -> tuple[int, ...]:
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        raise ValueError(f"expected a list of integers, got {v!r}")
+    return tuple(int(x) for x in v)
+
+
+#: Named settings: fidelities in optimizer steps, search sizes, evaluation blocks.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~15 min on 2 CPU cores with SmolLM2 (README: demo table)
+    "demo": {"low_steps": 3, "high_steps": 10, "pop_size": 6, "promote_k": 2, "max_generations": 2,
+             "phase2_iterations": 3, "eval_blocks": 16, "importance_blocks": 8},
+    # seconds, for tests on the tiny model
+    "tiny": {"low_steps": 2, "high_steps": 4, "pop_size": 4, "promote_k": 2, "max_generations": 2,
+             "phase2_iterations": 2, "eval_blocks": 4, "importance_blocks": 4},
+    # a real search (hours on CPU; minutes per candidate on a GPU)
+    "default": {"low_steps": 20, "high_steps": 60, "pop_size": 16, "promote_k": 4, "max_generations": 12,
+                "phase2_iterations": 20, "eval_blocks": 64, "importance_blocks": 16},
+}
+
+
+@attrs.frozen
+class OptimizeConfig:
+    """Everything ``autoqra.optimize`` takes besides the model (validated before any model is touched).
+
+    Attributes:
+        budget: bytes, a size string ("3.5GB") or a reference ("4bit").
+        backend: quantization backend name ("hqq", "bnb", "gptq", "none").
+        backend_options: keyword arguments of the backend.
+        evaluator: "finetune" or "lm_eval".
+        evaluator_options: extra keyword arguments of the evaluator (e.g. ``task``, ``limit``).
+        phase1 / phase2: searcher names (phase2 ``None`` skips Phase II).
+        bits / ranks / granularity / target_modules: the search space.
+        target: the budget applies to "model" bytes or "train" bytes.
+        data: "pydoc" (embedded) or a JSONL path / datasets name.
+        preset: "demo", "tiny" or "default": fills fidelities and sizes not given explicitly.
+        low_steps / high_steps: Phase I fidelities (optimizer steps); Phase II and baselines use high.
+        pop_size / promote_k / max_generations: Phase I sizes.
+        phase2_iterations: Phase II evaluations at most.
+        eval_blocks: held-out blocks scored per evaluation.
+        importance_blocks: calibration blocks for the priors; 0 = no priors (uniform 0.5).
+        alpha: utility weight of score vs memory when choosing the final point (1 = best score).
+        max_trials: cap on evaluations (all fidelities). time_limit: seconds.
+        seed: drives everything.
+    """
+
+    budget: Any = "4bit"
+    backend: str = "hqq"
+    backend_options: dict = attrs.Factory(dict)
+    evaluator: str = attrs.field(default="finetune", validator=_one_of("finetune", "lm_eval"))
+    evaluator_options: dict = attrs.Factory(dict)
+    phase1: str = "nsga2"
+    phase2: str | None = "turbo"
+    bits: tuple[int, ...] = attrs.field(default=(2, 3, 4, 8), converter=_int_tuple)
+    ranks: tuple[int, ...] = attrs.field(default=(0, 4, 8, 16), converter=_int_tuple)
+    granularity: str = attrs.field(default="block", validator=_one_of("block", "module"))
+    target_modules: tuple[str, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
+    target: str = attrs.field(default="model", validator=_one_of("model", "train"))
+    data: str = "pydoc"
+    train: TrainSpec = attrs.field(factory=TrainSpec, converter=lambda v: TrainSpec.from_dict(v) if isinstance(v, dict) else v)
+    preset: str = attrs.field(default="default", validator=_one_of(*PRESETS))
+    low_steps: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    high_steps: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    pop_size: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    promote_k: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    max_generations: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    phase2_iterations: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    eval_blocks: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    importance_blocks: int | None = None
+    alpha: float = attrs.field(default=0.6)
+    max_trials: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    time_limit: float | None = attrs.field(default=None, validator=_opt_positive)
+    seed: int = 0
+
+    @alpha.validator
+    def _alpha(self, att: attrs.Attribute, v: float) -> None:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"alpha={v!r} is not allowed; it must be in [0, 1]")
+
+    def resolved(self, name: str) -> Any:
+        """The explicit value of a preset-controlled field, else the preset's."""
+        v = getattr(self, name)
+        return PRESETS[self.preset][name] if v is None else v
+
+    def __attrs_post_init__(self) -> None:
+        lo, hi = self.resolved("low_steps"), self.resolved("high_steps")
+        if lo > hi:
+            raise ValueError(f"low_steps={lo} must not exceed high_steps={hi}")
+        if self.resolved("promote_k") > self.resolved("pop_size"):
+            raise ValueError(f"promote_k={self.resolved('promote_k')} must not exceed pop_size={self.resolved('pop_size')}")
+        ib = self.resolved("importance_blocks")
+        if isinstance(ib, bool) or not isinstance(ib, int) or ib < 0:
+            raise ValueError(f"importance_blocks={ib!r} is not allowed; it must be an integer >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self, recurse=False)
+        d["train"] = self.train.to_dict()
+        for k in ("bits", "ranks", "target_modules"):
+            d[k] = list(d[k]) if d[k] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OptimizeConfig:
+        return cls(**_known(cls, d, "optimize"))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> OptimizeConfig:
+        return cls.from_dict(load_config_file(path))

@@ -1,0 +1,157 @@
+r"""``autoqra.optimize(model, budget)``: the one-call entry point."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import attrs
+from torch import nn
+
+from autoqra.config import OptimizeConfig
+from autoqra.evaluators.base import Evaluator, Fidelity, evaluator_class
+from autoqra.importance import Importance, compute_importance
+from autoqra.memory import MemoryModel
+from autoqra.optimizer import AutoQRA
+from autoqra.progress import Progress
+from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend, get_backend
+from autoqra.result import Result, Trial
+from autoqra.space import SearchSpace
+from autoqra.store import TrialStore, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def _config(config: Any, overrides: dict[str, Any]) -> OptimizeConfig:
+    if config is None:
+        base: dict[str, Any] = {}
+    elif isinstance(config, OptimizeConfig):
+        base = config.to_dict()
+    elif isinstance(config, dict):
+        base = dict(config)
+    else:
+        base = OptimizeConfig.from_file(config).to_dict()
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return OptimizeConfig.from_dict(base)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def optimize(
+    model: nn.Module,
+    budget: int | float | str | None = None,
+    *,
+    tokenizer: Any = None,
+    backend: str | QuantBackend | None = None,
+    evaluator: str | Evaluator | None = None,
+    phase1: Any = None,
+    phase2: Any = None,
+    max_trials: int | None = None,
+    time_limit: float | None = None,
+    store: str | Path | TrialStore | None = None,
+    seed: int | None = None,
+    config: OptimizeConfig | dict | str | Path | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Result:
+    """Search per-unit quantization bits and LoRA ranks for ``model`` under a hard memory budget.
+
+    Args:
+        model: an unquantized HF causal LM (never modified).
+        budget: bytes, a size string (``"3.1GB"``) or a reference (``"4bit"`` = uniform-4-bit footprint
+            at rank ≈ 8). Default ``"4bit"``.
+        tokenizer: the model's tokenizer (a byte-level one is used when None, e.g. for tiny test models).
+        backend: ``"hqq"`` (default), ``"bnb"``, ``"gptq"``, ``"none"`` or a ``QuantBackend`` instance.
+        evaluator: ``"finetune"`` (default), ``"lm_eval"`` or an ``Evaluator`` instance (built on the
+            space with 16-bit added, so the 16-bit reference can be evaluated).
+        phase1 / phase2: searcher names or instances (phase2 ``None`` in the config skips Phase II).
+        max_trials: cap on evaluations (every fidelity); time_limit: seconds.
+        store: SQLite trial store path; re-running with the same store resumes (finished trials are
+            read back, not re-run). Default: in memory.
+        seed: drives LoRA init, data order, searchers and the surrogate.
+        config: an :class:`OptimizeConfig`, a dict or a YAML/JSON path; explicit arguments win.
+        progress: show the live progress line.
+        **options: any other :class:`OptimizeConfig` field (``bits``, ``ranks``, ``preset``, ``alpha``...).
+
+    Returns:
+        :class:`Result` with the Pareto front, the chosen point, baselines and the full history.
+    """
+    be_obj = backend if isinstance(backend, QuantBackend) else None
+    ev_obj = evaluator if isinstance(evaluator, Evaluator) else None
+    s1 = phase1 if isinstance(phase1, str) or phase1 is None else None
+    s2 = phase2 if isinstance(phase2, str) or phase2 is None else None
+    cfg = _config(config, {
+        "budget": budget, "backend": backend if isinstance(backend, str) else (be_obj.name if be_obj else None),
+        "evaluator": evaluator if isinstance(evaluator, str) else None, "phase1": s1, "phase2": s2,
+        "max_trials": max_trials, "time_limit": time_limit, "seed": seed, **options,
+    })
+    be = be_obj or get_backend(cfg.backend, **cfg.backend_options)
+    space = SearchSpace.from_model(model, cfg.bits, cfg.ranks, cfg.granularity, cfg.target_modules, backend=be)
+    memory = MemoryModel(model, space, be, train=cfg.train)
+    budget_bytes = memory.budget_bytes(cfg.budget, target=cfg.target)
+    eval_space = attrs.evolve(space, bits=tuple(sorted(set(space.bits) | {UNQUANTIZED_BITS})))
+    if ev_obj is None:
+        from autoqra.evaluators.data import ByteTokenizer, build_task_data
+
+        tok = tokenizer or ByteTokenizer(model.config.vocab_size)
+        data = build_task_data(cfg.data, tok, block_size=cfg.train.seq_len, seed=cfg.seed)
+        kw = dict(data=data, tokenizer=tokenizer, train=cfg.train, eval_blocks=cfg.resolved("eval_blocks"),
+                  seed=cfg.seed, **cfg.evaluator_options)
+        ev_obj = evaluator_class(cfg.evaluator)(model, eval_space, be, **kw)
+    st = store if isinstance(store, TrialStore) else TrialStore(store)
+    fp = model_fingerprint(model)
+    st.check_compatible({"model": fp, "backend": be.spec(), "evaluator": ev_obj.spec()})
+    importance = _importance(model, space, be, ev_obj, cfg, st)
+    low, high = Fidelity(cfg.resolved("low_steps"), "low"), Fidelity(cfg.resolved("high_steps"), "high")
+    n_base = len([b for b in space.bits if b != UNQUANTIZED_BITS]) + 1
+    gens, pop, k = cfg.resolved("max_generations"), cfg.resolved("pop_size"), cfg.resolved("promote_k")
+    total = n_base + gens * (pop + k) + (cfg.resolved("phase2_iterations") if cfg.phase2 else 0)
+    if cfg.max_trials:
+        total = min(total, cfg.max_trials)
+    run = AutoQRA(
+        space=space, memory=memory, evaluator=ev_obj, budget_bytes=budget_bytes, target=cfg.target, store=st,
+        model_fingerprint=fp, importance=importance, low=low, high=high,
+        phase1=phase1 if phase1 is not None and not isinstance(phase1, str) else cfg.phase1,
+        phase2=phase2 if phase2 is not None and not isinstance(phase2, str) else cfg.phase2,
+        pop_size=pop, promote_k=k, max_generations=gens, phase2_iterations=cfg.resolved("phase2_iterations"),
+        alpha=cfg.alpha, max_trials=cfg.max_trials, time_limit=cfg.time_limit, seed=cfg.seed,
+        progress=Progress(total=total, enabled=progress),
+    )
+    out = run.run()
+    return _result(run, out, cfg, importance, st)
+
+
+def _importance(model, space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg: OptimizeConfig, st: TrialStore):
+    n = cfg.resolved("importance_blocks")
+    if n == 0:
+        return Importance.uniform(space.n_units)
+    data = getattr(ev, "data", None)
+    if data is None:
+        log.warning("the evaluator has no training data: importance priors are uniform")
+        return Importance.uniform(space.n_units)
+    blocks = data.train[:n]
+    name = "importance:" + _digest([space.spec(), be.spec(), data.fingerprint(), n, cfg.seed])
+    cached = st.get_blob(name)
+    if cached is not None:
+        return Importance.from_dict(cached)
+    imp = compute_importance(model, space, be, blocks, seed=cfg.seed)
+    st.put_blob(name, imp.to_dict())
+    return imp
+
+
+def _result(run: AutoQRA, out: dict[str, Any], cfg: OptimizeConfig, imp: Importance, st: TrialStore) -> Result:
+    history = [Trial.from_store(t) for t in st.trials() if t["assignment"].units == run.space.unit_names]
+    by_key = {t.key: t for t in history}
+    baselines = {name: attrs.evolve(by_key[key], name=name) for name, key in out["baselines"].items()}
+    pareto = [by_key[t["key"]] for t in out["front"]]
+    best = by_key[out["best"]["key"]] if out["best"] else None
+    info = {k: v for k, v in out.items() if k not in ("baselines", "front", "best")}
+    info["importance"] = imp.to_dict()
+    info["importance_spearman"] = imp.spearman
+    return Result(best=best, pareto=pareto, baselines=baselines, history=history, budget_bytes=run.budget_bytes,
+                  target=run.target, space=run.space, config=cfg.to_dict(), info=info)

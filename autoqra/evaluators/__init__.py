@@ -1,0 +1,23 @@
+"""Evaluators: score an assignment after a real LoRA fine-tune (``"finetune"``, ``"lm_eval"``)."""
+
+from autoqra.evaluators.base import (
+    EvalResult,
+    Evaluator,
+    Fidelity,
+    available_evaluators,
+    evaluator_class,
+    register_evaluator,
+)
+from autoqra.evaluators.finetune import FinetuneEvaluator
+from autoqra.evaluators.lm_eval import LMEvalEvaluator
+
+__all__ = [
+    "EvalResult",
+    "Evaluator",
+    "Fidelity",
+    "FinetuneEvaluator",
+    "LMEvalEvaluator",
+    "available_evaluators",
+    "evaluator_class",
+    "register_evaluator",
+]

@@ -1,0 +1,376 @@
+"""Fine-tuning text data: embedded pydoc task, user JSONL, instruction JSONL, ``datasets``; packing; batches.
+
+Everything is deterministic: splits and data order come from SHA-256 and ``torch.Generator`` seeds, never
+from Python's randomised ``hash()``. Nothing is downloaded (``datasets`` runs with the offline flags set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+PYDOC_SPLIT_FILE = TASKS_DIR / "pydoc_split.json"
+_HF_SUFFIX = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
+
+
+def stable_hash(*parts: object) -> int:
+    """A 63-bit integer from SHA-256 of the parts' ``str`` forms (same on every run and platform)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class ByteTokenizer:
+    """Minimal deterministic tokenizer for models without one: UTF-8 bytes -> ids, EOS is the last id.
+
+    Bytes map to ``b % min(256, vocab_size - 1)`` (lossless when ``vocab_size >= 257``); the EOS id is
+    ``vocab_size - 1`` and never collides with a byte id.
+
+    Args:
+        vocab_size: the model's vocabulary size (>= 2).
+    """
+
+    def __init__(self, vocab_size: int = 512) -> None:
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.eos_token_id = vocab_size - 1
+        self._n = min(256, vocab_size - 1)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text`` (``add_special_tokens`` is accepted for HF compatibility and ignored)."""
+        return [b % self._n for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Inverse of :meth:`encode` (exact when ``vocab_size >= 257``); EOS ids are dropped."""
+        return bytes(int(i) for i in ids if int(i) != self.eos_token_id).decode("utf-8", errors="replace")
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    """Raw texts per split; ``groups`` names the topic/record of each text where known."""
+
+    train: list[str]
+    validation: list[str]
+    test: list[str]
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def __getitem__(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise KeyError(f"unknown split {split!r}; allowed: {SPLITS}")
+        return getattr(self, split)
+
+    def sizes(self) -> dict[str, dict[str, int]]:
+        """``{split: {"texts": n, "chars": n}}``."""
+        return {s: {"texts": len(self[s]), "chars": sum(map(len, self[s]))} for s in SPLITS}
+
+
+def split_groups(sizes: Mapping[str, int], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> dict[str, list[str]]:
+    """Deterministic size-capped split of named groups (topics or records) into train/validation/test.
+
+    Groups are visited in the order of ``stable_hash(seed, name)`` (ties by name); each goes to test while
+    it fits under ``fractions[2]`` of the total size, else to validation under ``fractions[1]``, else to
+    train. A split with a positive fraction that stays empty receives the smallest train group.
+
+    Returns:
+        ``{split: sorted group names}``.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {tuple(fractions)}")
+    total = sum(sizes.values())
+    out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    fill = dict.fromkeys(SPLITS, 0)
+    for name in sorted(sizes, key=lambda n: (stable_hash("split", seed, n), n)):
+        dest = next((s for s in ("test", "validation") if fill[s] + sizes[name] <= fractions[SPLITS.index(s)] * total), "train")
+        out[dest].append(name)
+        fill[dest] += sizes[name]
+    for s in ("test", "validation"):
+        if fractions[SPLITS.index(s)] > 0 and not out[s] and len(out["train"]) > 1:
+            out[s].append(out["train"].pop(min(range(len(out["train"])), key=lambda i: sizes[out["train"][i]])))
+    return {s: sorted(v) for s, v in out.items()}
+
+
+def _carve(texts: Sequence[str], fractions: Sequence[float], seed: int, what: str) -> TextSplits:
+    """Split a flat list of texts by record (``split_groups`` over record indices)."""
+    needed = sum(f > 0 for f in fractions)
+    if len(texts) < needed:
+        raise ValueError(f"{what}: {len(texts)} record(s) cannot be split into {needed} non-empty splits")
+    keys = {f"{i:08d}": len(t) + 1 for i, t in enumerate(texts)}
+    g = split_groups(keys, fractions, seed)
+    return TextSplits(*([texts[int(k)] for k in g[s]] for s in SPLITS), groups=g)
+
+
+def load_text_task(name: str = "pydoc", seed: int | None = None, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> TextSplits:
+    """The embedded Python-documentation task (``pydoc_data.topics``, ships with CPython), split by topic.
+
+    Args:
+        name: only ``"pydoc"``.
+        seed: ``None`` uses the split pinned in ``tasks/pydoc_split.json`` (the one the packaged MC task
+            was built from, stable across Python versions); an int recomputes it with :func:`split_groups`.
+        fractions: train/validation/test fractions of characters (only with an int ``seed``).
+    """
+    if name != "pydoc":
+        raise ValueError(f"unknown embedded task {name!r}; allowed: ['pydoc']")
+    from pydoc_data.topics import topics
+
+    if seed is None and PYDOC_SPLIT_FILE.exists():
+        pinned = json.loads(PYDOC_SPLIT_FILE.read_text())
+        held = {s: [t for t in pinned[s] if t in topics] for s in ("validation", "test")}
+        taken = set(held["validation"]) | set(held["test"])
+        g = {"train": sorted(t for t in topics if t not in taken), **held}
+    else:
+        g = split_groups({t: len(v) for t, v in topics.items()}, fractions, 0 if seed is None else seed)
+    return TextSplits(*([topics[t] for t in g[s]] for s in SPLITS), groups=g)
+
+
+def format_instruction(instruction: str, input: str = "", output: str = "") -> str:  # noqa: A002
+    """Alpaca template; the ``### Input:`` section is omitted when ``input`` is empty."""
+    parts = [f"### Instruction:\n{instruction}"]
+    if input and input.strip():
+        parts.append(f"### Input:\n{input}")
+    parts.append(f"### Response:\n{output}")
+    return "\n\n".join(parts)
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for each non-blank line of a JSON Lines file.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: invalid JSON, a non-object line, or no records.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {p}")
+    rows = []
+    with p.open(encoding="utf-8") as fh:
+        for ln, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}: line {ln}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{p}: line {ln}: expected a JSON object, got {type(rec).__name__}")
+            rows.append((ln, rec))
+    if not rows:
+        raise ValueError(f"{p}: empty dataset (no records)")
+    return rows
+
+
+def _field(rec: Mapping[str, Any], key: str, where: str, required: bool = True) -> str:
+    if key not in rec:
+        if not required:
+            return ""
+        raise ValueError(f"{where}: missing field {key!r}; fields present: {sorted(rec)}")
+    val = rec[key]
+    if val is None and not required:
+        return ""
+    if not isinstance(val, str):
+        raise ValueError(f"{where}: field {key!r} must be a string, got {type(val).__name__}")
+    return val
+
+
+def jsonl_texts(path: str | Path, kind: str = "auto", text_field: str = "text") -> list[str]:
+    """Texts of a JSONL file: ``kind="text"`` reads ``text_field``; ``"instruction"`` formats
+    ``instruction``/``input``/``output`` with :func:`format_instruction`; ``"auto"`` picks by the first record."""
+    rows = read_jsonl(path)
+    if kind == "auto":
+        kind = "instruction" if "instruction" in rows[0][1] and text_field not in rows[0][1] else "text"
+    if kind == "text":
+        return [_field(r, text_field, f"{path}: line {ln}") for ln, r in rows]
+    if kind == "instruction":
+        return [
+            format_instruction(
+                _field(r, "instruction", f"{path}: line {ln}"),
+                _field(r, "input", f"{path}: line {ln}", required=False),
+                _field(r, "output", f"{path}: line {ln}"),
+            )
+            for ln, r in rows
+        ]
+    raise ValueError(f"unknown JSONL kind {kind!r}; allowed: ['auto', 'text', 'instruction']")
+
+
+def load_hf_texts(name_or_path: str, text_field: str = "text") -> dict[str, list[str]]:
+    """``{split: texts}`` from ``datasets.load_dataset`` (offline): a local file, directory or cached name."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    p = Path(name_or_path)
+    if p.suffix.lower() in _HF_SUFFIX:
+        if not p.is_file():
+            raise FileNotFoundError(f"data file not found: {p}")
+        dd = datasets.load_dataset(_HF_SUFFIX[p.suffix.lower()], data_files=str(p.resolve()))
+    else:
+        dd = datasets.load_dataset(name_or_path)
+    out = {}
+    for split, ds in dd.items():
+        if text_field not in ds.column_names:
+            raise ValueError(f"{name_or_path} [{split}]: missing field {text_field!r}; fields present: {sorted(ds.column_names)}")
+        out[split] = [t or "" for t in ds[text_field]]
+    if not any(out.values()):
+        raise ValueError(f"{name_or_path}: empty dataset (no records)")
+    return out
+
+
+def _from_split_dict(d: Mapping[str, list[str]], fractions: Sequence[float], seed: int, what: str) -> TextSplits:
+    alias = {"valid": "validation", "val": "validation", "dev": "validation"}
+    d = {alias.get(k, k): v for k, v in d.items() if v}
+    if all(s in d for s in SPLITS):
+        return TextSplits(d["train"], d["validation"], d["test"])
+    pool = d.get("train") or [t for v in d.values() for t in v]
+    want = [fractions[0]] + [0.0 if s in d else f for s, f in zip(SPLITS[1:], fractions[1:])]
+    parts = _carve(pool, [w / sum(want) for w in want], seed, what)
+    return TextSplits(parts.train, d.get("validation", parts.validation), d.get("test", parts.test))
+
+
+def load_texts(source: str | Path | TextSplits | Sequence[str] = "pydoc", *, kind: str = "auto", text_field: str = "text",
+               seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> TextSplits:
+    """Resolve a data source into :class:`TextSplits`.
+
+    Args:
+        source: ``"pydoc"`` (embedded default); a ``.jsonl``/``.json`` lines file (``text_field`` or Alpaca
+            ``instruction``/``input``/``output``); ``"datasets:<name or path>"`` or any other name/directory
+            for ``datasets.load_dataset`` (offline); a :class:`TextSplits`; or a list of texts.
+        kind: ``"auto"``, ``"pydoc"``, ``"text"``, ``"instruction"`` or ``"datasets"``.
+        seed: seed of the split of data that has no splits of its own (a record-level, size-capped split).
+        fractions: train/validation/test fractions for such data.
+    """
+    if isinstance(source, TextSplits):
+        return source
+    if not isinstance(source, (str, Path)):
+        return _carve(list(source), fractions, seed, "texts")
+    src = str(source)
+    if kind == "auto":
+        if src == "pydoc":
+            kind = "pydoc"
+        elif src.startswith("datasets:"):
+            kind, src = "datasets", src[len("datasets:"):]
+        elif Path(src).suffix.lower() in (".jsonl", ".json"):
+            kind = "auto-jsonl"
+        else:
+            kind = "datasets"
+    if kind == "pydoc":
+        return load_text_task("pydoc")
+    if kind == "datasets":
+        return _from_split_dict(load_hf_texts(src, text_field), fractions, seed, src)
+    texts = jsonl_texts(src, "auto" if kind == "auto-jsonl" else kind, text_field)
+    return _carve(texts, fractions, seed, src)
+
+
+def pack(texts: Sequence[str], tokenizer: Any, block_size: int = 128, add_eos: bool = True, name: str = "texts") -> torch.Tensor:
+    """Tokenize, join with EOS and cut into ``(n_blocks, block_size)`` int64 blocks (ragged tail dropped).
+
+    Args:
+        tokenizer: anything with ``encode(text, add_special_tokens=False)`` and ``eos_token_id`` (an HF
+            tokenizer or :class:`ByteTokenizer`).
+        name: used in error messages (e.g. the split name).
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if not texts:
+        raise ValueError(f"{name}: empty dataset (no texts to pack)")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if add_eos and eos is None:
+        raise ValueError("add_eos=True needs a tokenizer with an eos_token_id")
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer.encode(t, add_special_tokens=False))
+        if add_eos:
+            ids.append(int(eos))
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(f"{name}: {len(ids)} tokens in total, fewer than one block of block_size={block_size} "
+                         "tokens; use a smaller block_size or more text")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Packed token blocks per split, each ``LongTensor (n_blocks, block_size)``."""
+
+    train: torch.Tensor
+    validation: torch.Tensor
+    test: torch.Tensor
+    block_size: int
+    source: str
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex, 16 chars) of all blocks: identifies the data in cache keys."""
+        h = hashlib.sha256()
+        for s in SPLITS:
+            h.update(s.encode() + getattr(self, s).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able identity: source, block size, blocks per split and the fingerprint."""
+        return {"source": self.source, "block_size": self.block_size, "fingerprint": self.fingerprint(),
+                **{f"{s}_blocks": int(getattr(self, s).shape[0]) for s in SPLITS}}
+
+
+def build_task_data(source: str | Path | TextSplits | Sequence[str] = "pydoc", tokenizer: Any = None, block_size: int = 128, *,
+                    kind: str = "auto", text_field: str = "text", seed: int = 0,
+                    fractions: Sequence[float] = (0.8, 0.1, 0.1), add_eos: bool = True) -> TaskData:
+    """Load ``source`` (see :func:`load_texts`) and :func:`pack` every split.
+
+    Args:
+        tokenizer: an HF tokenizer, or ``ByteTokenizer(vocab_size)`` for models without one (required).
+    """
+    if tokenizer is None:
+        raise ValueError("tokenizer is required; use ByteTokenizer(vocab_size) for a model without one")
+    splits = load_texts(source, kind=kind, text_field=text_field, seed=seed, fractions=fractions)
+    blocks = {s: pack(splits[s], tokenizer, block_size, add_eos, name=f"{source} [{s}]") for s in SPLITS}
+    log.info("task data %s: %s blocks of %d tokens", source, {s: b.shape[0] for s, b in blocks.items()}, block_size)
+    return TaskData(**blocks, block_size=block_size, source=str(source) if isinstance(source, (str, Path)) else "texts")
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(stable_hash("batches", seed, epoch))
+
+
+def batches(blocks: torch.Tensor, batch_size: int, seed: int = 0, epoch: int = 0, drop_last: bool = False) -> Iterator[torch.Tensor]:
+    """One epoch of ``(batch_size, block_size)`` batches in a seeded order (depends on seed and epoch)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    perm = torch.randperm(blocks.shape[0], generator=_generator(seed, epoch))
+    stop = len(perm) - len(perm) % batch_size if drop_last else len(perm)
+    for i in range(0, stop, batch_size):
+        yield blocks[perm[i : i + batch_size]]
+
+
+def iter_steps(blocks: torch.Tensor, batch_size: int, steps: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Exactly ``steps`` full batches, cycling over epochs (epoch ``e`` uses the order of
+    ``batches(..., seed, epoch=e)``; a batch may straddle two epochs). Deterministic in ``seed``."""
+    if batch_size < 1 or steps < 0:
+        raise ValueError(f"batch_size must be >= 1 and steps >= 0, got {batch_size}, {steps}")
+    buf: list[torch.Tensor] = []
+    epoch = 0
+    for _ in range(steps):
+        while sum(len(b) for b in buf) < batch_size:
+            buf.append(torch.randperm(blocks.shape[0], generator=_generator(seed, epoch)))
+            epoch += 1
+        flat = torch.cat(buf)
+        yield blocks[flat[:batch_size]]
+        buf = [flat[batch_size:]]
+
+
+def mc_task_dir() -> tuple[Path, str]:
+    """``(directory for TaskManager(include_path=...), task name)`` of the packaged pydoc MC task."""
+    from autoqra.evaluators.tasks.build import mc_task_dir as _impl
+
+    return _impl()

@@ -1,0 +1,238 @@
+r"""The ``finetune`` evaluator: quantize + LoRA-wrap a candidate, really train it, score held-out loss."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoqra.apply import apply_assignment
+from autoqra.config import TrainSpec
+from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity, register_evaluator
+from autoqra.evaluators.data import ByteTokenizer, TaskData, build_task_data, iter_steps
+from autoqra.memory import measure_memory
+from autoqra.memory_trace import measure_peak
+from autoqra.quant_backends import QuantBackend, get_backend
+from autoqra.space import Assignment, SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised inside an evaluation when a loss becomes NaN/inf (reported as status ``"nan"``)."""
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """fp32 on CPU (bf16 backward is ~20× slower on AVX2); bf16 (or fp16) autocast on CUDA."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is an out-of-memory error (CUDA OOM, or an allocator failure on CPU)."""
+    oom_cls = getattr(torch.cuda, "OutOfMemoryError", None) or getattr(torch, "OutOfMemoryError", None)
+    if oom_cls is not None and isinstance(err, oom_cls):
+        return True
+    return isinstance(err, (RuntimeError, MemoryError)) and "out of memory" in str(err).lower()
+
+
+def lr_lambda(train: TrainSpec, total_steps: int):
+    """Multiplier schedule: linear warm-up, then cosine to 0 (or constant)."""
+
+    def f(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / (train.warmup_steps + 1)
+        if train.schedule == "constant" or total_steps <= train.warmup_steps:
+            return 1.0
+        prog = (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
+
+    return f
+
+
+@torch.no_grad()
+def heldout_metrics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+    """Mean next-token loss (nats/token), perplexity and next-token accuracy over ``blocks``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tot_loss, tot_correct, tot_tok = 0.0, 0, 0
+    for i in range(0, blocks.shape[0], batch_size):
+        ids = blocks[i : i + batch_size].to(device)
+        with autocast_for(device):
+            logits = model(input_ids=ids).logits.float()
+        lg, tgt = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        tot_loss += torch.nn.functional.cross_entropy(lg, tgt, reduction="sum").item()
+        tot_correct += (lg.argmax(-1) == tgt).sum().item()
+        tot_tok += tgt.numel()
+    model.train(was_training)
+    loss = tot_loss / tot_tok
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": tot_correct / tot_tok}
+
+
+@register_evaluator("finetune")
+class FinetuneEvaluator(Evaluator):
+    """Score = −(held-out mean token loss) after ``fidelity.steps`` LoRA optimizer steps.
+
+    Args:
+        model: unquantized source model (never modified; quantized layers are cached per model).
+        space: the search space.
+        backend: quantization backend name or instance.
+        data: packed task data; built from ``"pydoc"`` with ``tokenizer`` if omitted.
+        tokenizer: used to build the default data (a ``ByteTokenizer`` is used if None).
+        train: batch, learning rate, schedule, LoRA α ratio and dropout.
+        eval_blocks: held-out blocks scored (``None`` = the whole split).
+        eval_split: ``"validation"`` (search) or ``"test"`` (final reporting).
+        seed: drives LoRA init and data order.
+        calib_blocks: training blocks used to calibrate backends that need it (GPTQ).
+        track_peak: measure the peak bytes of the first training step (slower step on CPU).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        space: SearchSpace,
+        backend: str | QuantBackend = "hqq",
+        data: TaskData | None = None,
+        tokenizer: Any = None,
+        train: TrainSpec | None = None,
+        eval_blocks: int | None = 32,
+        eval_split: str = "validation",
+        seed: int = 0,
+        calib_blocks: int = 16,
+        track_peak: bool = True,
+        eval_batch_size: int = 8,
+    ) -> None:
+        if eval_split not in ("validation", "test"):
+            raise ValueError(f"eval_split={eval_split!r} is not allowed; use 'validation' or 'test'")
+        if eval_blocks is not None and eval_blocks < 1:
+            raise ValueError(f"eval_blocks={eval_blocks!r} must be >= 1 or None")
+        self.model = model
+        self.space = space
+        self.backend = get_backend(backend)
+        self.backend.check_bits(space.bits)
+        self.train = train or TrainSpec()
+        self.tokenizer = tokenizer
+        if data is None:
+            tok = tokenizer or ByteTokenizer(model.config.vocab_size)
+            data = build_task_data("pydoc", tok, block_size=self.train.seq_len, seed=seed)
+        self.data = data
+        self.eval_blocks = eval_blocks
+        self.eval_split = eval_split
+        self.seed = seed
+        self.calib_blocks = calib_blocks
+        self.track_peak = track_peak
+        self.eval_batch_size = eval_batch_size
+        self.device = next(model.parameters()).device
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "data": self.data.spec(),
+            "train": self.train.to_dict(),
+            "eval_blocks": self.eval_blocks,
+            "eval_split": self.eval_split,
+            "seed": self.seed,
+            "calib_blocks": self.calib_blocks if self.backend.needs_calibration else 0,
+        }
+
+    # -------------------------------------------------------------- building
+    def calib_ids(self) -> torch.Tensor | None:
+        return self.data.train[: self.calib_blocks] if self.backend.needs_calibration else None
+
+    def build(self, assignment: Assignment, seed: int | None = None) -> nn.Module:
+        """The quantized, LoRA-wrapped (untrained) model of ``assignment``."""
+        return apply_assignment(
+            self.model, assignment, self.backend, seed=self.seed if seed is None else seed, space=self.space,
+            alpha_ratio=self.train.lora_alpha_ratio, dropout=self.train.lora_dropout, calib_ids=self.calib_ids(),
+        )
+
+    def eval_data(self) -> torch.Tensor:
+        blocks = getattr(self.data, self.eval_split)
+        return blocks if self.eval_blocks is None else blocks[: self.eval_blocks]
+
+    # -------------------------------------------------------------- training
+    def batches(self, steps: int) -> Iterator[torch.Tensor]:
+        return iter_steps(self.data.train, self.train.batch_size, steps * self.train.grad_accum, seed=self.seed)
+
+    def fit(self, model: nn.Module, steps: int, on_step=None) -> dict[str, Any]:
+        """Train LoRA parameters for ``steps`` optimizer steps; returns train stats.
+
+        Raises:
+            NonFiniteLoss: a loss became NaN/inf.
+        """
+        params = [p for p in model.parameters() if p.requires_grad]
+        stats: dict[str, Any] = {"train_loss_first": float("nan"), "train_loss_last": float("nan"), "peak_bytes": 0}
+        if steps == 0 or not params:
+            return stats
+        torch.manual_seed(self.seed)  # dropout masks
+        opt = torch.optim.AdamW(params, lr=self.train.lr, weight_decay=self.train.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.train, steps))
+        model.train()
+        it = self.batches(steps)
+        losses = []
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(self.train.grad_accum):
+                ids = next(it).to(self.device)
+
+                def fwd_bwd(ids=ids) -> float:
+                    with autocast_for(self.device):
+                        loss = model(input_ids=ids, labels=ids).loss
+                    (loss / self.train.grad_accum).backward()
+                    return loss.item()
+
+                if step == 0 and micro == 0 and self.track_peak:
+                    val, stats["peak_bytes"] = measure_peak(fwd_bwd, self.device)
+                else:
+                    val = fwd_bwd()
+                if not math.isfinite(val):
+                    raise NonFiniteLoss(f"loss became {val} at step {step}")
+                step_loss += val / self.train.grad_accum
+            if self.train.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.train.max_grad_norm)
+            opt.step()
+            sched.step()
+            losses.append(step_loss)
+            if on_step is not None:
+                on_step(step, step_loss)
+        stats.update(train_loss_first=losses[0], train_loss_last=losses[-1], optimizer=opt)
+        return stats
+
+    # ------------------------------------------------------------ evaluation
+    def score(self, model: nn.Module) -> tuple[float, dict[str, float]]:
+        """``(score, metrics)`` of a trained model; score = −held-out loss."""
+        m = heldout_metrics(model, self.eval_data(), self.eval_batch_size)
+        return -m["loss"], m
+
+    def evaluate(self, assignment: Assignment, fidelity: Fidelity) -> EvalResult:
+        t0 = time.perf_counter()
+        try:
+            model = self.build(assignment)
+            stats = self.fit(model, fidelity.steps)
+            opt = stats.pop("optimizer", None)
+            score, metrics = self.score(model)
+            if not math.isfinite(score):
+                raise NonFiniteLoss(f"held-out loss is {-score}")
+            mem = measure_memory(model, opt).to_dict()
+            mem["peak_bytes"] = int(stats.pop("peak_bytes", 0))
+            metrics.update({k: float(v) for k, v in stats.items()})
+            return EvalResult(score=score, metrics=metrics, status="ok", seconds=time.perf_counter() - t0, memory=mem)
+        except NonFiniteLoss as e:
+            return EvalResult(status="nan", error=str(e), seconds=time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - a bad candidate must never kill the search
+            status = "oom" if is_oom(e) else "failed"
+            log.warning("evaluation of %s %s: %s: %s", assignment.short(), status, type(e).__name__, e)
+            return EvalResult(status=status, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()

@@ -1,0 +1,251 @@
+r"""Two-phase AutoQRA orchestration over the Searcher / Evaluator interfaces.
+
+The optimizer owns what searchers must not: budget repair (through the context), fidelities,
+the trial store and the limits. Every evaluation goes through :meth:`AutoQRA.evaluate`, which
+looks the trial up in the store first; since searchers and the surrogate are deterministic in
+the seed, re-running a killed search replays to the same point with finished trials read back
+from the store (nothing finished is re-run).
+
+Order of work: baselines (uniform bits at the largest feasible rank, 16-bit reference) →
+importance priors → Phase I (multi-fidelity NSGA-II, surrogate promotion, HV stagnation) →
+Phase II (TuRBO on high-fidelity trials only) → choice of the best-utility feasible point.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
+from autoqra.memory import MemoryModel
+from autoqra.pareto import HVStagnation, hypervolume_2d, pareto_mask
+from autoqra.progress import Progress
+from autoqra.quant_backends import UNQUANTIZED_BITS
+from autoqra.repair import make_repair
+from autoqra.searchers.base import SearchContext, get_searcher
+from autoqra.searchers.surrogate import PairRecord, Surrogate
+from autoqra.space import Assignment, SearchSpace
+from autoqra.store import TrialStore, trial_key
+
+log = logging.getLogger(__name__)
+
+
+class LimitReached(Exception):
+    """The trial or time limit was reached: the search stops and returns what it has."""
+
+
+class AutoQRA:
+    """One search run. Build through :func:`autoqra.optimize`; call :meth:`run`."""
+
+    def __init__(
+        self, *, space: SearchSpace, memory: MemoryModel, evaluator: Evaluator, budget_bytes: int, target: str,
+        store: TrialStore, model_fingerprint: str, importance, low: Fidelity, high: Fidelity,
+        phase1: Any, phase2: Any, pop_size: int, promote_k: int, max_generations: int, phase2_iterations: int,
+        alpha: float, max_trials: int | None, time_limit: float | None, seed: int, progress: Progress | None = None,
+    ) -> None:
+        self.space, self.memory, self.evaluator = space, memory, evaluator
+        self.memory_eval = memory.with_space(evaluator.space) if evaluator.space.bits != space.bits else memory
+        self.budget_bytes, self.target, self.store = budget_bytes, target, store
+        self.fingerprint, self.importance = model_fingerprint, importance
+        self.low, self.high = low, high
+        self.pop_size, self.promote_k, self.max_generations = pop_size, promote_k, max_generations
+        self.phase2_iterations, self.alpha = phase2_iterations, alpha
+        self.max_trials, self.time_limit, self.seed = max_trials, time_limit, seed
+        self.progress = progress or Progress(enabled=False)
+        self.repair = make_repair(memory, budget_bytes, importance.q, importance.r, target)
+        self.ctx = SearchContext(space=space, memory=memory, budget_bytes=budget_bytes, target=target,
+                                 importance_q=importance.q, importance_r=importance.r, repair=self.repair, seed=seed)
+        self.phase1_spec, self.phase2_spec = phase1, phase2
+        self.n_evals = 0  # evaluations run or read back in this process (limits count both)
+        self.n_run = 0  # evaluations actually run in this process
+        self.t0 = time.perf_counter()
+        self.eval_seconds = 0.0
+        self.hv_history: list[dict[str, float]] = []
+        self.surrogate = Surrogate(space, importance.q, importance.r, seed=seed)
+        self.generations = 0
+        self.stop_reasons: dict[str, str] = {}
+        self.hv_ref: float | None = None
+        self.evaluator_spec = evaluator.spec()
+        self.baseline_keys: dict[str, str] = {}
+
+    # ------------------------------------------------------------ evaluation
+    def bytes_of(self, a: Assignment) -> int:
+        """Budget-target bytes of ``a`` (works for the 16-bit reference too, even off the ladder)."""
+        bd = self.memory_eval.predict(a)
+        return bd.model_bytes if self.target == "model" else bd.train_bytes
+
+    def _check_limits(self) -> None:
+        if self.max_trials is not None and self.n_evals >= self.max_trials:
+            raise LimitReached(f"trial limit {self.max_trials} reached")
+        if self.time_limit is not None and time.perf_counter() - self.t0 >= self.time_limit:
+            raise LimitReached(f"time limit {self.time_limit:.0f} s reached")
+
+    def key_of(self, a: Assignment, fidelity: Fidelity) -> str:
+        """Trial-store key of ``a`` at ``fidelity`` in this run."""
+        return trial_key(a, fidelity, self.evaluator_spec, self.memory.backend.spec(), self.fingerprint)
+
+    def evaluate(self, a: Assignment, fidelity: Fidelity, phase: str) -> EvalResult:
+        """Evaluate (or read back from the store) one trial; stores it durably before returning."""
+        key = self.key_of(a, fidelity)
+        old = self.store.get(key)
+        if old is not None:
+            self.n_evals += 1
+            self.progress.trial(phase, old["result"], cached=True)
+            return old["result"]
+        self._check_limits()
+        self.progress.running(phase, a, fidelity)
+        res = self.evaluator.evaluate(a, fidelity)
+        self.n_evals += 1
+        self.n_run += 1
+        self.eval_seconds += res.seconds
+        self.store.put({
+            "key": key, "assignment": a, "fidelity": fidelity, "phase": phase, "result": res,
+            "predicted_memory": self.memory_eval.predict(a).to_dict(), "seed": self.seed,
+            "extra": {"generation": self.generations, "budget_bytes": self.budget_bytes},
+        })
+        self.progress.trial(phase, res, cached=False)
+        return res
+
+    def high_trials(self) -> list[dict]:
+        """Every ok high-fidelity trial in the store for this run (baselines included), feasible or not."""
+        out = []
+        for t in self.store.trials(status="ok"):
+            if t["fidelity"].steps == self.high.steps and t["assignment"].units == self.space.unit_names:
+                out.append(t)
+        return out
+
+    def front(self) -> list[dict]:
+        """Pareto front (score ↑, bytes ↓) of feasible high-fidelity trials."""
+        trials = [t for t in self.high_trials() if self.bytes_of(t["assignment"]) <= self.budget_bytes]
+        if not trials:
+            return []
+        mask = pareto_mask([t["score"] for t in trials], [self.bytes_of(t["assignment"]) for t in trials])
+        return sorted((t for t, m in zip(trials, mask) if m), key=lambda t: self.bytes_of(t["assignment"]))
+
+    # ------------------------------------------------------------- baselines
+    def baselines(self) -> dict[str, str]:
+        """Evaluate uniform bits at the largest feasible rank (each quantized ladder bits) and the
+        16-bit reference; returns ``{name: trial key}``."""
+        out = self.baseline_keys  # filled as they finish, so a limit mid-way keeps the finished ones
+        ranks = [r for r in self.space.ranks if r > 0] or list(self.space.ranks)
+        for b in [b for b in self.space.bits if b != UNQUANTIZED_BITS]:
+            feas = [r for r in ranks if self.bytes_of(self.space.uniform(b, r)) <= self.budget_bytes]
+            if feas:
+                a = self.space.uniform(b, feas[-1])
+                self.evaluate(a, self.high, "baseline")
+                out[f"uniform-{b}bit-r{feas[-1]}"] = self.key_of(a, self.high)
+        # 16-bit reference: at the largest feasible rank when it fits, else unconstrained at rank ≈ 8
+        a16 = [Assignment(self.space.unit_names, [UNQUANTIZED_BITS] * self.space.n_units, [r] * self.space.n_units)
+               for r in ranks]
+        feas16 = [a for a in a16 if self.bytes_of(a) <= self.budget_bytes]
+        ref = feas16[-1] if feas16 else min(a16, key=lambda a: (abs(a.ranks[0] - 8), a.ranks[0]))
+        tag = "" if feas16 else " (over budget, reference)"
+        self.evaluate(ref, self.high, "baseline")
+        out[f"16bit-r{ref.ranks[0]}{tag}"] = self.key_of(ref, self.high)
+        return out
+
+    # --------------------------------------------------------------- phase I
+    def _hv(self) -> float:
+        trials = self.front()
+        if not trials:
+            return 0.0
+        if self.hv_ref is None:  # fixed once (the worst high-fidelity score so far), so HV is monotone
+            self.hv_ref = min(t["score"] for t in self.high_trials()) - 1e-3
+        return hypervolume_2d([t["score"] for t in trials], [self.bytes_of(t["assignment"]) for t in trials],
+                              self.hv_ref, float(self.budget_bytes) * 1.0001)
+
+    def phase1(self) -> None:
+        searcher = get_searcher(self.phase1_spec, self.ctx, pop_size=self.pop_size, max_generations=self.max_generations) \
+            if isinstance(self.phase1_spec, str) else get_searcher(self.phase1_spec, self.ctx)
+        stag = HVStagnation(window=3, rel_eps=1e-3)
+        pairs: list[PairRecord] = []
+        while not searcher.done and self.generations < self.max_generations:
+            self.generations += 1
+            cands = searcher.ask(self.pop_size)
+            if not cands:
+                break
+            self.progress.phase(f"Phase I · generation {self.generations}", len(cands))
+            lows = [self.evaluate(a, self.low, "phase1") for a in cands]
+            # surrogate ranks the candidates by predicted high-fidelity score; top-k are promoted
+            recs = [PairRecord(a, r.score if r.ok else -1e9, self.bytes_of(a)) for a, r in zip(cands, lows)]
+            order = self.surrogate.rank(recs) if any(r.ok for r in lows) else np.arange(len(cands))
+            promoted = [i for i in order if lows[i].ok][: self.promote_k]
+            best = list(lows)
+            for i in promoted:
+                hi = self.evaluate(cands[i], self.high, "phase1")
+                best[i] = hi
+                if hi.ok and lows[i].ok:
+                    pairs.append(PairRecord(cands[i], lows[i].score, recs[i].bytes, hi.score))
+            if len(pairs) >= self.surrogate.min_pairs:
+                self.surrogate.fit(pairs)
+            searcher.tell(cands, best)
+            hv = self._hv()
+            self.hv_history.append({"generation": self.generations, "hv": hv, "evals": self.n_evals,
+                                    "seconds": time.perf_counter() - self.t0})
+            self.progress.front(len(self.front()))
+            if stag.update(hv):
+                self.stop_reasons["phase1"] = "hypervolume stagnation"
+                break
+        self.stop_reasons.setdefault("phase1", "searcher done" if searcher.done else "generation limit")
+        self.surrogate_report = self.surrogate.report()
+
+    # -------------------------------------------------------------- phase II
+    def phase2(self) -> None:
+        if self.phase2_spec is None:
+            self.stop_reasons["phase2"] = "skipped"
+            return
+        warm = [t for t in self.high_trials() if self.bytes_of(t["assignment"]) <= self.budget_bytes]
+        if len(warm) < 2:
+            self.stop_reasons["phase2"] = f"skipped: {len(warm)} feasible high-fidelity trials (needs 2)"
+            return
+        searcher = get_searcher(self.phase2_spec, self.ctx)
+        searcher.tell([t["assignment"] for t in warm], [t["result"] for t in warm])
+        for it in range(self.phase2_iterations):
+            if searcher.done:
+                break
+            cands = searcher.ask(1)
+            if not cands:
+                break
+            self.progress.phase(f"Phase II · iteration {it + 1}", len(cands))
+            searcher.tell(cands, [self.evaluate(a, self.high, "phase2") for a in cands])
+        self.stop_reasons["phase2"] = "searcher done (EI saturation / region collapse)" if searcher.done \
+            else "iteration limit"
+        self.phase2_history = getattr(searcher, "history", [])
+
+    # ---------------------------------------------------------------- choice
+    def choose(self) -> dict | None:
+        """Best utility α·score − (1−α)·memory (min-max over the feasible front) among feasible trials."""
+        front = self.front()
+        if not front:
+            return None
+        s = np.array([t["score"] for t in front])
+        m = np.array([self.bytes_of(t["assignment"]) for t in front], dtype=float)
+        sn = (s - s.min()) / (s.max() - s.min()) if s.max() > s.min() else np.ones_like(s)
+        mn = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else np.zeros_like(m)
+        u = self.alpha * sn - (1 - self.alpha) * mn
+        return front[int(np.argmax(u))]
+
+    def run(self) -> dict[str, Any]:
+        """Run baselines, Phase I and Phase II (as far as the limits allow); return the run's summary."""
+        stopped = None
+        try:
+            with self.progress:
+                self.progress.phase("baselines", 0)
+                self.baseline_keys = self.baselines()
+                self.phase1()
+                self.phase2()
+        except LimitReached as e:
+            stopped = str(e)
+            log.info("search stopped: %s", e)
+        wall = time.perf_counter() - self.t0
+        return {
+            "baselines": self.baseline_keys, "best": self.choose(), "front": self.front(), "stopped": stopped,
+            "stop_reasons": self.stop_reasons, "hv_history": self.hv_history, "wall_seconds": wall,
+            "eval_seconds": self.eval_seconds, "n_evals": self.n_evals, "n_run": self.n_run,
+            "overhead_fraction": (max(0.0, wall - self.eval_seconds) / wall) if wall > 0 and self.n_run else math.nan,
+            "surrogate": getattr(self, "surrogate_report", {}), "phase2_history": getattr(self, "phase2_history", []),
+        }

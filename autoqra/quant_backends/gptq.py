@@ -1,0 +1,295 @@
+r"""The ``gptq`` backend: pure-torch GPTQ (Frantar et al., 2023) into a real packed int32 format.
+
+Calibration is **one-shot**: :meth:`GPTQBackend.calibrate` runs the *unquantized* model once and
+collects every linear's Hessian ``H = 2/n X^T X`` from unquantized block inputs. The reference
+GPTQ is sequential (block ``l``'s inputs come from the already-quantized blocks ``< l``); the
+one-shot variant makes a quantized layer a function of ``(module, bits)`` only, so it can be
+cached and reused across every candidate bit assignment of a search.
+
+LoRA: peft does not know :class:`GPTQLinear`, so a ``LoraConfig`` must map it to peft's
+``GPTQLoraLinear`` (a base-layer-agnostic LoRA wrapper without merging)::
+
+    cfg = LoraConfig(target_modules=[...], rank_pattern={...})
+    GPTQBackend.register_lora(cfg)            # cfg._register_custom_module({GPTQLinear: GPTQLoraLinear})
+    peft_model = get_peft_model(qmodel, cfg)
+
+The mapping is not serialized with the adapter; register it again before loading an adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoqra.quant_backends._gptq_layer import GPTQLinear, gptq_solve, n_words
+from autoqra.quant_backends.base import UNQUANTIZED_BITS, QuantBackend, register_backend
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@register_backend("gptq")
+class GPTQBackend(QuantBackend):
+    """GPTQ with per-group asymmetric (or symmetric) min/max grids, stored packed like GPTQ checkpoints.
+
+    Args:
+        group_size: input columns sharing one scale/zero (must divide every quantized layer's ``in_features``).
+        block_size: GPTQ's lazy-batch column block (speed only; rounded up to a multiple of ``group_size``).
+        damp: Hessian dampening, as a fraction of ``mean(diag(H))`` (raised automatically if needed).
+        act_order: quantize columns by descending ``diag(H)``; stores ``g_idx`` (4 bytes per input column).
+        sym: symmetric grid (zero point fixed at ``2**(bits-1)``; still stored in ``qzeros``).
+        use_gptqmodel: solve with ``gptqmodel``'s GPTQ implementation instead (optional library,
+            experimental; the stored format is the same). Default: pure torch.
+        dtype: compute dtype of scales, bias and the dequantized weight (``"float32"`` on CPU).
+        calib_batch_size: sequences per forward pass in :meth:`calibrate` (bounds activation memory).
+    """
+
+    supported_bits = (2, 3, 4, 8)
+    needs_calibration = True
+    install_hint = "pip install gptqmodel  (only needed for use_gptqmodel=True)"
+
+    def __init__(
+        self,
+        group_size: int = 64,
+        block_size: int = 128,
+        damp: float = 0.01,
+        act_order: bool = False,
+        sym: bool = False,
+        use_gptqmodel: bool = False,
+        dtype: str = "float32",
+        calib_batch_size: int = 4,
+    ) -> None:
+        for field, v in (
+            ("group_size", group_size),
+            ("block_size", block_size),
+            ("calib_batch_size", calib_batch_size),
+        ):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{field}={v!r} is invalid; allowed: a positive integer")
+        if not 0.0 < float(damp) < 1.0:
+            raise ValueError(f"damp={damp!r} is invalid; allowed: a float in (0, 1)")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is invalid; allowed: {sorted(_DTYPES)}")
+        self.group_size, self.block_size, self.damp = group_size, block_size, float(damp)
+        self.act_order, self.sym, self.use_gptqmodel = bool(act_order), bool(sym), bool(use_gptqmodel)
+        self.dtype, self.calib_batch_size = dtype, calib_batch_size
+
+    def is_available(self) -> bool:
+        """Always true for the pure-torch path; with ``use_gptqmodel`` whether ``gptqmodel`` is installed."""
+        return not self.use_gptqmodel or importlib.util.find_spec("gptqmodel") is not None
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "group_size": self.group_size, "block_size": self.block_size, "damp": self.damp,
+            "act_order": self.act_order, "sym": self.sym, "use_gptqmodel": self.use_gptqmodel, "dtype": self.dtype,
+        }  # fmt: skip
+
+    def _check_shape(self, in_features: int) -> None:
+        if in_features % self.group_size:
+            raise ValueError(
+                f"in_features={in_features} is not divisible by group_size={self.group_size}; "
+                "choose a group_size that divides every quantized layer's in_features"
+            )
+
+    # ---------------------------------------------------------------- bytes
+    def weight_bytes(self, out_features: int, in_features: int, bits: int) -> tuple[int, int]:
+        """Exact bytes of one :class:`GPTQLinear`, bias excluded.
+
+        ``packed = 4 * out * ceil(in * bits / 32)``;
+        ``meta = n_groups * out * itemsize(dtype) + 4 * n_groups * ceil(out * bits / 32) (+ 4 * in with act_order)``,
+        with ``n_groups = in / group_size``.
+        """
+        self.check_bits([bits])
+        if bits == UNQUANTIZED_BITS:
+            return 0, 0
+        self._check_shape(in_features)
+        n_groups = in_features // self.group_size
+        packed = 4 * out_features * n_words(in_features, bits)
+        meta = n_groups * out_features * _DTYPES[self.dtype].itemsize + 4 * n_groups * n_words(
+            out_features, bits
+        )
+        return packed, meta + (4 * in_features if self.act_order else 0)
+
+    def owns(self, module: nn.Module) -> bool:
+        return isinstance(module, GPTQLinear)
+
+    def module_tensors(
+        self, module: nn.Module
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        meta = [module.scales, module.qzeros] + ([module.g_idx] if module.g_idx is not None else [])
+        return [module.qweight], meta, ([module.bias] if module.bias is not None else [])
+
+    # ---------------------------------------------------------------- calibration
+    @torch.no_grad()
+    def calibrate(
+        self, model: nn.Module, module_names: list[str], calib_ids: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One forward pass of the unquantized ``model`` collecting ``H = 2/n X^T X`` per named linear.
+
+        One-shot variant (see the module docstring): inputs come from the unquantized model, so each
+        result depends only on the module, and ``quantize(module, bits, calib=H)`` can be cached per
+        ``(module, bits)``. Runs ``calib_batch_size`` sequences at a time; linears fed the very same
+        input tensor (q/k/v, gate/up) share one ``H`` object. The model is not modified: hooks are
+        removed and every submodule's train/eval flag is restored.
+
+        Args:
+            model: the unquantized source model (HF causal LM or any module taking ``input_ids``).
+            module_names: full names of ``nn.Linear`` modules.
+            calib_ids: ``(n_seq, seq_len)`` token ids (no padding).
+
+        Returns:
+            ``{name: H}``; ``H`` is fp32 ``(in_features, in_features)`` on the model's device.
+        """
+        mods = dict(model.named_modules())
+        for name in module_names:
+            if not isinstance(mods.get(name), nn.Linear):
+                raise ValueError(f"module_names entry {name!r} is not an nn.Linear of the model")
+        if calib_ids.dim() != 2 or calib_ids.numel() == 0:
+            raise ValueError(
+                f"calib_ids must be a non-empty (n_seq, seq_len) tensor, got shape {tuple(calib_ids.shape)}"
+            )
+        sums: dict[str, torch.Tensor] = {}
+        rows: dict[str, int] = {}
+        alias: dict[str, str] = {}
+        last: list[Any] = [None, None]  # the last hooked input tensor and the module that owns its H
+
+        def make_hook(name: str):
+            def hook(_mod: nn.Module, args: tuple, _out: Any) -> None:
+                x = args[0]
+                if last[0] is x:  # same tensor object as the previous linear: share its H
+                    leader = last[1]
+                    if alias.setdefault(name, leader) != leader:
+                        raise RuntimeError(
+                            f"GPTQ calibration: {name!r} changed input sharing between batches"
+                        )
+                    return
+                if name in alias:
+                    raise RuntimeError(
+                        f"GPTQ calibration: {name!r} no longer shares its input with {alias[name]!r}"
+                    )
+                x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                if name not in sums:
+                    sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
+                    rows[name] = 0
+                sums[name].addmm_(x2.t(), x2)
+                rows[name] += x2.shape[0]
+                last[0], last[1] = x, name
+
+            return hook
+
+        modes = {m: m.training for m in model.modules()}
+        handles = [mods[n].register_forward_hook(make_hook(n)) for n in dict.fromkeys(module_names)]
+        try:
+            model.eval()
+            dev = next(model.parameters()).device
+            kw = {"use_cache": False} if getattr(model, "config", None) is not None else {}
+            for b in range(0, calib_ids.shape[0], self.calib_batch_size):
+                model(calib_ids[b : b + self.calib_batch_size].to(dev), **kw)
+                last[0] = last[1] = None
+        finally:
+            for h in handles:
+                h.remove()
+            for m, t in modes.items():
+                m.training = t
+        out: dict[str, torch.Tensor] = {}
+        for name, S in sums.items():
+            out[name] = S.mul_(2.0 / rows[name])
+        for name, leader in alias.items():
+            out[name] = out[leader]
+        missing = [n for n in module_names if n not in out]
+        if missing:
+            raise RuntimeError(f"GPTQ calibration: these linears never ran in the forward pass: {missing}")
+        log.info("GPTQ calibration: %d linears, %d distinct Hessians", len(out), len(sums))
+        return out
+
+    # ---------------------------------------------------------------- quantization
+    def quantize(self, linear: nn.Linear, bits: int, calib: torch.Tensor | None = None) -> nn.Module:
+        """GPTQ-quantize ``linear`` (not modified) into a new :class:`GPTQLinear`.
+
+        Args:
+            linear: a frozen ``nn.Linear``.
+            bits: 2, 3, 4 or 8 (16 returns ``linear`` itself, unquantized).
+            calib: this module's Hessian from :meth:`calibrate`. ``torch.eye(in_features)`` gives
+                exactly round-to-nearest with the same grouping.
+        """
+        self.check_bits([bits])
+        if bits == UNQUANTIZED_BITS:
+            return linear
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"GPTQ quantizes nn.Linear modules, got {type(linear).__name__}")
+        self._check_shape(linear.in_features)
+        if calib is None:
+            raise ValueError(
+                "the gptq backend needs calibration: pass calib=<Hessian from GPTQBackend.calibrate>"
+            )
+        if tuple(calib.shape) != (linear.in_features, linear.in_features):
+            raise ValueError(
+                f"calib Hessian has shape {tuple(calib.shape)}, expected ({linear.in_features},) * 2"
+            )
+        if self.use_gptqmodel:
+            codes, scales, zeros, g_idx = self._solve_gptqmodel(linear, bits, calib)
+        else:
+            codes, scales, zeros, g_idx = gptq_solve(
+                linear.weight,
+                calib,
+                bits,
+                self.group_size,
+                self.block_size,
+                self.damp,
+                self.act_order,
+                self.sym,
+            )
+        return GPTQLinear.from_codes(
+            codes, scales, zeros, g_idx, bits, self.group_size, linear.bias, dtype=_DTYPES[self.dtype]
+        )
+
+    def _solve_gptqmodel(self, linear: nn.Linear, bits: int, H: torch.Tensor):
+        """Experimental: run ``gptqmodel``'s GPTQ solver, then recover integer codes from its grid."""
+        if importlib.util.find_spec("gptqmodel") is None:
+            raise ImportError(f"use_gptqmodel=True needs the gptqmodel package: {self.install_hint}")
+        import copy
+
+        from gptqmodel import QuantizeConfig
+        from gptqmodel.quantization.gptq import GPTQ
+
+        lin = copy.deepcopy(linear).float()
+        cfg = QuantizeConfig(bits=bits, group_size=self.group_size, sym=self.sym, desc_act=self.act_order)
+        g = GPTQ(lin, qcfg=cfg)
+        g.H, g.nsamples = H.detach().float().clone(), 1
+        scale, zero, g_idx, *_ = g.hf_quantize(
+            blocksize=self.block_size, percdamp=self.damp, group_size=self.group_size, actorder=self.act_order
+        )
+        n_groups, out_f = linear.in_features // self.group_size, linear.out_features
+        scale = scale.reshape(-1, n_groups).t() if scale.shape[0] == out_f else scale.reshape(n_groups, out_f)
+        zero = zero.reshape(-1, n_groups).t() if zero.shape[0] == out_f else zero.reshape(n_groups, out_f)
+        gi = g_idx.long() if self.act_order else torch.arange(linear.in_features) // self.group_size
+        WT = lin.weight.detach().t()
+        codes = torch.round(WT / scale[gi] + zero[gi]).clamp(0, 2**bits - 1)
+        if not torch.allclose((codes - zero[gi]) * scale[gi], WT, atol=1e-5, rtol=1e-4):
+            raise RuntimeError(
+                "gptqmodel returned a grid this backend cannot represent; use use_gptqmodel=False"
+            )
+        gidx = g_idx.to(torch.int32) if self.act_order else None
+        return codes.to(torch.int32), scale.float(), zero.round().to(torch.int32), gidx
+
+    # ---------------------------------------------------------------- peft
+    @staticmethod
+    def lora_custom_modules() -> dict[type[nn.Module], type[nn.Module]]:
+        """The ``{GPTQLinear: LoRA layer class}`` mapping for ``LoraConfig._register_custom_module``."""
+        from peft.tuners.lora.gptq import GPTQLoraLinear
+
+        return {GPTQLinear: GPTQLoraLinear}
+
+    @classmethod
+    def register_lora(cls, lora_config: Any) -> Any:
+        """Register :class:`GPTQLinear` on a peft ``LoraConfig`` (in place) so ``get_peft_model`` can wrap it."""
+        lora_config._register_custom_module(cls.lora_custom_modules())
+        return lora_config
+
+
+__all__ = ["GPTQBackend", "GPTQLinear"]

@@ -1,0 +1,225 @@
+r"""The ``hqq`` backend: Half-Quadratic Quantization (calibration-free), one ``HQQLinear`` per layer.
+
+Layers are swapped by hand (``nn.Linear`` -> ``hqq.core.quantize.HQQLinear``) because transformers 5.x
+has no working ``HqqConfig`` and ``HqqConfig`` cannot set bits per layer index anyway.
+
+Byte accounting (exact, checked by the tests against ``untyped_storage().nbytes()``): with
+``n = out_features * in_features``, ``G = n / group_size`` groups and ``g = group_size``, hqq reshapes
+the weight to ``(G, g)`` (``axis=1``) or ``(g, G)`` (``axis=0``) and bit-packs along dim 0, whose
+length we call ``P`` (``G`` or ``g``); the other dim is ``Q``.
+
+=========  ====================  ==============================================
+bits       storage               packed bytes
+=========  ====================  ==============================================
+8, 6, 5    ``uint8``, 1 value    ``P * Q``  (5/6 bits are stored as 8 bits: no saving)
+4          ``uint8``, 2 values   ``P / 2 * Q``   (``P`` must be even)
+3          ``int32``, 10 values  ``ceil(P / 10) * Q * 4``   (rows zero-padded to a multiple of 10)
+2          ``uint8``, 4 values   ``P / 4 * Q``   (``P`` must be a multiple of 4)
+1          ``uint8``, 8 values   ``P / 8 * Q``   (``P`` must be a multiple of 8)
+=========  ====================  ==============================================
+
+Metadata is one scale and one zero per group in the compute dtype: ``2 * G * itemsize(compute_dtype)``
+bytes. Nothing is shared between layers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoqra.quant_backends.base import UNQUANTIZED_BITS, QuantBackend, register_backend
+
+log = logging.getLogger(__name__)
+
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: bits -> (values per storage element, bytes per storage element)
+_PACKING: dict[int, tuple[int, int]] = {8: (1, 1), 6: (1, 1), 5: (1, 1), 4: (2, 1), 3: (10, 4), 2: (4, 1), 1: (8, 1)}
+
+
+def _tensors_in(obj: Any) -> list[torch.Tensor]:
+    """All tensors in a (possibly nested) dict such as HQQ's ``meta``."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_in(v)]
+    return []
+
+
+def _unique_storages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` without repeats of the same underlying storage (first occurrence kept)."""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if its storage holds exactly its elements, else a tight contiguous copy."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.contiguous().clone()
+
+
+@register_backend("hqq")
+class HQQBackend(QuantBackend):
+    """HQQ quantization of single linears (1-8 bits, PyTorch kernels, CPU friendly).
+
+    Args:
+        group_size: weights per scale/zero group (a positive multiple of 8).
+        compute_dtype: dtype of the scales, zeros, bias and the dequantized matmul
+            (``torch.float32``, ``torch.float16`` or ``torch.bfloat16``; fp32 is fastest on CPU).
+        axis: grouping axis of hqq (``1``: consecutive weights of a row; ``0``: hqq's column grouping).
+
+    Raises:
+        ValueError: a bad option, naming the field, the value and what is allowed.
+    """
+
+    supported_bits = (1, 2, 3, 4, 5, 6, 8)
+    install_hint = "pip install hqq"
+
+    def __init__(self, group_size: int = 64, compute_dtype: torch.dtype = torch.float32, axis: int = 1) -> None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
+            raise ValueError(f"group_size={group_size!r} is invalid; allowed: a positive int multiple of 8")
+        if compute_dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype={compute_dtype!r} is invalid; allowed: {list(_COMPUTE_DTYPES)}")
+        if axis not in (0, 1) or isinstance(axis, bool):
+            raise ValueError(f"axis={axis!r} is invalid; allowed: 0 or 1")
+        self.group_size = group_size
+        self.compute_dtype = compute_dtype
+        self.axis = axis
+
+    def is_available(self) -> bool:
+        """Whether the ``hqq`` package is installed."""
+        return importlib.util.find_spec("hqq") is not None
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able identity: name, group_size, axis, compute dtype and the hqq version."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            lib = version("hqq")
+        except PackageNotFoundError:
+            lib = None
+        return {
+            "name": self.name,
+            "group_size": self.group_size,
+            "axis": self.axis,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "hqq_version": lib,
+        }
+
+    # ----------------------------------------------------------------- accounting
+    def _layout(self, out_features: int, in_features: int, bits: int) -> tuple[int, int, int]:
+        """``(groups, pack_dim, other_dim)`` for a layer, validating that hqq can pack it."""
+        for field, v in (("out_features", out_features), ("in_features", in_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{field}={v!r} is invalid; allowed: a positive int")
+        n = out_features * in_features
+        if n % self.group_size:
+            raise ValueError(
+                f"backend 'hqq' cannot quantize a {out_features}x{in_features} weight: its {n} elements "
+                f"are not a multiple of group_size={self.group_size}"
+            )
+        groups = n // self.group_size
+        pack, other = (groups, self.group_size) if self.axis == 1 else (self.group_size, groups)
+        per = _PACKING[bits][0]
+        if per in (2, 4, 8) and pack % per:
+            raise ValueError(
+                f"backend 'hqq' cannot pack a {out_features}x{in_features} weight at {bits} bits with "
+                f"group_size={self.group_size}, axis={self.axis}: the packed dimension ({pack}) must be a "
+                f"multiple of {per}; use other bits, a group_size dividing {n // per}, or leave the layer at 16 bits"
+            )
+        return groups, pack, other
+
+    def weight_bytes(self, out_features: int, in_features: int, bits: int) -> tuple[int, int]:
+        """Exact ``(packed_bytes, metadata_bytes)`` of one quantized layer (bias excluded).
+
+        Args:
+            out_features: rows of the weight.
+            in_features: columns of the weight.
+            bits: bit-width (``16`` = unquantized, counted elsewhere: ``(0, 0)``).
+
+        Returns:
+            Bytes (not bits): the packed ``W_q`` storage and the scale+zero storage.
+
+        Raises:
+            ValueError: unsupported bits, or a shape hqq cannot group/pack (see :meth:`quantize`).
+        """
+        self.check_bits([bits])
+        if bits == UNQUANTIZED_BITS:
+            return 0, 0
+        groups, pack, other = self._layout(out_features, in_features, bits)
+        per, elem = _PACKING[bits]
+        packed = math.ceil(pack / per) * other * elem
+        meta = 2 * groups * self.compute_dtype.itemsize
+        return packed, meta
+
+    # --------------------------------------------------------------- quantization
+    def quantize(self, linear: nn.Linear, bits: int, calib: torch.Tensor | None = None) -> nn.Module:
+        """Return an ``HQQLinear`` computing ``linear`` at ``bits`` (``linear`` is not modified).
+
+        The layer lives on ``linear``'s device; bits ``16`` returns ``linear`` itself. hqq's global
+        forward backend is set to ``HQQBackend.PYTORCH`` (autograd-capable, no CUDA extension needed).
+
+        Raises:
+            ValueError: unsupported bits, or a shape hqq cannot group/pack.
+        """
+        self.check_bits([bits])
+        if bits == UNQUANTIZED_BITS:
+            return linear
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"backend 'hqq' quantizes nn.Linear modules, got {type(linear).__name__}")
+        self._layout(linear.out_features, linear.in_features, bits)
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+        from hqq.core.quantize import HQQBackend as _Kernels
+
+        HQQLinear.set_backend(_Kernels.PYTORCH)
+        # HQQLinear deletes its source's parameters (del_orig): hand it a throw-away shell that
+        # points at the same (read-only used) tensors, so the caller's linear keeps its weights.
+        shell = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        shell.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        if linear.bias is not None:
+            shell.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        cfg = BaseQuantizeConfig(nbits=bits, group_size=self.group_size, axis=self.axis)
+        q = HQQLinear(
+            shell, cfg, del_orig=True, compute_dtype=self.compute_dtype, device=str(linear.weight.device)
+        )
+        q.W_q.data = _compact(q.W_q.data)
+        for key in ("scale", "zero"):
+            q.meta[key] = _compact(q.meta[key])
+        return q
+
+    # ------------------------------------------------------------------ inspection
+    def owns(self, module: nn.Module) -> bool:
+        """Whether ``module`` is an ``HQQLinear``."""
+        if not self.is_available():
+            return False
+        from hqq.core.quantize import HQQLinear
+
+        return isinstance(module, HQQLinear)
+
+    def module_tensors(self, module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """``([W_q], [meta tensors: scale, zero, ...], [bias, any other parameter/buffer])``.
+
+        The bias is a copy in the compute dtype (``out_features * itemsize`` bytes).
+        """
+        packed = _unique_storages([module.W_q])
+        meta = _unique_storages(_tensors_in(module.meta))
+        rest = ([module.bias] if isinstance(module.bias, torch.Tensor) else []) + [
+            t for n, t in [*module.named_parameters(), *module.named_buffers()] if n not in ("W_q", "bias")
+        ]
+        seen = {t.untyped_storage().data_ptr() for t in packed + meta}
+        other = [t for t in _unique_storages(rest) if t.untyped_storage().data_ptr() not in seen]
+        return packed, meta, other
+
+    def prepare_for_peft(self, model: nn.Module) -> None:
+        """Nothing to do: peft's ``dispatch_hqq`` wraps every ``HQQLinear`` as ``HqqLoraLinear`` by type."""

@@ -1,0 +1,250 @@
+r"""Phase I searcher: NSGA-II (pymoo, ask/tell) with importance-prior warm start and guided mutation.
+
+Objectives (both minimised inside pymoo): ``(-score, bytes)`` where ``bytes = ctx.bytes_of(a)``.
+Operators (see :mod:`autoqra.searchers.nsga2_ops`): Eq. 6 warm start with jittered copies,
+per-unit uniform crossover, importance-guided + coupled mutation, budget repair of every
+offspring, duplicate elimination against the population *and* everything asked before.
+
+Generations: :meth:`NSGA2Searcher.ask` hands out one generation at a time (the rest is queued for
+later asks); pymoo is told only once every result of the generation has arrived. Failed trials
+(``not result.ok``) get a finite score below every ok score seen (``worst - max(1, range)``, or
+-1e9 before any ok score), so they are dominated but never crash pymoo.
+
+Resume: ``state_dict()`` stores the seed and every told generation ``(X, F)`` (plus the results of
+a partly told generation). ``load_state_dict`` replays them through a fresh pymoo algorithm with
+the same seed, which reproduces its internal state exactly, so the next asks are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pymoo.algorithms.moo.nsga2 import NSGA2, RankAndCrowding, binary_tournament
+from pymoo.core.evaluator import Evaluator
+from pymoo.core.population import Population
+from pymoo.core.problem import Problem
+from pymoo.core.termination import NoTermination
+from pymoo.operators.selection.tournament import TournamentSelection
+from pymoo.problems.static import StaticProblem
+
+from autoqra.pareto import HVStagnation, hypervolume_2d
+from autoqra.repair import Repairer, make_repair
+from autoqra.searchers import nsga2_ops as ops
+from autoqra.searchers.base import SearchContext, Searcher, register_searcher
+from autoqra.space import Assignment
+
+if TYPE_CHECKING:
+    from autoqra.evaluators.base import EvalResult
+
+logger = logging.getLogger(__name__)
+_NO_OK_SCORE = -1e9
+
+
+@register_searcher("nsga2")
+class NSGA2Searcher(Searcher):
+    """Multi-objective NSGA-II over the integer encoding of the space.
+
+    Args:
+        pop_size: population size = candidates per generation.
+        crossover_prob: probability that a mating applies the per-unit uniform crossover.
+        gamma: exponent of the importance sampling weights (paper: 1.5).
+        coupled_prob: probability that an offspring's mutation is the coupled (budget-balanced) edit.
+        warm_start: seed the first generation from the importance priors (Eq. 6).
+        jitter_resets: random single-variable resets per jittered copy of the seed.
+        tau: shaping of the priors in Eq. 6 (``"identity"``, ``"sqrt"``, ``"square"``).
+        hv_window: hypervolume stagnation window in generations (``done`` rule); 0 disables it.
+        hv_rel_eps: relative hypervolume gain below which the search is ``done``.
+        max_generations: optional cap on told generations (``done`` afterwards).
+    """
+
+    def __init__(
+        self,
+        pop_size: int = 16,
+        crossover_prob: float = 0.9,
+        gamma: float = 1.5,
+        coupled_prob: float = 0.3,
+        warm_start: bool = True,
+        jitter_resets: int = 4,
+        tau: str = "identity",
+        hv_window: int = 3,
+        hv_rel_eps: float = 1e-3,
+        max_generations: int | None = None,
+    ) -> None:
+        if int(pop_size) < 2:
+            raise ValueError(f"pop_size={pop_size!r} must be >= 2")
+        for field, v in (("crossover_prob", crossover_prob), ("coupled_prob", coupled_prob)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{field}={v!r} must lie in [0, 1]")
+        if gamma < 0 or jitter_resets < 0:
+            raise ValueError(f"gamma={gamma!r} and jitter_resets={jitter_resets!r} must be >= 0")
+        self.pop_size = int(pop_size)
+        self.crossover_prob = float(crossover_prob)
+        self.gamma = float(gamma)
+        self.coupled_prob = float(coupled_prob)
+        self.warm_start = bool(warm_start)
+        self.jitter_resets = int(jitter_resets)
+        self.tau = tau
+        self.hv_window = int(hv_window)
+        self.hv_rel_eps = float(hv_rel_eps)
+        self.max_generations = max_generations
+
+    # ----------------------------------------------------------------- set-up
+    def bind(self, ctx: SearchContext) -> None:
+        super().bind(ctx)
+        self._setup(ctx.seed)
+
+    def _setup(self, seed: int) -> None:
+        ctx, space = self.ctx, self.ctx.space
+        n = space.n_units
+        self.seed = int(seed)
+        self.iq = np.full(n, 0.5) if ctx.importance_q is None else np.asarray(ctx.importance_q, dtype=float)
+        self.ir = np.full(n, 0.5) if ctx.importance_r is None else np.asarray(ctx.importance_r, dtype=float)
+        rep = ctx.repair or make_repair(ctx.memory, ctx.budget_bytes, self.iq, self.ir, ctx.target)
+        if isinstance(rep, Repairer):
+            self._repair_x = rep.repair_encoded
+        else:
+            self._repair_x = lambda x: space.encode(rep(space.decode(x)))
+        has_priors = ctx.importance_q is not None or ctx.importance_r is not None
+        seed_x = None
+        if self.warm_start and has_priors:
+            seed_x = space.encode(ops.warm_start_seed(space, self.iq, self.ir, self.tau))
+        self._archive: set[tuple[int, ...]] = set()
+        self.problem = Problem(n_var=2 * n, n_obj=2, xl=np.zeros(2 * n), xu=space.upper.astype(float), vtype=int)
+        self.algorithm = NSGA2(
+            pop_size=self.pop_size,
+            sampling=ops.WarmStartSampling(seed_x, self._repair_x, self.jitter_resets),
+            selection=TournamentSelection(func_comp=binary_tournament),
+            crossover=ops.UnitUniformCrossover(n, self.crossover_prob),
+            mutation=ops.ImportanceMutation(self.iq, self.ir, self.gamma, self.coupled_prob, self._repair_x),
+            survival=RankAndCrowding(),
+            repair=ops.BudgetRepair(self._repair_x),
+            eliminate_duplicates=ops.ArchiveDuplicateElimination(self._archive),
+        )
+        self.algorithm.setup(self.problem, termination=NoTermination(), seed=self.seed, verbose=False)
+        self.generation = 0  # generations fully told
+        self._pending: Population | None = None  # the generation being evaluated
+        self._pending_keys: list[tuple[int, ...]] = []
+        self._told: dict[tuple[int, ...], list[float]] = {}  # key -> F of the pending generation
+        self._queue: list[tuple[int, ...]] = []  # pending keys not handed out yet
+        self._history: list[dict[str, list]] = []
+        self._ok_scores: list[float] = []
+        self._exhausted = False
+        self._hv_ref: tuple[float, float] | None = None
+        self.stagnation = HVStagnation(max(self.hv_window, 1), self.hv_rel_eps)
+
+    @property
+    def done(self) -> bool:
+        """True once the space is exhausted, ``max_generations`` is reached or HV stagnates."""
+        if self._exhausted:
+            return True
+        if self.max_generations is not None and self.generation >= self.max_generations:
+            return True
+        return self.hv_window > 0 and self.stagnation.stopped
+
+    # ------------------------------------------------------------------ ask
+    def _new_generation(self) -> None:
+        pop = self.algorithm.ask()
+        if pop is None or len(pop) == 0:
+            self._exhausted = True
+            logger.info("nsga2: no new unique offspring can be generated; the search is exhausted")
+            return
+        X = np.rint(np.asarray(pop.get("X"), dtype=float)).astype(np.int64)
+        pop.set("X", X)
+        self._pending = pop
+        self._pending_keys = [tuple(r.tolist()) for r in X]
+        self._archive.update(self._pending_keys)
+        self._queue = list(self._pending_keys)
+        self._told = {}
+
+    def ask(self, n: int) -> list[Assignment]:
+        """Up to ``n`` candidates of the current generation (a new one starts once all are told)."""
+        if self._pending is None and not self.done:
+            self._new_generation()
+        out, self._queue = self._queue[: max(int(n), 0)], self._queue[max(int(n), 0) :]
+        return [self.ctx.space.decode(np.array(k)) for k in out]
+
+    # ----------------------------------------------------------------- tell
+    def _fail_score(self) -> float:
+        if not self._ok_scores:
+            return _NO_OK_SCORE
+        lo, hi = min(self._ok_scores), max(self._ok_scores)
+        return lo - max(1.0, hi - lo)
+
+    def tell(self, assignments: Sequence[Assignment], results: Sequence[EvalResult]) -> None:
+        """Record results; pymoo is told once the whole pending generation has results.
+
+        Assignments that are not part of the pending generation are ignored (logged at debug).
+        """
+        if len(assignments) != len(results):
+            raise ValueError(f"tell got {len(assignments)} assignments but {len(results)} results")
+        for a, r in zip(assignments, results):
+            key = tuple(self.ctx.space.encode(a).tolist())
+            if self._pending is None or key not in self._pending_keys:
+                logger.debug("nsga2: ignoring a result for an assignment outside the pending generation")
+                continue
+            self._told[key] = [float(r.score) if r.ok else None, float(self.ctx.bytes_of(a))]
+            if r.ok:
+                self._ok_scores.append(float(r.score))
+        if self._pending is not None and len(self._told) == len(self._pending_keys):
+            self._finish_generation()
+
+    def _finish_generation(self) -> None:
+        fail = self._fail_score()
+        told = [self._told[k] for k in self._pending_keys]
+        F = np.array([[-(s if s is not None else fail), m] for s, m in told])
+        ok = [s is not None for s, _ in told]
+        self._record(self._pending, self._pending_keys, F, ok)
+
+    def _record(self, pop: Population, keys: Sequence[tuple[int, ...]], F: np.ndarray, ok: list[bool]) -> None:
+        self._history.append({"X": [list(k) for k in keys], "F": F.tolist(), "ok": list(ok)})
+        Evaluator().eval(StaticProblem(self.problem, F=F), pop)
+        self.algorithm.tell(infills=pop)
+        self._pending, self._pending_keys, self._told, self._queue = None, [], {}, []
+        self.generation += 1
+        self._update_hv()
+
+    def _update_hv(self) -> None:
+        pts = [(-f[0], f[1]) for g in self._history for f, ok in zip(g["F"], g["ok"]) if ok]
+        if not pts:
+            self.stagnation.update(0.0)
+            return
+        s, m = np.array(pts, dtype=float).T
+        if self._hv_ref is None:
+            span = max(float(s.max() - s.min()), abs(float(s.min())), 1e-12)
+            self._hv_ref = (float(s.min()) - 0.1 * span, 1.1 * max(float(self.ctx.budget_bytes), float(m.max())))
+        hv = hypervolume_2d(s, m, *self._hv_ref)
+        self.stagnation.update(hv)
+        logger.info("nsga2: generation %d told, %d ok points, hypervolume %.6g", self.generation, len(pts), hv)
+
+    # --------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: seed, told generations ``{X, F, ok}``, partial results of the pending one."""
+        partial = [[list(k), v] for k, v in self._told.items()] if self._pending is not None else None
+        return {"seed": self.seed, "generations": self._history, "partial": partial}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replay ``state`` through a fresh algorithm with the stored seed (call after ``bind``)."""
+        self._setup(int(state["seed"]))
+        for g in state["generations"]:
+            X = np.asarray(g["X"], dtype=np.int64)
+            self._new_generation()
+            if self._pending is None or not np.array_equal(np.asarray(self._pending_keys), X):
+                logger.warning("nsga2: replay diverged from the stored generation; using the stored points")
+                self._pending = Population.new("X", X)
+            keys = [tuple(r.tolist()) for r in X]
+            self._archive.update(keys)
+            F = np.asarray(g["F"], dtype=float)
+            self._ok_scores += [float(-f) for f, ok in zip(F[:, 0], g["ok"]) if ok]
+            self._record(self._pending, keys, F, list(g["ok"]))
+        if state.get("partial") is not None:
+            self._new_generation()
+            for key, v in state["partial"]:
+                if tuple(key) not in self._pending_keys:
+                    continue
+                self._told[tuple(key)] = v
+                if v[0] is not None:
+                    self._ok_scores.append(float(v[0]))
+            self._queue = [k for k in self._pending_keys if k not in self._told]

@@ -1,0 +1,354 @@
+r"""Phase II: trust-region Bayesian optimisation (TuRBO-1) with Expected Improvement.
+
+The GP (Matérn-5/2 ARD, BoTorch ``SingleTaskGP``) models the scalar utility of Eq. 8,
+``u(a) = α·P̂(a) − (1−α)·M̂(a)``, on the ordinal encoding of Eq. 9 (ladder positions in
+[0, 1], plus importance coverages when the context has importances). Candidates are discrete
+points inside a lengthscale-weighted box around the incumbent, repaired to the byte budget.
+The first ``tell`` is the warm start (Phase-I high-fidelity trials); the min–max ranges of
+P̂ (score) and M̂ (bytes) come from its Pareto front and stay fixed afterwards.
+
+When the region collapses (side < ``length_min``) the searcher stops; it does not restart,
+because Phase II is a local refinement of Phase I and a restart would discard the warm start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import numpy as np
+
+from autoqra.searchers.base import Searcher, register_searcher
+from autoqra.space import Assignment
+
+if TYPE_CHECKING:
+    from autoqra.evaluators.base import EvalResult
+
+log = logging.getLogger(__name__)
+
+
+def fit_gp(X: np.ndarray, Y: np.ndarray, seed: int) -> tuple[Any, np.ndarray]:
+    """Fit ``SingleTaskGP`` (Matérn-5/2 ARD × scale, standardised Y, float64); returns (model, lengthscales)."""
+    import torch
+    from botorch.exceptions import ModelFittingError
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.models.transforms.outcome import Standardize
+    from gpytorch.constraints import Interval
+    from gpytorch.kernels import MaternKernel, ScaleKernel
+    from gpytorch.mlls import ExactMarginalLogLikelihood
+
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        Xt, Yt = torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(Y, dtype=torch.float64).reshape(-1, 1)
+        kern = MaternKernel(nu=2.5, ard_num_dims=Xt.shape[1], lengthscale_constraint=Interval(0.005, 4.0))
+        model = SingleTaskGP(Xt, Yt, covar_module=ScaleKernel(kern), outcome_transform=Standardize(m=1))
+        try:
+            fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+        except ModelFittingError as e:  # keep the initial hyper-parameters rather than crash a search
+            log.warning("turbo: GP fit failed (%s); using unfitted hyper-parameters", e)
+        model.eval()
+    return model, kern.lengthscale.detach().cpu().numpy().ravel()
+
+
+def select(model: Any, F: np.ndarray, best_f: float, n: int, seed: int) -> tuple[list[int], float]:
+    """Pick ``n`` rows of candidate features ``F`` by (q)LogEI; returns (row indices, max analytic EI).
+
+    ``n == 1``: argmax of analytic LogEI. ``n > 1``: greedy sequential qLogEI with the chosen
+    rows as pending points (what ``optimize_acqf_discrete`` does), seeded QMC sampler.
+    """
+    import torch
+    from botorch.acquisition.analytic import LogExpectedImprovement
+    from botorch.acquisition.logei import qLogExpectedImprovement
+    from botorch.sampling import SobolQMCNormalSampler
+
+    Ft = torch.as_tensor(F, dtype=torch.float64).unsqueeze(1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        log_ei = LogExpectedImprovement(model, best_f=best_f)(Ft)
+        max_ei = float(log_ei.max().exp())
+        if n == 1 or len(F) <= n:
+            return torch.argsort(log_ei, descending=True)[:n].tolist(), max_ei
+        chosen: list[int] = []
+        for _ in range(n):
+            pending = Ft[chosen, 0] if chosen else None
+            sampler = SobolQMCNormalSampler(sample_shape=torch.Size([256]), seed=seed)
+            vals = qLogExpectedImprovement(model, best_f=best_f, sampler=sampler, X_pending=pending)(Ft)
+            vals[chosen] = -math.inf
+            chosen.append(int(vals.argmax()))
+    return chosen, max_ei
+
+
+def pareto_mask(scores: np.ndarray, mem: np.ndarray) -> np.ndarray:
+    """Boolean mask of the non-dominated points (``scores`` maximised, ``mem`` bytes minimised)."""
+    s, m = np.asarray(scores, float), np.asarray(mem, float)
+    dom = (s[None, :] >= s[:, None]) & (m[None, :] <= m[:, None]) & ((s[None, :] > s[:, None]) | (m[None, :] < m[:, None]))
+    return ~dom.any(axis=1)
+
+
+@attrs.define
+class UtilityScale:
+    """Eq. 8 with min–max ranges fixed from a Pareto front: ``α·(s−s_lo)/Δs − (1−α)·(m−m_lo)/Δm``.
+
+    Attributes:
+        alpha: weight of the score term, in [0, 1].
+        s_lo, s_hi: score range (higher is better).
+        m_lo, m_hi: memory range, in bytes. A degenerate range (hi == lo) counts as 1.
+    """
+
+    alpha: float
+    s_lo: float
+    s_hi: float
+    m_lo: float
+    m_hi: float
+
+    @classmethod
+    def from_front(cls, scores: Sequence[float], mem: Sequence[float], alpha: float) -> UtilityScale:
+        """Ranges over the Pareto front of ``(scores, mem)`` (mem in bytes)."""
+        s, m = np.asarray(scores, float), np.asarray(mem, float)
+        k = pareto_mask(s, m)
+        return cls(alpha, float(s[k].min()), float(s[k].max()), float(m[k].min()), float(m[k].max()))
+
+    def __call__(self, score: float, mem: float) -> float:
+        ds = (self.s_hi - self.s_lo) or 1.0
+        dm = (self.m_hi - self.m_lo) or 1.0
+        return self.alpha * (score - self.s_lo) / ds - (1 - self.alpha) * (mem - self.m_lo) / dm
+
+    def to_dict(self) -> dict[str, float]:
+        return attrs.asdict(self)
+
+
+@register_searcher("turbo")
+class TurboSearcher(Searcher):
+    """TuRBO-1 over the discrete (bits, rank) ladders, maximising the Eq. 8 utility.
+
+    Args:
+        alpha: utility weight of the normalised score (Eq. 8; paper default 0.6).
+        batch_size: expected ``n`` per ask (sets the default failure tolerance).
+        length_init, length_min, length_max: trust-region side length in ordinal units ([0, 1]).
+        success_tolerance: consecutive successful batches before the side doubles.
+        failure_tolerance: consecutive failed batches before it halves
+            (default ``min(5, ceil(max(4, d) / batch_size))``, d = 2·n_units).
+        n_candidates: random perturbations of the centre drawn per ask.
+        ei_epsilon: stop when the largest EI (utility units) falls below this.
+        max_iterations: stop after this many BO batches (warm start excluded); None = no limit.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.6,
+        batch_size: int = 1,
+        length_init: float = 0.8,
+        length_min: float = 0.5**7,
+        length_max: float = 1.6,
+        success_tolerance: int = 3,
+        failure_tolerance: int | None = None,
+        n_candidates: int = 512,
+        ei_epsilon: float = 1e-4,
+        max_iterations: int | None = None,
+    ) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha={alpha!r} is not allowed; it must lie in [0, 1]")
+        if not 0 < length_min <= length_init <= length_max:
+            raise ValueError(f"need 0 < length_min <= length_init <= length_max; got {length_min}, {length_init}, {length_max}")
+        for name, v in (("batch_size", batch_size), ("success_tolerance", success_tolerance), ("n_candidates", n_candidates)):
+            if int(v) < 1:
+                raise ValueError(f"{name}={v!r} is not allowed; it must be an integer >= 1")
+        if failure_tolerance is not None and failure_tolerance < 1:
+            raise ValueError(f"failure_tolerance={failure_tolerance!r} is not allowed; use None or an integer >= 1")
+        self.alpha, self.batch_size, self.n_candidates = alpha, int(batch_size), int(n_candidates)
+        self.length_init, self.length_min, self.length_max = length_init, length_min, length_max
+        self.success_tolerance, self._failure_tolerance = int(success_tolerance), failure_tolerance
+        self.ei_epsilon, self.max_iterations = ei_epsilon, max_iterations
+
+    # ----------------------------------------------------------------- state
+    def bind(self, ctx: Any) -> None:
+        super().bind(ctx)
+        self.told: list[tuple[Assignment, float | None, int]] = []  # (assignment, score or None if failed, bytes)
+        self.pending: list[Assignment] = []
+        self.scale: UtilityScale | None = None
+        self.warm = False
+        self.length, self.n_success, self.n_failure = self.length_init, 0, 0
+        self.iteration, self.n_asks, self._done, self.stop_reason = 0, 0, False, ""
+        self.history: list[dict[str, Any]] = []
+        self.last_max_ei: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def failure_tolerance(self) -> int:
+        if self._failure_tolerance is not None:
+            return int(self._failure_tolerance)
+        d = 2 * self.ctx.space.n_units
+        return min(5, math.ceil(max(4.0, d) / self.batch_size))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "told": [{"assignment": a.to_dict(), "score": s, "bytes": b} for a, s, b in self.told],
+            "pending": [a.to_dict() for a in self.pending],
+            "scale": self.scale.to_dict() if self.scale else None,
+            "warm": self.warm, "length": self.length, "n_success": self.n_success, "n_failure": self.n_failure,
+            "iteration": self.iteration, "n_asks": self.n_asks, "done": self._done, "stop_reason": self.stop_reason,
+            "history": self.history, "last_max_ei": self.last_max_ei,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.told = [(Assignment.from_dict(t["assignment"]), t["score"], int(t["bytes"])) for t in state["told"]]
+        self.pending = [Assignment.from_dict(d) for d in state["pending"]]
+        self.scale = UtilityScale(**state["scale"]) if state["scale"] else None
+        self.warm, self.length = bool(state["warm"]), float(state["length"])
+        self.n_success, self.n_failure = int(state["n_success"]), int(state["n_failure"])
+        self.iteration, self.n_asks = int(state["iteration"]), int(state["n_asks"])
+        self._done, self.stop_reason = bool(state["done"]), state["stop_reason"]
+        self.history, self.last_max_ei = list(state["history"]), state["last_max_ei"]
+
+    # ------------------------------------------------------------- utilities
+    def utility(self, score: float, nbytes: int) -> float:
+        """Eq. 8 utility of a score and a footprint (bytes); needs the warm-start tell."""
+        if self.scale is None:
+            raise RuntimeError("utility ranges are set by the first tell with an ok result")
+        return self.scale(score, nbytes)
+
+    def incumbent(self) -> tuple[Assignment, float] | None:
+        """Best (assignment, utility) among ok, feasible told points, or None."""
+        best = None
+        for a, s, b in self.told:
+            if s is not None and b <= self.ctx.budget_bytes and self.scale is not None:
+                u = self.scale(s, b)
+                if best is None or u > best[1]:
+                    best = (a, u)
+        return best
+
+    def _stop(self, reason: str) -> None:
+        self._done, self.stop_reason = True, reason
+        log.info("turbo: stopping after %d iterations: %s", self.iteration, reason)
+
+    # ------------------------------------------------------------------- tell
+    def tell(self, assignments: Sequence[Assignment], results: Sequence[EvalResult]) -> None:
+        prev = self.incumbent()
+        batch = [(a, float(r.score) if r.ok else None, self.ctx.bytes_of(a)) for a, r in zip(assignments, results)]
+        self.told.extend(batch)
+        self.pending = [p for p in self.pending if p not in set(assignments)]
+        if self.scale is None:
+            ok = [(s, b) for _, s, b in batch if s is not None]
+            if ok:
+                self.scale = UtilityScale.from_front([s for s, _ in ok], [b for _, b in ok], self.alpha)
+                log.info("turbo: utility ranges from the warm-start Pareto front: %s", self.scale)
+        if not self.warm:  # the warm start initialises the model, it is not a BO step
+            self.warm = True
+            return
+        self.iteration += 1
+        new = [self.scale(s, b) for _, s, b in batch if s is not None and b <= self.ctx.budget_bytes] if self.scale else []
+        best_new = max(new, default=-math.inf)
+        success = best_new > -math.inf and (prev is None or best_new > prev[1] + 1e-3 * abs(prev[1]))
+        self.n_success, self.n_failure = (self.n_success + 1, 0) if success else (0, self.n_failure + 1)
+        if self.n_success >= self.success_tolerance:
+            self.length, self.n_success = min(2.0 * self.length, self.length_max), 0
+        elif self.n_failure >= self.failure_tolerance:
+            self.length, self.n_failure = self.length / 2.0, 0
+        if self.length < self.length_min:
+            self._stop(f"trust region collapsed (L={self.length:.3g} < {self.length_min:.3g})")
+        elif self.max_iterations is not None and self.iteration >= self.max_iterations:
+            self._stop(f"max_iterations={self.max_iterations} reached")
+
+    # -------------------------------------------------------------------- ask
+    def features(self, assignments: Sequence[Assignment]) -> np.ndarray:
+        """GP inputs (Eq. 9): ordinal positions, then ``mean(I_q·s_q)``, ``mean(I_r·s_r)`` if importances exist."""
+        sp, n = self.ctx.space, self.ctx.space.n_units
+        X = np.array([sp.ordinal(a) for a in assignments], dtype=float).reshape(len(assignments), 2 * n)
+        cols = [X]
+        for imp, part in ((self.ctx.importance_q, X[:, :n]), (self.ctx.importance_r, X[:, n:])):
+            if imp is not None:
+                cols.append((part @ np.asarray(imp, float) / n)[:, None])
+        return np.concatenate(cols, axis=1)
+
+    def _prepare(self, a: Assignment) -> Assignment | None:
+        if self.ctx.repair is not None:
+            a = self.ctx.repair(a)
+        return a if self.ctx.feasible(a) else None
+
+    def _random(self, n: int, rng: np.random.Generator) -> list[Assignment]:
+        """Initial design when nothing has been told yet: repaired uniform samples."""
+        seen, out = {a for a, _, _ in self.told} | set(self.pending), []
+        for _ in range(50 * n):
+            a = self._prepare(self.ctx.space.sample(rng))
+            if a is not None and a not in seen:
+                seen.add(a)
+                out.append(a)
+                if len(out) == n:
+                    break
+        return out
+
+    def ask(self, n: int) -> list[Assignment]:
+        if self._done or n < 1:
+            return []
+        rng = np.random.default_rng([self.ctx.seed, self.n_asks])
+        self.n_asks += 1
+        data = [(a, s, b) for a, s, b in self.told if s is not None]
+        if not data or self.scale is None:
+            out = self._random(n, rng)
+            self.pending.extend(out)
+            return out
+        t0 = time.perf_counter()
+        X = self.features([a for a, _, _ in data])
+        Y = np.array([self.scale(s, b) for _, s, b in data])
+        inc = self.incumbent()
+        centre, best_f = inc if inc is not None else (data[int(np.argmax(Y))][0], float(Y.max()))
+        model, ls = fit_gp(X, Y, seed=self.ctx.seed + self.n_asks)
+        cands, (lo, hi) = self._candidates(centre, ls[: 2 * self.ctx.space.n_units], rng)
+        entry = {"iteration": self.iteration, "L": self.length, "incumbent_utility": best_f, "n_candidates": len(cands)}
+        if not cands:
+            self.history.append({**entry, "max_ei": None, "seconds": time.perf_counter() - t0})
+            self._stop("no new candidates in the trust region")
+            return []
+        idx, max_ei = select(model, self.features(cands), best_f, n, seed=self.ctx.seed + self.n_asks)
+        self.last_max_ei = max_ei
+        self.history.append({**entry, "max_ei": max_ei, "seconds": time.perf_counter() - t0})
+        log.info("turbo: iter %d L=%.3g best=%.4f max EI=%.3g (%d candidates)", self.iteration, self.length, best_f, max_ei, len(cands))
+        if max_ei < self.ei_epsilon:
+            self._stop(f"EI saturation (max EI {max_ei:.3g} < {self.ei_epsilon:g})")
+            return []
+        out = [cands[i] for i in idx]
+        self.pending.extend(out)
+        return out
+
+    def box(self, centre: Assignment, lengthscales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Trust region in ladder indices: inclusive ``(lo, hi)`` int arrays, length 2L.
+
+        Per-dimension half-width ``w_j·L/2`` in ordinal units with ``w = ls / geomean(ls)``.
+        """
+        sp = self.ctx.space
+        ls = np.asarray(lengthscales, float)
+        w = ls / np.exp(np.mean(np.log(ls)))
+        c, up = sp.ordinal(centre), np.maximum(sp.upper, 1)
+        lb, ub = np.clip(c - w * self.length / 2, 0, 1), np.clip(c + w * self.length / 2, 0, 1)
+        return np.ceil(lb * up - 1e-9).astype(np.int64), np.minimum(np.floor(ub * up + 1e-9).astype(np.int64), sp.upper)
+
+    def _candidates(self, centre: Assignment, ls: np.ndarray, rng: np.random.Generator) -> tuple[list[Assignment], tuple]:
+        """Repaired, feasible, unseen discrete points inside the box around ``centre``."""
+        sp = self.ctx.space
+        lo, hi = self.box(centre, ls)
+        d, c = len(lo), sp.encode(centre)
+        raw = rng.integers(lo, hi + 1, size=(self.n_candidates, d))
+        mask = rng.random((self.n_candidates, d)) < min(1.0, 20.0 / d)
+        mask[np.arange(self.n_candidates), rng.integers(0, d, self.n_candidates)] = True
+        pts = [sp.decode(x) for x in np.unique(np.where(mask, raw, c), axis=0)]
+        pts += [a for a in sp.neighbours(centre) if np.all((lo <= sp.encode(a)) & (sp.encode(a) <= hi))]
+        seen, out = {a for a, _, _ in self.told} | set(self.pending), []
+        for a in dict.fromkeys(pts):
+            b = self._prepare(a)
+            if b is None or b in seen:
+                continue
+            x = sp.encode(b)
+            if np.all((lo <= x) & (x <= hi)):
+                seen.add(b)
+                out.append(b)
+        return out, (lo, hi)

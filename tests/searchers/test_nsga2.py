@@ -1,0 +1,191 @@
+"""Tests of the Phase-I NSGA-II searcher and its operators.
+
+Mechanics are checked on ``_test_objective``: a synthetic score computed from the assignment
+(a weighted sum of ladder positions), used only here, never in library code.
+"""
+
+import itertools
+import json
+
+import attrs
+import numpy as np
+import pytest
+
+from autoqra.evaluators.base import EvalResult
+from autoqra.memory import MemoryModel
+from autoqra.models import tiny_llama
+from autoqra.pareto import hypervolume_2d, pareto_mask
+from autoqra.repair import make_repair
+from autoqra.searchers import nsga2_ops as ops
+from autoqra.searchers.base import SearchContext, get_searcher
+from autoqra.searchers.nsga2 import NSGA2Searcher
+from autoqra.space import SearchSpace
+
+
+def _test_objective(space, weights):
+    """Synthetic test function: score = weights · ordinal(a) (known optimum, cheap)."""
+    return lambda a: float(np.dot(weights, space.ordinal(a)))
+
+
+def _ctx(model, granularity="module", bits=(2, 3, 4, 8), ranks=(0, 4, 8, 16), budget=(4, 8), priors=True, seed=0):
+    space = SearchSpace.from_model(model, bits=bits, ranks=ranks, granularity=granularity)
+    mm = MemoryModel(model, space, "hqq")
+    rng = np.random.default_rng(123)
+    iq, ir = (rng.random(space.n_units), rng.random(space.n_units)) if priors else (None, None)
+    b = mm.predict(space.uniform(*budget)).model_bytes
+    return SearchContext(space, mm, b, importance_q=iq, importance_r=ir, repair=make_repair(mm, b, iq, ir), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny):
+    return _ctx(tiny)
+
+
+def _run(searcher, f, gens, n=100):
+    asks = []
+    for _ in range(gens):
+        batch = searcher.ask(n)
+        asks.append(batch)
+        searcher.tell(batch, [EvalResult(score=f(a)) for a in batch])
+    return asks
+
+
+def test_warm_start_seed_is_eq6_rounding(tiny):
+    space = SearchSpace.from_model(tiny, bits=(2, 3, 4, 8), ranks=(0, 4, 8, 16), granularity="block")
+    seed = ops.warm_start_seed(space, np.array([0.5, 0.75]), np.array([0.3, 0.1]))
+    # bits: 2 + 6*0.5 = 5 -> 4; 2 + 6*0.75 = 6.5 -> 8; ranks: 16*0.3 = 4.8 -> 4; 16*0.1 = 1.6 -> 0
+    assert seed.bits == (4, 8) and seed.ranks == (4, 0)
+    seed = ops.warm_start_seed(space, np.array([0.0, 0.1]), np.array([1.0, 0.2]))
+    assert seed.bits == (2, 3) and seed.ranks == (16, 4)
+    assert ops.warm_start_seed(space, np.array([0.5, 0.5]), np.array([0.5, 0.5]), tau="square").bits == (3, 3)
+
+
+def test_first_ask_starts_with_the_seed(tiny):
+    c = _ctx(tiny, budget=(8, 16))  # the seed always fits
+    s = get_searcher("nsga2", c)
+    first = s.ask(100)
+    assert first[0] == ops.warm_start_seed(c.space, c.importance_q, c.importance_r)
+    assert len(first) == 16 and len(set(first)) == 16
+
+
+def test_importance_mutation_prefers_important_units(ctx):
+    n = ctx.space.n_units
+    iq, ir = np.full(n, 0.1), np.full(n, 0.1)
+    iq[3] = ir[3] = 1.0
+    rng = np.random.default_rng(0)
+    x = np.full(2 * n, 1)
+    hits, ups = np.zeros(n), 0
+    for _ in range(2000):
+        y = ops.importance_mutation(x, ctx.space.upper, iq, ir, 1.5, rng)
+        (j,) = np.flatnonzero(y != x)
+        hits[j % n] += 1
+        ups += j % n == 3 and y[j] > x[j]
+    # weights 2^1.5 vs 13 * 0.2^1.5: unit 3 is drawn ~71 % of the time, and always stepped up
+    assert hits[3] / 2000 > 0.6 and hits[3] > 10 * hits[np.arange(n) != 3].max()
+    assert ups == hits[3]
+
+
+def test_coupled_mutation_is_feasible_and_spends_memory(ctx):
+    rep = ctx.repair
+    rng = np.random.default_rng(1)
+    n_up = 0
+    for _ in range(100):
+        x = rep.repair_encoded(rng.integers(0, ctx.space.upper + 1))
+        y = ops.coupled_mutation(x, ctx.space.upper, ctx.importance_q, ctx.importance_r, 1.5, rng, rep.repair_encoded)
+        assert ctx.feasible(ctx.space.decode(y))
+        n_up += np.any(y > x)
+    assert n_up > 50
+
+
+def test_asks_are_feasible_in_bounds_and_unique(ctx):
+    s = get_searcher("nsga2", ctx, pop_size=12)
+    w = np.random.default_rng(0).random(2 * ctx.space.n_units)
+    asks = [a for batch in _run(s, _test_objective(ctx.space, w), 6) for a in batch]
+    assert len(asks) == 6 * 12 and len(set(asks)) == len(asks)
+    for a in asks:
+        x = ctx.space.encode(a)
+        assert ctx.feasible(a) and np.all((x >= 0) & (x <= ctx.space.upper))
+    assert s.generation == 6
+
+
+def test_improves_and_approaches_the_known_front():
+    model = tiny_llama(num_layers=4)
+    c = _ctx(model, granularity="block", bits=(2, 4, 8), ranks=(0, 8, 16), budget=(4, 8))
+    space, mm = c.space, c.memory
+    w = np.array([3.0, 1.0, 2.0, 0.5, 1.0, 2.0, 0.5, 1.5])
+    f = _test_objective(space, w)
+    # Exact front by enumeration (6561 points).
+    X = np.array(list(itertools.product(*[range(u + 1) for u in space.upper])))
+    mem = mm.model_bytes_encoded(X)
+    keep = mem <= c.budget_bytes
+    sc, mem = (X / np.maximum(space.upper, 1)) @ w, mem
+    sc, mem = sc[keep], mem[keep]
+    ref = (sc.min() - 0.1, 1.1 * c.budget_bytes)
+    true_hv = hypervolume_2d(sc[pareto_mask(sc, mem)], mem[pareto_mask(sc, mem)], *ref)
+    s = get_searcher("nsga2", c, pop_size=12, hv_window=0)
+    asks = _run(s, f, 12)
+    best = [max(f(a) for a in batch) for batch in asks]
+    assert max(best) > best[0]  # the best score improves over the generations...
+    assert max(best) >= np.unique(sc)[-2] - 1e-9  # ...to within one ladder step of the feasible optimum
+
+    def hv(batches):
+        pts = [a for b in batches for a in b]
+        return hypervolume_2d([f(a) for a in pts], [c.bytes_of(a) for a in pts], *ref)
+
+    assert hv(asks[:1]) < 0.6 * true_hv and hv(asks[:1]) < hv(asks[:6]) < hv(asks)
+    assert hv(asks) >= 0.95 * true_hv  # 144 of 2542 feasible points evaluated
+
+
+def test_same_seed_same_asks_and_different_seed_differs(ctx):
+    w = np.random.default_rng(5).random(2 * ctx.space.n_units)
+    f = _test_objective(ctx.space, w)
+    a1 = _run(get_searcher("nsga2", ctx), f, 4)
+    a2 = _run(get_searcher("nsga2", ctx), f, 4)
+    assert a1 == a2
+    assert _run(get_searcher("nsga2", attrs.evolve(ctx, seed=7)), f, 4) != a1
+
+
+def test_state_dict_round_trip_resumes_identically(ctx):
+    w = np.random.default_rng(6).random(2 * ctx.space.n_units)
+    f = _test_objective(ctx.space, w)
+    s = get_searcher("nsga2", ctx)
+    _run(s, f, 3)
+    part = s.ask(5)  # partial generation: 5 handed out, 3 told
+    s.tell(part[:3], [EvalResult(score=f(a)) for a in part[:3]])
+    state = json.loads(json.dumps(s.state_dict()))
+    r = NSGA2Searcher()
+    r.bind(ctx)
+    r.load_state_dict(state)
+    assert r.generation == 3
+    rest_r = r.ask(100)  # the untold points of the pending generation (incl. the 2 in flight)
+    rest_s = part[3:] + s.ask(100)
+    assert rest_r == rest_s
+    for x in (s, r):
+        x.tell(rest_s, [EvalResult(score=f(a)) for a in rest_s])
+    assert _run(s, f, 2) == _run(r, f, 2)
+    assert s.stagnation.history == r.stagnation.history
+
+
+def test_queue_failures_and_no_priors(tiny):
+    c = _ctx(tiny, priors=False)
+    s = get_searcher("nsga2", c, pop_size=8, warm_start=True)
+    first = s.ask(3)
+    assert len(first) == 3
+    s.tell(first, [EvalResult(status="failed", error="boom")] * 3)
+    rest = s.ask(100)
+    assert len(rest) == 5 and s.ask(4) == []  # nothing new before the generation is told
+    s.tell(rest, [EvalResult(score=float(i)) for i in range(5)])
+    assert s.generation == 1
+    F = np.array(s.state_dict()["generations"][0]["F"])
+    assert np.all(np.isfinite(F)) and F[:3, 0].min() > -1e9 + 1 and np.all(-F[:3, 0] < 0)
+    nxt = s.ask(100)
+    assert len(nxt) == 8 and all(c.feasible(a) for a in nxt)
+
+
+def test_hv_stagnation_sets_done(ctx):
+    s = get_searcher("nsga2", ctx, pop_size=8, hv_window=2, hv_rel_eps=1e9)
+    _run(s, lambda a: 1.0, 3)
+    assert s.done and s.ask(8) == []
+    s = get_searcher("nsga2", ctx, pop_size=8, max_generations=2)
+    _run(s, lambda a: 1.0, 2)
+    assert s.done
