@@ -145,12 +145,12 @@ def _importance(model, space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg:
 
 
 def _result(run: AutoQRA, out: dict[str, Any], cfg: OptimizeConfig, imp: Importance, st: TrialStore) -> Result:
-    history = [Trial.from_store(t) for t in st.trials() if t["assignment"].units == run.space.unit_names]
+    history = [Trial.from_store(t) for t in run.trials()]
     by_key = {t.key: t for t in history}
     baselines = {name: attrs.evolve(by_key[key], name=name) for name, key in out["baselines"].items()}
     pareto = [by_key[t["key"]] for t in out["front"]]
     best = by_key[out["best"]["key"]] if out["best"] else None
-    info = {k: v for k, v in out.items() if k not in ("baselines", "front", "best")}
+    info = {k: v for k, v in out.items() if k not in ("baselines", "front", "best", "run_keys")}
     info["importance"] = imp.to_dict()
     info["importance_spearman"] = imp.spearman
     return Result(best=best, pareto=pareto, baselines=baselines, history=history, budget_bytes=run.budget_bytes,

@@ -1,10 +1,69 @@
-r"""CLI sub-commands that run searches and use their results (filled in as those parts land)."""
+r"""CLI sub-commands that run searches and use their results: ``optimize``."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the search-related sub-commands."""
-    return None
+    o = sub.add_parser("optimize", help="search per-unit bits and LoRA ranks under a memory budget")
+    o.add_argument("--config", help="YAML/JSON file with OptimizeConfig fields (flags override it)")
+    o.add_argument("--model", default="default", help="'default' (SmolLM2), 'tiny', or a local HF directory")
+    o.add_argument("--budget", help="bytes, '3.5GB', '900MiB', or a reference like '4bit' (default 4bit)")
+    o.add_argument("--backend", help="hqq | bnb | gptq | none (default hqq)")
+    o.add_argument("--evaluator", help="finetune | lm_eval (default finetune)")
+    o.add_argument("--preset", help="demo (~15 min on 2 cores) | tiny | default")
+    o.add_argument("--bits", type=int, nargs="+", help="bit ladder (default 2 3 4 8)")
+    o.add_argument("--ranks", type=int, nargs="+", help="rank ladder (default 0 4 8 16)")
+    o.add_argument("--granularity", choices=["block", "module"])
+    o.add_argument("--target", choices=["model", "train"], help="budget on model bytes or training bytes")
+    o.add_argument("--data", help="'pydoc' (embedded) or a JSONL file")
+    o.add_argument("--max-trials", type=int)
+    o.add_argument("--time-limit", type=float, help="seconds")
+    o.add_argument("--seed", type=int)
+    o.add_argument("--no-phase2", action="store_true", help="skip Phase II (TuRBO)")
+    o.add_argument("--out", default="runs/autoqra",
+                   help="run directory: trials.db (resumable store) and result.json (default runs/autoqra)")
+    o.add_argument("--no-progress", action="store_true", help="no live progress line")
+    o.set_defaults(func=cmd_optimize)
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from autoqra import models, optimize
+
+    console = Console(soft_wrap=True)
+    model, tok = models.load_model(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {
+        k: getattr(args, k) for k in ("budget", "evaluator", "preset", "bits", "ranks", "granularity", "target", "data")
+        if getattr(args, k) is not None
+    }
+    if args.no_phase2:
+        options["phase2"] = None
+    console.print(f"[bold]autoqra optimize[/bold] · model {args.model} · run dir {out} (re-run to resume)")
+    res = optimize(
+        model, tokenizer=tok, backend=args.backend, max_trials=args.max_trials, time_limit=args.time_limit,
+        store=out / "trials.db", seed=args.seed, config=args.config, progress=not args.no_progress, **options,
+    )
+    path = res.save(out)
+    console.print(res.summary())
+    info = res.info
+    console.print(f"evaluations: {info['n_evals']} ({info['n_run']} run now) · wall {info['wall_seconds']:.0f} s · "
+                  f"stop: {info['stop_reasons']}{' · ' + info['stopped'] if info.get('stopped') else ''}")
+    console.print(f"result written to {path}")
+    return 0 if res.best is not None else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from autoqra.cli import main
+
+    sys.exit(main(["optimize", *sys.argv[1:]]))

@@ -71,6 +71,7 @@ class AutoQRA:
         self.hv_ref: float | None = None
         self.evaluator_spec = evaluator.spec()
         self.baseline_keys: dict[str, str] = {}
+        self.run_keys: list[str] = []  # this run's trials in evaluation order (the store may hold more)
 
     # ------------------------------------------------------------ evaluation
     def bytes_of(self, a: Assignment) -> int:
@@ -92,6 +93,8 @@ class AutoQRA:
         """Evaluate (or read back from the store) one trial; stores it durably before returning."""
         key = self.key_of(a, fidelity)
         old = self.store.get(key)
+        if key not in self.run_keys:
+            self.run_keys.append(key)
         if old is not None:
             self.n_evals += 1
             self.progress.trial(phase, old["result"], cached=True)
@@ -110,13 +113,17 @@ class AutoQRA:
         self.progress.trial(phase, res, cached=False)
         return res
 
+    def trials(self) -> list[dict]:
+        """This run's trials in evaluation order (read back from the store).
+
+        Only this run's own trials count, never others a shared store holds: that keeps a
+        re-run's decisions identical to the first run's, which is what makes resume exact.
+        """
+        return [t for t in (self.store.get(k) for k in self.run_keys) if t is not None]
+
     def high_trials(self) -> list[dict]:
-        """Every ok high-fidelity trial in the store for this run (baselines included), feasible or not."""
-        out = []
-        for t in self.store.trials(status="ok"):
-            if t["fidelity"].steps == self.high.steps and t["assignment"].units == self.space.unit_names:
-                out.append(t)
-        return out
+        """This run's ok high-fidelity trials (baselines included), feasible or not."""
+        return [t for t in self.trials() if t["status"] == "ok" and t["fidelity"].steps == self.high.steps]
 
     def front(self) -> list[dict]:
         """Pareto front (score ↑, bytes ↓) of feasible high-fidelity trials."""
@@ -243,7 +250,7 @@ class AutoQRA:
             log.info("search stopped: %s", e)
         wall = time.perf_counter() - self.t0
         return {
-            "baselines": self.baseline_keys, "best": self.choose(), "front": self.front(), "stopped": stopped,
+            "baselines": self.baseline_keys, "run_keys": list(self.run_keys), "best": self.choose(), "front": self.front(), "stopped": stopped,
             "stop_reasons": self.stop_reasons, "hv_history": self.hv_history, "wall_seconds": wall,
             "eval_seconds": self.eval_seconds, "n_evals": self.n_evals, "n_run": self.n_run,
             "overhead_fraction": (max(0.0, wall - self.eval_seconds) / wall) if wall > 0 and self.n_run else math.nan,

@@ -96,7 +96,7 @@ class Repairer:
         return int(bd.model_bytes if self.target == "model" else bd.train_bytes)
 
     def _bytes_batch(self, X: np.ndarray) -> np.ndarray:
-        if self.target == "model":
+        if self.target == "model" and X.shape[0] > 4:
             return np.asarray(self.memory.model_bytes_encoded(X), dtype=np.int64)
         return np.array([self.bytes_encoded(row) for row in X], dtype=np.int64)
 

@@ -242,11 +242,11 @@ class SearchSpace:
         self.validate(a)
         return {m: (b, r) for u, b, r in zip(self.units, a.bits, a.ranks) for m in u.modules}
 
-    def lora_config(self, a: Assignment, alpha_ratio: float = 2.0, dropout: float = 0.05, **kw: Any):
+    def lora_config(self, a: Assignment, alpha_ratio: float = 2.0, dropout: float = 0.05, **kw: Any):  # noqa: D417
         """A peft ``LoraConfig`` realising the ranks of ``a`` (rank 0 → ``exclude_modules``).
 
         α = ``alpha_ratio`` · r per module, via ``rank_pattern`` / ``alpha_pattern``.
-        Pattern keys are full dotted module names; peft matches them as ``(.*\.)?name$`` so
+        Pattern keys are full dotted module names; peft matches them as ``(.*[.])?name$`` so
         ``layers.1.…`` never matches ``layers.11.…``.
         """
         from peft import LoraConfig

@@ -79,7 +79,9 @@ class TextSplits:
         return {s: {"texts": len(self[s]), "chars": sum(map(len, self[s]))} for s in SPLITS}
 
 
-def split_groups(sizes: Mapping[str, int], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> dict[str, list[str]]:
+def split_groups(
+    sizes: Mapping[str, int], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> dict[str, list[str]]:
     """Deterministic size-capped split of named groups (topics or records) into train/validation/test.
 
     Groups are visited in the order of ``stable_hash(seed, name)`` (ties by name); each goes to test while
@@ -90,17 +92,21 @@ def split_groups(sizes: Mapping[str, int], fractions: Sequence[float] = (0.8, 0.
         ``{split: sorted group names}``.
     """
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {tuple(fractions)}")
+        raise ValueError(f"fractions must be 3 numbers >= 0 summing to 1, got {tuple(fractions)}")
     total = sum(sizes.values())
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
     fill = dict.fromkeys(SPLITS, 0)
+    caps = {s: f * total for s, f in zip(SPLITS, fractions)}
     for name in sorted(sizes, key=lambda n: (stable_hash("split", seed, n), n)):
-        dest = next((s for s in ("test", "validation") if fill[s] + sizes[name] <= fractions[SPLITS.index(s)] * total), "train")
+        fits = [s for s in ("test", "validation") if fill[s] + sizes[name] <= caps[s]]
+        dest = fits[0] if fits else "train"
         out[dest].append(name)
         fill[dest] += sizes[name]
     for s in ("test", "validation"):
-        if fractions[SPLITS.index(s)] > 0 and not out[s] and len(out["train"]) > 1:
-            out[s].append(out["train"].pop(min(range(len(out["train"])), key=lambda i: sizes[out["train"][i]])))
+        if caps[s] > 0 and not out[s] and len(out["train"]) > 1:
+            smallest = min(out["train"], key=lambda n: (sizes[n], n))
+            out["train"].remove(smallest)
+            out[s].append(smallest)
     return {s: sorted(v) for s, v in out.items()}
 
 
@@ -114,7 +120,9 @@ def _carve(texts: Sequence[str], fractions: Sequence[float], seed: int, what: st
     return TextSplits(*([texts[int(k)] for k in g[s]] for s in SPLITS), groups=g)
 
 
-def load_text_task(name: str = "pydoc", seed: int | None = None, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> TextSplits:
+def load_text_task(
+    name: str = "pydoc", seed: int | None = None, fractions: Sequence[float] = (0.8, 0.1, 0.1)
+) -> TextSplits:
     """The embedded Python-documentation task (``pydoc_data.topics``, ships with CPython), split by topic.
 
     Args:
@@ -146,27 +154,34 @@ def format_instruction(instruction: str, input: str = "", output: str = "") -> s
     return "\n\n".join(parts)
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, record)`` for each non-blank line of a JSON Lines file.
+def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(location, record)`` for each record of a JSON Lines file (or a ``.json`` file holding one array).
+
+    ``location`` is ``"line N"`` (JSON Lines) or ``"record N"`` (array), for error messages.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: invalid JSON, a non-object line, or no records.
+        FileNotFoundError: no such file. ValueError: invalid JSON, a non-object record, or no records.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {p}")
-    rows = []
-    with p.open(encoding="utf-8") as fh:
-        for ln, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}: line {ln}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{p}: line {ln}: expected a JSON object, got {type(rec).__name__}")
-            rows.append((ln, rec))
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = [(f"record {i}", r) for i, r in enumerate(json.loads(text), 1)]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    else:
+        rows = []
+        for ln, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append((f"line {ln}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}: line {ln}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for where, rec in rows:
+        if not isinstance(rec, dict):
+            raise ValueError(f"{p}: {where}: expected a JSON object, got {type(rec).__name__}")
     if not rows:
         raise ValueError(f"{p}: empty dataset (no records)")
     return rows
@@ -186,19 +201,23 @@ def _field(rec: Mapping[str, Any], key: str, where: str, required: bool = True) 
 
 
 def jsonl_texts(path: str | Path, kind: str = "auto", text_field: str = "text") -> list[str]:
-    """Texts of a JSONL file: ``kind="text"`` reads ``text_field``; ``"instruction"`` formats
-    ``instruction``/``input``/``output`` with :func:`format_instruction`; ``"auto"`` picks by the first record."""
+    """Texts of a JSONL file.
+
+    Args:
+        kind: ``"text"`` reads ``text_field``; ``"instruction"`` formats ``instruction``/``input``/``output``
+            with :func:`format_instruction`; ``"auto"`` picks by the first record's fields.
+    """
     rows = read_jsonl(path)
     if kind == "auto":
         kind = "instruction" if "instruction" in rows[0][1] and text_field not in rows[0][1] else "text"
     if kind == "text":
-        return [_field(r, text_field, f"{path}: line {ln}") for ln, r in rows]
+        return [_field(r, text_field, f"{path}: {ln}") for ln, r in rows]
     if kind == "instruction":
         return [
             format_instruction(
-                _field(r, "instruction", f"{path}: line {ln}"),
-                _field(r, "input", f"{path}: line {ln}", required=False),
-                _field(r, "output", f"{path}: line {ln}"),
+                _field(r, "instruction", f"{path}: {ln}"),
+                _field(r, "input", f"{path}: {ln}", required=False),
+                _field(r, "output", f"{path}: {ln}"),
             )
             for ln, r in rows
         ]
@@ -221,14 +240,17 @@ def load_hf_texts(name_or_path: str, text_field: str = "text") -> dict[str, list
     out = {}
     for split, ds in dd.items():
         if text_field not in ds.column_names:
-            raise ValueError(f"{name_or_path} [{split}]: missing field {text_field!r}; fields present: {sorted(ds.column_names)}")
+            raise ValueError(f"{name_or_path} [{split}]: missing field {text_field!r}; "
+                             f"fields present: {sorted(ds.column_names)}")
         out[split] = [t or "" for t in ds[text_field]]
     if not any(out.values()):
         raise ValueError(f"{name_or_path}: empty dataset (no records)")
     return out
 
 
-def _from_split_dict(d: Mapping[str, list[str]], fractions: Sequence[float], seed: int, what: str) -> TextSplits:
+def _from_split_dict(
+    d: Mapping[str, list[str]], fractions: Sequence[float], seed: int, what: str
+) -> TextSplits:
     alias = {"valid": "validation", "val": "validation", "dev": "validation"}
     d = {alias.get(k, k): v for k, v in d.items() if v}
     if all(s in d for s in SPLITS):
@@ -239,8 +261,13 @@ def _from_split_dict(d: Mapping[str, list[str]], fractions: Sequence[float], see
     return TextSplits(parts.train, d.get("validation", parts.validation), d.get("test", parts.test))
 
 
-def load_texts(source: str | Path | TextSplits | Sequence[str] = "pydoc", *, kind: str = "auto", text_field: str = "text",
-               seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> TextSplits:
+Source = str | Path | TextSplits | Sequence[str]
+
+
+def load_texts(
+    source: Source = "pydoc", *, kind: str = "auto", text_field: str = "text", seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+) -> TextSplits:
     """Resolve a data source into :class:`TextSplits`.
 
     Args:
@@ -251,6 +278,9 @@ def load_texts(source: str | Path | TextSplits | Sequence[str] = "pydoc", *, kin
         seed: seed of the split of data that has no splits of its own (a record-level, size-capped split).
         fractions: train/validation/test fractions for such data.
     """
+    kinds = ("auto", "pydoc", "text", "instruction", "datasets")
+    if kind not in kinds:
+        raise ValueError(f"unknown data kind {kind!r}; allowed: {list(kinds)}")
     if isinstance(source, TextSplits):
         return source
     if not isinstance(source, (str, Path)):
@@ -273,7 +303,9 @@ def load_texts(source: str | Path | TextSplits | Sequence[str] = "pydoc", *, kin
     return _carve(texts, fractions, seed, src)
 
 
-def pack(texts: Sequence[str], tokenizer: Any, block_size: int = 128, add_eos: bool = True, name: str = "texts") -> torch.Tensor:
+def pack(
+    texts: Sequence[str], tokenizer: Any, block_size: int = 128, add_eos: bool = True, name: str = "texts"
+) -> torch.Tensor:
     """Tokenize, join with EOS and cut into ``(n_blocks, block_size)`` int64 blocks (ragged tail dropped).
 
     Args:
@@ -295,8 +327,8 @@ def pack(texts: Sequence[str], tokenizer: Any, block_size: int = 128, add_eos: b
             ids.append(int(eos))
     n = len(ids) // block_size
     if n == 0:
-        raise ValueError(f"{name}: {len(ids)} tokens in total, fewer than one block of block_size={block_size} "
-                         "tokens; use a smaller block_size or more text")
+        raise ValueError(f"{name}: {len(ids)} tokens in total, fewer than one block of "
+                         f"block_size={block_size} tokens; use a smaller block_size or more text")
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
@@ -323,9 +355,11 @@ class TaskData:
                 **{f"{s}_blocks": int(getattr(self, s).shape[0]) for s in SPLITS}}
 
 
-def build_task_data(source: str | Path | TextSplits | Sequence[str] = "pydoc", tokenizer: Any = None, block_size: int = 128, *,
-                    kind: str = "auto", text_field: str = "text", seed: int = 0,
-                    fractions: Sequence[float] = (0.8, 0.1, 0.1), add_eos: bool = True) -> TaskData:
+def build_task_data(
+    source: Source = "pydoc", tokenizer: Any = None, block_size: int = 128, *, kind: str = "auto",
+    text_field: str = "text", seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    add_eos: bool = True,
+) -> TaskData:
     """Load ``source`` (see :func:`load_texts`) and :func:`pack` every split.
 
     Args:
@@ -335,15 +369,18 @@ def build_task_data(source: str | Path | TextSplits | Sequence[str] = "pydoc", t
         raise ValueError("tokenizer is required; use ByteTokenizer(vocab_size) for a model without one")
     splits = load_texts(source, kind=kind, text_field=text_field, seed=seed, fractions=fractions)
     blocks = {s: pack(splits[s], tokenizer, block_size, add_eos, name=f"{source} [{s}]") for s in SPLITS}
-    log.info("task data %s: %s blocks of %d tokens", source, {s: b.shape[0] for s, b in blocks.items()}, block_size)
-    return TaskData(**blocks, block_size=block_size, source=str(source) if isinstance(source, (str, Path)) else "texts")
+    name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
+    log.info("task data %s: %s blocks of %d tokens", name, {s: len(b) for s, b in blocks.items()}, block_size)
+    return TaskData(**blocks, block_size=block_size, source=name)
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(stable_hash("batches", seed, epoch))
 
 
-def batches(blocks: torch.Tensor, batch_size: int, seed: int = 0, epoch: int = 0, drop_last: bool = False) -> Iterator[torch.Tensor]:
+def batches(
+    blocks: torch.Tensor, batch_size: int, seed: int = 0, epoch: int = 0, drop_last: bool = False
+) -> Iterator[torch.Tensor]:
     """One epoch of ``(batch_size, block_size)`` batches in a seeded order (depends on seed and epoch)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

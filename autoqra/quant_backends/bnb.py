@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import operator
 from typing import Any
 
 import torch
@@ -62,6 +63,17 @@ def _unique_storages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             seen.add(key)
             out.append(t)
     return out
+
+
+def _positive_int(field: str, v: int) -> int:
+    """``v`` as an int (numpy ints welcome) if it is a positive integer, else ``ValueError``."""
+    try:
+        i = operator.index(v)
+    except TypeError:
+        i = 0
+    if isinstance(v, bool) or i <= 0:
+        raise ValueError(f"{field}={v!r} is invalid; allowed: a positive int")
+    return i
 
 
 def _quant_state_tensors(qs: Any) -> list[torch.Tensor]:
@@ -137,6 +149,15 @@ class BnbBackend(QuantBackend):
         }
 
     # ----------------------------------------------------------------- accounting
+    def _bits(self, bits: int) -> int:
+        """``bits`` as a plain int (numpy ints welcome), validated by :meth:`check_bits`."""
+        try:
+            b = operator.index(bits)
+        except TypeError:
+            raise ValueError(f"backend 'bnb' needs integer bits, got {bits!r}") from None
+        self.check_bits([b])
+        return b
+
     def weight_bytes(self, out_features: int, in_features: int, bits: int) -> tuple[int, int]:
         """Exact ``(packed_bytes, metadata_bytes)`` of one quantized layer (bias excluded).
 
@@ -148,10 +169,9 @@ class BnbBackend(QuantBackend):
         Returns:
             Bytes (not bits); see the module docstring for the formulas.
         """
-        self.check_bits([bits])
-        for field, v in (("out_features", out_features), ("in_features", in_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{field}={v!r} is invalid; allowed: a positive int")
+        bits = self._bits(bits)
+        out_features = _positive_int("out_features", out_features)
+        in_features = _positive_int("in_features", in_features)
         if bits == UNQUANTIZED_BITS:
             return 0, 0
         n = out_features * in_features
@@ -170,7 +190,7 @@ class BnbBackend(QuantBackend):
 
         ``linear`` is not modified (its bias is copied). Bits ``16`` returns ``linear`` itself.
         """
-        self.check_bits([bits])
+        bits = self._bits(bits)
         if bits == UNQUANTIZED_BITS:
             return linear
         if not isinstance(linear, nn.Linear):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import operator
 from typing import Any
 
 import torch
@@ -60,6 +61,17 @@ def _unique_storages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             seen.add(key)
             out.append(t)
     return out
+
+
+def _positive_int(field: str, v: int) -> int:
+    """``v`` as an int (numpy ints welcome) if it is a positive integer, else ``ValueError``."""
+    try:
+        i = operator.index(v)
+    except TypeError:
+        i = 0
+    if isinstance(v, bool) or i <= 0:
+        raise ValueError(f"{field}={v!r} is invalid; allowed: a positive int")
+    return i
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -118,11 +130,21 @@ class HQQBackend(QuantBackend):
         }
 
     # ----------------------------------------------------------------- accounting
+    def _bits(self, bits: int) -> int:
+        """``bits`` as a plain int (numpy ints welcome), validated by :meth:`check_bits`."""
+        try:
+            b = operator.index(bits)
+        except TypeError:
+            raise ValueError(f"backend 'hqq' needs integer bits, got {bits!r}") from None
+        self.check_bits([b])
+        return b
+
+    @staticmethod
+    def _check_dims(out_features: int, in_features: int) -> tuple[int, int]:
+        return _positive_int("out_features", out_features), _positive_int("in_features", in_features)
+
     def _layout(self, out_features: int, in_features: int, bits: int) -> tuple[int, int, int]:
         """``(groups, pack_dim, other_dim)`` for a layer, validating that hqq can pack it."""
-        for field, v in (("out_features", out_features), ("in_features", in_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{field}={v!r} is invalid; allowed: a positive int")
         n = out_features * in_features
         if n % self.group_size:
             raise ValueError(
@@ -154,7 +176,8 @@ class HQQBackend(QuantBackend):
         Raises:
             ValueError: unsupported bits, or a shape hqq cannot group/pack (see :meth:`quantize`).
         """
-        self.check_bits([bits])
+        bits = self._bits(bits)
+        out_features, in_features = self._check_dims(out_features, in_features)
         if bits == UNQUANTIZED_BITS:
             return 0, 0
         groups, pack, other = self._layout(out_features, in_features, bits)
@@ -173,7 +196,7 @@ class HQQBackend(QuantBackend):
         Raises:
             ValueError: unsupported bits, or a shape hqq cannot group/pack.
         """
-        self.check_bits([bits])
+        bits = self._bits(bits)
         if bits == UNQUANTIZED_BITS:
             return linear
         if not isinstance(linear, nn.Linear):

@@ -13,6 +13,7 @@ because Phase II is a local refinement of Phase I and a restart would discard th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import numpy as np
 
+from autoqra.pareto import pareto_mask
 from autoqra.searchers.base import Searcher, register_searcher
 from autoqra.space import Assignment
 
@@ -30,6 +32,22 @@ if TYPE_CHECKING:
     from autoqra.evaluators.base import EvalResult
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _torch_quiet(seed: int):
+    """One intra-op thread (tiny GP matrices; extra threads only spin on a busy CPU), forked RNG, no warnings."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fit_gp(X: np.ndarray, Y: np.ndarray, seed: int) -> tuple[Any, np.ndarray]:
@@ -43,9 +61,7 @@ def fit_gp(X: np.ndarray, Y: np.ndarray, seed: int) -> tuple[Any, np.ndarray]:
     from gpytorch.kernels import MaternKernel, ScaleKernel
     from gpytorch.mlls import ExactMarginalLogLikelihood
 
-    with torch.random.fork_rng(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
+    with _torch_quiet(seed):
         Xt, Yt = torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(Y, dtype=torch.float64).reshape(-1, 1)
         kern = MaternKernel(nu=2.5, ard_num_dims=Xt.shape[1], lengthscale_constraint=Interval(0.005, 4.0))
         model = SingleTaskGP(Xt, Yt, covar_module=ScaleKernel(kern), outcome_transform=Standardize(m=1))
@@ -69,8 +85,7 @@ def select(model: Any, F: np.ndarray, best_f: float, n: int, seed: int) -> tuple
     from botorch.sampling import SobolQMCNormalSampler
 
     Ft = torch.as_tensor(F, dtype=torch.float64).unsqueeze(1)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with torch.no_grad(), _torch_quiet(seed):
         log_ei = LogExpectedImprovement(model, best_f=best_f)(Ft)
         max_ei = float(log_ei.max().exp())
         if n == 1 or len(F) <= n:
@@ -83,13 +98,6 @@ def select(model: Any, F: np.ndarray, best_f: float, n: int, seed: int) -> tuple
             vals[chosen] = -math.inf
             chosen.append(int(vals.argmax()))
     return chosen, max_ei
-
-
-def pareto_mask(scores: np.ndarray, mem: np.ndarray) -> np.ndarray:
-    """Boolean mask of the non-dominated points (``scores`` maximised, ``mem`` bytes minimised)."""
-    s, m = np.asarray(scores, float), np.asarray(mem, float)
-    dom = (s[None, :] >= s[:, None]) & (m[None, :] <= m[:, None]) & ((s[None, :] > s[:, None]) | (m[None, :] < m[:, None]))
-    return ~dom.any(axis=1)
 
 
 @attrs.define
@@ -178,6 +186,7 @@ class TurboSearcher(Searcher):
         self.iteration, self.n_asks, self._done, self.stop_reason = 0, 0, False, ""
         self.history: list[dict[str, Any]] = []
         self.last_max_ei: float | None = None
+        self.last_box: tuple[list[int], list[int]] | None = None  # trust region of the last ask, ladder indices
 
     @property
     def done(self) -> bool:
@@ -304,6 +313,7 @@ class TurboSearcher(Searcher):
         centre, best_f = inc if inc is not None else (data[int(np.argmax(Y))][0], float(Y.max()))
         model, ls = fit_gp(X, Y, seed=self.ctx.seed + self.n_asks)
         cands, (lo, hi) = self._candidates(centre, ls[: 2 * self.ctx.space.n_units], rng)
+        self.last_box = (lo.tolist(), hi.tolist())
         entry = {"iteration": self.iteration, "L": self.length, "incumbent_utility": best_f, "n_candidates": len(cands)}
         if not cands:
             self.history.append({**entry, "max_ei": None, "seconds": time.perf_counter() - t0})

@@ -312,3 +312,17 @@ def _train(backend_name: str, bits: int, steps: int = 30) -> tuple[float, float,
     with torch.no_grad():
         after = pm(input_ids=ids, labels=ids).loss.item()
     return before, after, classes
+
+
+def test_bits_and_dims_types():
+    be = BnbBackend()
+    import numpy as np
+
+    assert be.weight_bytes(np.int64(64), np.int64(128), np.int64(4)) == be.weight_bytes(64, 128, 4)
+    assert type(be.weight_bytes(np.int64(64), 128, 4)[0]) is int
+    for bits in (1.58, 4.0, "4", None):
+        with pytest.raises(ValueError, match="backend 'bnb' needs integer bits"):
+            be.weight_bytes(64, 128, bits)
+    for dims in ((0, 128), (64, -1), (64.0, 128), (True, 128)):
+        with pytest.raises(ValueError, match="_features=.*allowed: a positive int"):
+            be.weight_bytes(*dims, 4)

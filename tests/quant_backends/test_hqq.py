@@ -210,3 +210,16 @@ def test_peft_wraps_with_hqq_lora_and_only_lora_trains(hqq):
     ids = torch.randint(0, 512, (2, 16))
     pm(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in pm.named_parameters() if "lora_A" in n)
+
+
+def test_bits_and_dims_types(hqq):
+    import numpy as np
+
+    assert hqq.weight_bytes(np.int64(64), np.int64(128), np.int64(4)) == hqq.weight_bytes(64, 128, 4)
+    assert type(hqq.weight_bytes(np.int64(64), 128, 4)[0]) is int
+    for bits in (1.58, 4.0, "4", None):
+        with pytest.raises(ValueError, match="backend 'hqq' needs integer bits"):
+            hqq.weight_bytes(64, 128, bits)
+    for dims in ((0, 128), (64, -1), (64.0, 128), (True, 128)):
+        with pytest.raises(ValueError, match="_features=.*allowed: a positive int"):
+            hqq.weight_bytes(*dims, 4)

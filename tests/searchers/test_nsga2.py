@@ -11,6 +11,7 @@ import attrs
 import numpy as np
 import pytest
 
+import autoqra.searchers.random  # noqa: F401 - registers "random"
 from autoqra.evaluators.base import EvalResult
 from autoqra.memory import MemoryModel
 from autoqra.models import tiny_llama
@@ -134,6 +135,8 @@ def test_improves_and_approaches_the_known_front():
 
     assert hv(asks[:1]) < 0.6 * true_hv and hv(asks[:1]) < hv(asks[:6]) < hv(asks)
     assert hv(asks) >= 0.95 * true_hv  # 144 of 2542 feasible points evaluated
+    rnd = _run(get_searcher("random", c), f, 12, n=12)  # same number of evaluations
+    assert hv(rnd) < hv(asks) - 0.05 * true_hv
 
 
 def test_same_seed_same_asks_and_different_seed_differs(ctx):

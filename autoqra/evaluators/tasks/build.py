@@ -60,7 +60,7 @@ def make_mc_items(
         texts: ``{topic: text}``, at least 4 topics.
 
     Returns:
-        Rows ``{"id", "topic", "context", "choices", "answer", "sources"}`` in topic/position order.
+        Rows ``{"id", "topic", "context", "choices", "answer", "sources"}`` in a seeded (hash) order.
     """
     words = {t: normalize(v) for t, v in sorted(texts.items())}
     if len(words) < 4:
@@ -72,7 +72,7 @@ def make_mc_items(
             for t, w in words.items()}
     windows.sort(key=lambda x: stable_hash("mc-window", seed, *x))
     items = []
-    for i, (topic, start) in enumerate(sorted(windows[:n_items])):
+    for i, (topic, start) in enumerate(windows[:n_items]):  # hash order: any ``limit`` is a fair sample
         w = words[topic]
         others = sorted((t for t in words if t != topic and pool[t]),
                         key=lambda t: stable_hash("mc-other", seed, topic, start, t))[:3]
@@ -83,7 +83,8 @@ def make_mc_items(
             pos = pool[t][stable_hash("mc-pos", seed, topic, start, t) % len(pool[t])]
             distract.append((t, " ".join(words[t][pos : pos + cont_words])))
         answer = stable_hash("mc-answer", seed, topic, start) % 4
-        cands = distract[:answer] + [(topic, " ".join(w[start + prefix_words : start + span]))] + distract[answer:]
+        true = (topic, " ".join(w[start + prefix_words : start + span]))
+        cands = distract[:answer] + [true] + distract[answer:]
         items.append({
             "id": i, "topic": topic, "context": " ".join(w[start : start + prefix_words]),
             "choices": [c for _, c in cands], "answer": answer, "sources": [t for t, _ in cands],
@@ -120,7 +121,9 @@ def generate(out_dir: str | Path = TASKS_DIR, seed: int = 0, n_items: int = 150,
     return paths
 
 
-def write_mc_task(out_dir: str | Path, jsonl_path: str | Path | None = None, task_name: str = TASK_NAME) -> Path:
+def write_mc_task(
+    out_dir: str | Path, jsonl_path: str | Path | None = None, task_name: str = TASK_NAME
+) -> Path:
     """Materialise the YAML template into ``out_dir/<task_name>.yaml`` with an absolute ``data_files`` path.
 
     Args:
@@ -132,7 +135,8 @@ def write_mc_task(out_dir: str | Path, jsonl_path: str | Path | None = None, tas
     if not data.is_file():
         raise FileNotFoundError(f"MC task data not found: {data}")
     text = MC_TEMPLATE.read_text(encoding="utf-8")
-    text = text.replace(DATA_PLACEHOLDER, json.dumps(str(data))).replace(f"task: {TASK_NAME}", f"task: {task_name}")
+    text = text.replace(DATA_PLACEHOLDER, json.dumps(str(data)))
+    text = re.sub(rf"^task: {TASK_NAME}$", f"task: {task_name}", text, flags=re.MULTILINE)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{task_name}.yaml"
@@ -150,7 +154,8 @@ def mc_task_dir() -> tuple[Path, str]:
     """
     from autoqra.models import cache_dir
 
-    key = hashlib.sha256((str(MC_JSONL.resolve()) + MC_TEMPLATE.read_text(encoding="utf-8")).encode()).hexdigest()[:12]
+    ident = str(MC_JSONL.resolve()) + MC_TEMPLATE.read_text(encoding="utf-8")
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     d = cache_dir() / "lm_eval_tasks" / key
     if not (d / f"{TASK_NAME}.yaml").exists():
         write_mc_task(d)

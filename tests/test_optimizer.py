@@ -1,0 +1,127 @@
+"""End-to-end optimize() on the tiny model with real (short) fine-tunes: budget, phases, resume, determinism."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import autoqra
+from autoqra.config import TrainSpec
+from autoqra.store import TrialStore
+
+FAST = dict(
+    preset="tiny", bits=(2, 4, 8), ranks=(0, 4, 8), train=TrainSpec(batch_size=2, seq_len=32, lr=2e-3),
+    eval_blocks=4, importance_blocks=4, progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("opt") / "trials.db"
+    t0 = time.perf_counter()
+    res = autoqra.optimize(tiny, "4bit", store=path, seed=0, **FAST)
+    return res, path, time.perf_counter() - t0
+
+
+def test_end_to_end_within_budget_and_both_phases(tiny, run):
+    res, _, seconds = run
+    assert seconds < 90
+    phases = {t.phase for t in res.history}
+    assert {"baseline", "phase1", "phase2"} <= phases
+    assert {t.fidelity.name for t in res.history if t.phase == "phase1"} == {"low", "high"}
+    assert res.best is not None and res.pareto
+    for t in [res.best, *res.pareto]:
+        assert t.memory.model_bytes <= res.budget_bytes  # by the memory model
+        assert t.result.memory["model_bytes"] == t.memory.model_bytes  # by measurement of the live model
+        assert t.fidelity.name == "high" and t.result.ok
+    assert any(name.startswith("uniform-4bit") for name in res.baselines)
+    assert any(name.startswith("16bit") for name in res.baselines)
+    pm = autoqra.apply_assignment(tiny, res.best.assignment, "hqq", space=res.space)
+    assert autoqra.measure_memory(pm).model_bytes <= res.budget_bytes
+    assert res.info["stop_reasons"]["phase1"] and res.info["hv_history"]
+
+
+def test_resume_reads_finished_trials_back(tiny, run):
+    res, path, _ = run
+    again = autoqra.optimize(tiny, "4bit", store=path, seed=0, **FAST)
+    assert again.info["n_run"] == 0  # nothing re-run
+    assert [t.key for t in again.history] == [t.key for t in res.history]
+    assert again.best.key == res.best.key
+
+
+def test_same_seed_same_history(tiny, run):
+    res, _, _ = run
+    other = autoqra.optimize(tiny, "4bit", store=None, seed=0, **FAST)
+    assert [(t.key, t.score) for t in other.history] == [(t.key, t.score) for t in res.history]
+
+
+def test_result_save_load_roundtrip(run, tmp_path):
+    res, _, _ = run
+    res.save(tmp_path)
+    back = autoqra.load_result(tmp_path)
+    assert back.best.assignment == res.best.assignment and back.budget_bytes == res.budget_bytes
+    assert [t.key for t in back.pareto] == [t.key for t in res.pareto]
+    assert set(back.baselines) == set(res.baselines)
+    cfg = back.to_peft_config()
+    assert cfg.rank_pattern or cfg.exclude_modules
+    (tmp_path / "result.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not an autoqra result"):
+        autoqra.load_result(tmp_path)
+
+
+def test_foreign_store_is_refused(tmp_path, tiny):
+    bad = tmp_path / "x.db"
+    bad.write_bytes(b"not a database at all" * 10)
+    with pytest.raises(ValueError, match="NOT modified"):
+        autoqra.optimize(tiny, "4bit", store=bad, **FAST)
+    assert bad.read_bytes() == b"not a database at all" * 10
+
+
+def test_bad_options_fail_before_work(tiny):
+    with pytest.raises(ValueError, match="alpha"):
+        autoqra.optimize(tiny, "4bit", alpha=3, **FAST)
+    with pytest.raises(ValueError, match="below the smallest feasible"):
+        autoqra.optimize(tiny, 10, **FAST)
+    with pytest.raises(ValueError, match="unknown optimize option"):
+        autoqra.optimize(tiny, "4bit", nonsense=1, **FAST)
+
+
+def test_killed_search_loses_at_most_the_trial_in_flight(tmp_path):
+    store = tmp_path / "trials.db"
+    script = textwrap.dedent(f"""
+        import autoqra
+        from autoqra.config import TrainSpec
+        m = autoqra.models.tiny_llama()
+        autoqra.optimize(m, "4bit", store={str(store)!r}, seed=0, preset="tiny", bits=(2, 4, 8), ranks=(0, 4, 8),
+                         train=TrainSpec(batch_size=2, seq_len=32, lr=2e-3), eval_blocks=4, importance_blocks=4,
+                         progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 300
+    finished = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if store.exists():
+            try:
+                with TrialStore(store) as st:
+                    finished = len(st)
+            except ValueError:
+                continue
+            if finished >= 5:
+                break
+    assert proc.poll() is None, "search finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with TrialStore(store) as st:
+        before = {t["key"] for t in st.trials()}
+    assert len(before) >= 5
+    m = autoqra.models.tiny_llama()
+    res = autoqra.optimize(m, "4bit", store=store, seed=0, **FAST)
+    keys = [t.key for t in res.history]
+    assert before <= set(keys)
+    assert res.info["n_run"] == len(keys) - len(before)  # finished trials were not re-run
