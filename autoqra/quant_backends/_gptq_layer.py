@@ -160,27 +160,28 @@ def gptq_solve(
     zeros = torch.empty_like(scales)
     Q = torch.empty(in_f, out_f, dtype=torch.float32, device=WT.device)
     blk = max(group_size, (block_size + group_size - 1) // group_size * group_size)
+    # Row k of Hinv divided by Hinv[k, k]: errors then need no per-column division.
+    Hs = Hinv / Hinv.diagonal()[:, None]
+    del Hinv
     s = z = None
     for i1 in range(0, in_f, blk):
         i2 = min(i1 + blk, in_f)
         W1 = WT[i1:i2].clone()
-        Err1 = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        E1 = torch.empty_like(W1)
+        w_rows, e_rows, q_rows = W1.unbind(0), E1.unbind(0), Q[i1:i2].unbind(0)
+        h_rows = Hs[i1:i2, i1:i2].unbind(0)
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % group_size == 0:
-                g = col // group_size
+            if (i1 + i) % group_size == 0:
+                g = (i1 + i) // group_size
                 s, z = grid(W1[i : i + group_size], bits, sym)
                 scales[g], zeros[g] = s, z
-            w = W1[i]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            Q[col] = q
-            err = (w - (q - z) * s) / Hinv1[i, i]
-            Err1[i] = err
+            q, e, w = q_rows[i], e_rows[i], w_rows[i]
+            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
+            torch.addcmul(w, torch.sub(z, q, out=e), s, out=e)  # e = w - (q - z) * s
             if i + 1 < i2 - i1:
-                W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1.0)
+                W1[i + 1 :].addr_(h_rows[i][i + 1 :], e, alpha=-1.0)
         if i2 < in_f:
-            WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
+            WT[i2:].addmm_(Hs[i1:i2, i2:].t(), E1, alpha=-1.0)
     g_idx = None
     if perm is not None:
         inv = torch.argsort(perm)

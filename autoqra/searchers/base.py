@@ -39,15 +39,33 @@ def available_searchers() -> list[str]:
 
 
 def get_searcher(searcher: str | Searcher, ctx: SearchContext, **kwargs: Any) -> Searcher:
-    """Resolve a searcher name to an instance bound to ``ctx`` (instances get ``bind(ctx)``)."""
+    """Resolve a searcher name to an instance bound to ``ctx`` (instances get ``bind(ctx)``).
+
+    ``kwargs`` are optional settings (e.g. ``pop_size``); those the searcher's constructor does
+    not take are dropped, so simple user searchers need not accept them.
+    """
     if isinstance(searcher, Searcher):
         searcher.bind(ctx)
         return searcher
     if searcher not in _SEARCHERS:
         raise ValueError(f"searcher={searcher!r} is not registered; registered searchers: {available_searchers()}")
-    inst = _SEARCHERS[searcher](**kwargs)
+    cls = _SEARCHERS[searcher]
+    inst = cls(**_accepted(cls, kwargs))
     inst.bind(ctx)
     return inst
+
+
+def _accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``kwargs`` that ``cls.__init__`` accepts (all of them if it takes ``**kwargs``)."""
+    import inspect
+
+    if cls.__init__ is object.__init__:
+        return {}
+    params = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return kwargs
+    names = {p.name for p in params}
+    return {k: v for k, v in kwargs.items() if k in names}
 
 
 @attrs.define

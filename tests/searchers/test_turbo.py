@@ -80,9 +80,9 @@ def test_registered_and_validation(problem):
 def test_trust_region_doubles_halves_and_collapses(problem):
     ctx = make_ctx(problem)
     space = ctx.space
-    s = searcher(ctx, success_tolerance=2, failure_tolerance=3, length_init=0.4, length_min=0.15)
+    s = searcher(ctx, alpha=1.0, success_tolerance=2, failure_tolerance=3, length_init=0.4, length_min=0.15)
     lo = space.uniform(2, 0)
-    s.tell([lo, space.uniform(3, 4)], [EvalResult(score=0.0), EvalResult(score=1.0)])  # warm start
+    s.tell([lo, space.uniform(3, 4)], [EvalResult(score=0.0), EvalResult(score=1.0)])  # warm start; utility = score
     assert s.length == 0.4 and s.iteration == 0
     s.tell([space.uniform(4, 8)], [EvalResult(score=2.0)])
     assert (s.n_success, s.length) == (1, 0.4)
