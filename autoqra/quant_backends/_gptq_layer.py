@@ -56,12 +56,25 @@ def unpack_rows(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
         shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
         q = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask
         return q.reshape(-1, packed.shape[1])[:n]
+    if bits == 3 and n % 32 == 0:
+        return _unpack3(packed, n)
     pos = torch.arange(n, device=packed.device) * bits
     word, off = pos // 32, pos % 32
     u = packed.to(torch.int64) & _MASK32
     nxt = (word + 1).clamp(max=packed.shape[0] - 1)
     both = u[word] | (u[nxt] << 32)
     return ((both >> off[:, None]) & mask).to(torch.int32)
+
+
+def _unpack3(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """3-bit fast path: every 3 words hold 32 codes; codes 10 and 21 straddle a word boundary."""
+    w = packed.view(n // 32, 3, -1)
+    w0, w1, w2 = w[:, 0:1], w[:, 1:2], w[:, 2:3]
+    s = torch.arange(0, 30, 3, dtype=torch.int32, device=packed.device).view(1, -1, 1)
+    c10 = ((w0 >> 30) & 3) | ((w1 & 1) << 2)
+    c21 = ((w1 >> 31) & 1) | ((w2 & 3) << 1)
+    parts = [(w0 >> s) & 7, c10, (w1 >> (s + 1)) & 7, c21, (w2 >> (s + 2)) & 7]
+    return torch.cat(parts, 1).reshape(n, -1)
 
 
 def grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +85,8 @@ def grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Ten
         (as floats). The range always contains 0 (as in GPTQ); all-zero columns get range [-1, 1].
     """
     maxq = 2**bits - 1
-    xmin = x.min(0).values.clamp(max=0)
-    xmax = x.max(0).values.clamp(min=0)
+    xmin = x.amin(0).clamp(max=0)
+    xmax = x.amax(0).clamp(min=0)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
@@ -145,7 +158,8 @@ def gptq_solve(
     """
     out_f, in_f = weight.shape
     maxq = 2**bits - 1
-    WT = weight.detach().to(torch.float32).t().contiguous()  # (in, out): a column is a contiguous row
+    # (in, out), always a private copy: a weight column is a contiguous row.
+    WT = weight.detach().t().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     H = H.detach().to(device=WT.device, dtype=torch.float32).clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0

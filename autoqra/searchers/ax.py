@@ -44,6 +44,8 @@ class AxSearcher(Searcher):
         initialization_budget: Sobol/centre trials before BO (None: Ax decides; told warm-start
             trials count toward it).
         max_trials: stop after this many asked trials (None = no limit).
+        max_rounds: ``get_next_trials`` rounds per ask while proposals are dropped (a proposal
+            whose repaired point was already evaluated or is pending, or that stays infeasible).
         quiet: lower Ax's stderr logging to WARNING.
     """
 
@@ -54,6 +56,7 @@ class AxSearcher(Searcher):
         method: str = "fast",
         initialization_budget: int | None = None,
         max_trials: int | None = None,
+        max_rounds: int = 3,
         quiet: bool = True,
     ) -> None:
         if objective not in OBJECTIVES:
@@ -66,6 +69,7 @@ class AxSearcher(Searcher):
             raise ValueError(f"max_trials={max_trials!r} is not allowed; use None or an integer >= 1")
         self.objective, self.alpha, self.method = objective, alpha, method
         self.initialization_budget, self.max_trials, self.quiet = initialization_budget, max_trials, quiet
+        self.max_rounds = max(1, int(max_rounds))
 
     def bind(self, ctx: Any) -> None:
         super().bind(ctx)
@@ -126,9 +130,16 @@ class AxSearcher(Searcher):
         return {k: int(ladder[x[j]]) for k, j, ladder in self._names()}
 
     def _call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return getattr(self.client, fn)(*args, **kwargs)
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small GPs: more intra-op threads only spin on a busy CPU
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return getattr(self.client, fn)(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
 
     # --------------------------------------------------------------- ask/tell
     def ask(self, n: int) -> list[Assignment]:
@@ -137,20 +148,27 @@ class AxSearcher(Searcher):
         if self.max_trials is not None:
             n = min(n, self.max_trials - self.n_asked)
         out: list[Assignment] = []
-        for idx, params in self._call("get_next_trials", max_trials=n).items():
-            a = self._to_assignment(params)
-            b = self.ctx.repair(a) if self.ctx.repair is not None else a
-            skip = b in self._pending or b in out or not self.ctx.feasible(b)
-            if b != a or skip:
-                self._call("mark_trial_abandoned", idx)
-                if skip:
-                    log.debug("ax: dropped trial %d (duplicate or infeasible after repair)", idx)
-                    continue
-                new = self._call("attach_trial", parameters=self._to_params(b))
-                self.repairs.append({"trial": idx, "attached": new, "proposed": a.to_dict(), "repaired": b.to_dict()})
-                idx = new
-            self._pending[b] = idx
-            out.append(b)
+        seen = {t[0] for t in self.told} | set(self._pending)
+        for _ in range(self.max_rounds):  # proposals dropped after repair are replaced, a few rounds at most
+            dropped = 0
+            for idx, params in self._call("get_next_trials", max_trials=n - len(out)).items():
+                a = self._to_assignment(params)
+                b = self.ctx.repair(a) if self.ctx.repair is not None else a
+                skip = b in seen or not self.ctx.feasible(b)
+                if b != a or skip:
+                    self._call("mark_trial_abandoned", idx)
+                    if skip:
+                        log.debug("ax: dropped trial %d (already evaluated, pending or infeasible)", idx)
+                        dropped += 1
+                        continue
+                    new = self._call("attach_trial", parameters=self._to_params(b))
+                    self.repairs.append({"trial": idx, "attached": new, "proposed": a.to_dict(), "repaired": b.to_dict()})
+                    idx = new
+                seen.add(b)
+                self._pending[b] = idx
+                out.append(b)
+            if not dropped or len(out) >= n:
+                break
         self.n_asked += len(out)
         return out
 

@@ -14,6 +14,7 @@ because Phase II is a local refinement of Phase I and a restart would discard th
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -36,7 +37,11 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def _torch_quiet(seed: int):
-    """One intra-op thread (tiny GP matrices; extra threads only spin on a busy CPU), forked RNG, no warnings."""
+    """One intra-op torch thread, a forked seeded RNG and no warnings, for the duration.
+
+    GP matrices here are tiny (tens of points): extra intra-op threads only spin, and on a busy
+    2-core machine a fit took 8-15x longer with 2 threads than with 1.
+    """
     import torch
 
     threads = torch.get_num_threads()
@@ -51,7 +56,11 @@ def _torch_quiet(seed: int):
 
 
 def fit_gp(X: np.ndarray, Y: np.ndarray, seed: int) -> tuple[Any, np.ndarray]:
-    """Fit ``SingleTaskGP`` (Matérn-5/2 ARD × scale, standardised Y, float64); returns (model, lengthscales)."""
+    """Fit ``SingleTaskGP`` (scaled Matérn-5/2 ARD, standardised Y, float64) by marginal likelihood.
+
+    Returns:
+        ``(model, lengthscales)``; lengthscales in input units, one per column of ``X``.
+    """
     import torch
     from botorch.exceptions import ModelFittingError
     from botorch.fit import fit_gpytorch_mll
@@ -164,12 +173,15 @@ class TurboSearcher(Searcher):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha={alpha!r} is not allowed; it must lie in [0, 1]")
         if not 0 < length_min <= length_init <= length_max:
-            raise ValueError(f"need 0 < length_min <= length_init <= length_max; got {length_min}, {length_init}, {length_max}")
-        for name, v in (("batch_size", batch_size), ("success_tolerance", success_tolerance), ("n_candidates", n_candidates)):
-            if int(v) < 1:
+            raise ValueError(
+                f"length_min={length_min}, length_init={length_init}, length_max={length_max} are not allowed; "
+                "need 0 < length_min <= length_init <= length_max"
+            )
+        ints = dict(batch_size=batch_size, success_tolerance=success_tolerance, n_candidates=n_candidates,
+                    failure_tolerance=failure_tolerance, max_iterations=max_iterations)  # fmt: skip
+        for name, v in ints.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
                 raise ValueError(f"{name}={v!r} is not allowed; it must be an integer >= 1")
-        if failure_tolerance is not None and failure_tolerance < 1:
-            raise ValueError(f"failure_tolerance={failure_tolerance!r} is not allowed; use None or an integer >= 1")
         self.alpha, self.batch_size, self.n_candidates = alpha, int(batch_size), int(n_candidates)
         self.length_init, self.length_min, self.length_max = length_init, length_min, length_max
         self.success_tolerance, self._failure_tolerance = int(success_tolerance), failure_tolerance
@@ -199,25 +211,24 @@ class TurboSearcher(Searcher):
         d = 2 * self.ctx.space.n_units
         return min(5, math.ceil(max(4.0, d) / self.batch_size))
 
+    _SCALARS = ("warm", "length", "n_success", "n_failure", "iteration", "n_asks", "_done", "stop_reason",
+                "last_max_ei", "history")  # fmt: skip
+
     def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: told data, pending asks, ranges, trust region, counters, ask count (drives the RNG)."""
         return {
             "told": [{"assignment": a.to_dict(), "score": s, "bytes": b} for a, s, b in self.told],
             "pending": [a.to_dict() for a in self.pending],
             "scale": self.scale.to_dict() if self.scale else None,
-            "warm": self.warm, "length": self.length, "n_success": self.n_success, "n_failure": self.n_failure,
-            "iteration": self.iteration, "n_asks": self.n_asks, "done": self._done, "stop_reason": self.stop_reason,
-            "history": self.history, "last_max_ei": self.last_max_ei,
-        }  # fmt: skip
+            **{k.lstrip("_"): copy.deepcopy(getattr(self, k)) for k in self._SCALARS},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.told = [(Assignment.from_dict(t["assignment"]), t["score"], int(t["bytes"])) for t in state["told"]]
         self.pending = [Assignment.from_dict(d) for d in state["pending"]]
         self.scale = UtilityScale(**state["scale"]) if state["scale"] else None
-        self.warm, self.length = bool(state["warm"]), float(state["length"])
-        self.n_success, self.n_failure = int(state["n_success"]), int(state["n_failure"])
-        self.iteration, self.n_asks = int(state["iteration"]), int(state["n_asks"])
-        self._done, self.stop_reason = bool(state["done"]), state["stop_reason"]
-        self.history, self.last_max_ei = list(state["history"]), state["last_max_ei"]
+        for k in self._SCALARS:
+            setattr(self, k, copy.deepcopy(state[k.lstrip("_")]))
 
     # ------------------------------------------------------------- utilities
     def utility(self, score: float, nbytes: int) -> float:
@@ -255,8 +266,8 @@ class TurboSearcher(Searcher):
             self.warm = True
             return
         self.iteration += 1
-        new = [self.scale(s, b) for _, s, b in batch if s is not None and b <= self.ctx.budget_bytes] if self.scale else []
-        best_new = max(new, default=-math.inf)
+        ok = [(s, b) for _, s, b in batch if s is not None and b <= self.ctx.budget_bytes]
+        best_new = max((self.scale(s, b) for s, b in ok), default=-math.inf) if self.scale else -math.inf
         success = best_new > -math.inf and (prev is None or best_new > prev[1] + 1e-3 * abs(prev[1]))
         self.n_success, self.n_failure = (self.n_success + 1, 0) if success else (0, self.n_failure + 1)
         if self.n_success >= self.success_tolerance:
@@ -314,7 +325,8 @@ class TurboSearcher(Searcher):
         model, ls = fit_gp(X, Y, seed=self.ctx.seed + self.n_asks)
         cands, (lo, hi) = self._candidates(centre, ls[: 2 * self.ctx.space.n_units], rng)
         self.last_box = (lo.tolist(), hi.tolist())
-        entry = {"iteration": self.iteration, "L": self.length, "incumbent_utility": best_f, "n_candidates": len(cands)}
+        entry = {"iteration": self.iteration, "L": self.length, "incumbent_utility": best_f,
+                 "n_candidates": len(cands)}  # fmt: skip
         if not cands:
             self.history.append({**entry, "max_ei": None, "seconds": time.perf_counter() - t0})
             self._stop("no new candidates in the trust region")
@@ -322,7 +334,8 @@ class TurboSearcher(Searcher):
         idx, max_ei = select(model, self.features(cands), best_f, n, seed=self.ctx.seed + self.n_asks)
         self.last_max_ei = max_ei
         self.history.append({**entry, "max_ei": max_ei, "seconds": time.perf_counter() - t0})
-        log.info("turbo: iter %d L=%.3g best=%.4f max EI=%.3g (%d candidates)", self.iteration, self.length, best_f, max_ei, len(cands))
+        log.info("turbo: iter %d L=%.3g best=%.4f max EI=%.3g (%d candidates)",
+                 self.iteration, self.length, best_f, max_ei, len(cands))  # fmt: skip
         if max_ei < self.ei_epsilon:
             self._stop(f"EI saturation (max EI {max_ei:.3g} < {self.ei_epsilon:g})")
             return []
@@ -340,16 +353,24 @@ class TurboSearcher(Searcher):
         w = ls / np.exp(np.mean(np.log(ls)))
         c, up = sp.ordinal(centre), np.maximum(sp.upper, 1)
         lb, ub = np.clip(c - w * self.length / 2, 0, 1), np.clip(c + w * self.length / 2, 0, 1)
-        return np.ceil(lb * up - 1e-9).astype(np.int64), np.minimum(np.floor(ub * up + 1e-9).astype(np.int64), sp.upper)
+        lo = np.ceil(lb * up - 1e-9).astype(np.int64)
+        return lo, np.minimum(np.floor(ub * up + 1e-9).astype(np.int64), sp.upper)
 
-    def _candidates(self, centre: Assignment, ls: np.ndarray, rng: np.random.Generator) -> tuple[list[Assignment], tuple]:
-        """Repaired, feasible, unseen discrete points inside the box around ``centre``."""
+    def _candidates(self, centre: Assignment, ls: np.ndarray, rng: np.random.Generator) -> tuple[list, tuple]:
+        """Repaired, feasible, unseen ladder points inside the box around ``centre``.
+
+        TuRBO's perturbation trick: each of ``n_candidates`` copies of the centre moves in each
+        dimension with probability ``min(1, 20/d)`` to a uniformly drawn ladder index inside the
+        box; all 1-step neighbours of the centre inside the box are added. Points whose repair
+        leaves the box are dropped, so every candidate stays local.
+        """
         sp = self.ctx.space
         lo, hi = self.box(centre, ls)
         d, c = len(lo), sp.encode(centre)
         raw = rng.integers(lo, hi + 1, size=(self.n_candidates, d))
         mask = rng.random((self.n_candidates, d)) < min(1.0, 20.0 / d)
-        mask[np.arange(self.n_candidates), rng.integers(0, d, self.n_candidates)] = True
+        none = np.flatnonzero(~mask.any(axis=1))  # every candidate moves in at least one dimension
+        mask[none, rng.integers(0, d, len(none))] = True
         pts = [sp.decode(x) for x in np.unique(np.where(mask, raw, c), axis=0)]
         pts += [a for a in sp.neighbours(centre) if np.all((lo <= sp.encode(a)) & (sp.encode(a) <= hi))]
         seen, out = {a for a, _, _ in self.told} | set(self.pending), []
