@@ -161,6 +161,9 @@ def apply_assignment(
 
     be.prepare_for_peft(qmodel)
     cfg = space.lora_config(assignment, alpha_ratio=alpha_ratio, dropout=dropout)
+    custom = be.lora_custom_modules()
+    if custom:
+        cfg._register_custom_module(custom)
     torch.manual_seed(seed)
     peft_model = get_peft_model(qmodel, cfg)
     bad = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]

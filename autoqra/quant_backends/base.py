@@ -136,6 +136,15 @@ class QuantBackend(abc.ABC):
         """
         return {}
 
+    @staticmethod
+    def lora_custom_modules() -> dict[type[nn.Module], type[nn.Module]]:
+        """``{quantized layer class: peft LoRA layer class}`` for layers peft does not dispatch itself.
+
+        :func:`autoqra.apply_assignment` registers these on every ``LoraConfig``
+        (``LoraConfig._register_custom_module``); loading a saved adapter needs the same.
+        """
+        return {}
+
     def prepare_for_peft(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Hook run on the quantized base model before peft wraps it (set flags peft reads)."""
 
