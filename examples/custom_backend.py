@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import autoqra
-from autoqra.quant_backends import QuantBackend, register_backend
+from autoqra.quant_backends import QuantBackend, generic_lora_class, register_backend
 
 
 class RTNLinear(nn.Module):
@@ -20,7 +20,8 @@ class RTNLinear(nn.Module):
         w = linear.weight.detach().float()
         lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
         scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
-        self.register_buffer("codes", torch.round((w - lo) / scale).to(torch.uint8))
+        # a frozen Parameter (not a buffer): peft looks up a layer's device through its parameters
+        self.codes = nn.Parameter(torch.round((w - lo) / scale).to(torch.uint8), requires_grad=False)
         self.register_buffer("scale", scale)
         self.register_buffer("zero", lo)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -39,6 +40,10 @@ class RTNBackend(QuantBackend):
 
     def weight_bytes(self, out_features, in_features, bits):
         return out_features * in_features, 2 * 4 * out_features  # uint8 codes | fp32 scale + zero per row
+
+    @staticmethod
+    def lora_custom_modules():
+        return {RTNLinear: generic_lora_class()}  # peft's LoRA wrapper for any quantized layer
 
     def owns(self, module):
         return isinstance(module, RTNLinear)

@@ -4,6 +4,7 @@ from autoqra.quant_backends.base import (
     UNQUANTIZED_BITS,
     QuantBackend,
     available_backends,
+    generic_lora_class,
     get_backend,
     register_backend,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "QuantBackend",
     "NoneBackend",
     "available_backends",
+    "generic_lora_class",
     "get_backend",
     "register_backend",
 ]

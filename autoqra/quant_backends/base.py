@@ -56,6 +56,18 @@ def get_backend(backend: str | QuantBackend, **kwargs: Any) -> QuantBackend:
     return inst
 
 
+def generic_lora_class() -> type[nn.Module]:
+    """A peft LoRA layer that wraps any quantized module exposing ``in_features``/``out_features``.
+
+    It is peft's ``GPTQLoraLinear``: ``base(x) + lora_B(lora_A(dropout(x))) * scaling``, no
+    merging, nothing GPTQ-specific. Return ``{YourLayer: generic_lora_class()}`` from
+    :meth:`QuantBackend.lora_custom_modules` for layers peft does not know.
+    """
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    return GPTQLoraLinear
+
+
 class QuantBackend(abc.ABC):
     """Quantizes single linear layers and accounts their bytes exactly.
 
