@@ -82,6 +82,9 @@ class QuantBackend(abc.ABC):
     #: True when :meth:`quantize` needs calibration inputs (GPTQ).
     needs_calibration: bool = False
     install_hint: str = ""
+    #: Activation bytes per token per input feature that one quantized layer saves (negative) or adds
+    #: relative to an unquantized ``nn.Linear`` in a LoRA training step, by bits (see ``_activations``).
+    activation_delta: dict[int, float] = {}
 
     def is_available(self) -> bool:
         """Whether the backend's library imports on this machine."""
