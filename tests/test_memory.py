@@ -106,3 +106,24 @@ def test_meta_device_8b_in_seconds():
     assert time.perf_counter() - t0 < 60
     # 4-bit HQQ (g64, fp32 meta = 5 bits/weight) of 6.98e9 linear weights ≈ 4.36 GB + fp32 embeddings
     assert 4.3e9 < bd.quant_weight_bytes + bd.quant_meta_bytes < 4.4e9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, bits", [("none", (16,)), ("hqq", (4, 16)), ("bnb", (4, 8))])
+def test_predict_equals_measured_smollm2(smollm2, backend, bits):
+    """SmolLM2 (4 distinct linear shapes): uniform + 20 random assignments per granularity, to the byte.
+
+    GPTQ on SmolLM2 is covered by ``benchmarks/foundation.py`` (calibration + quantization take ~2 min);
+    its byte formula is shape-only and tested on the tiny model above.
+    """
+    model, _ = smollm2
+    rng = np.random.default_rng(7)
+    for gran in ("block", "module"):
+        space = SearchSpace.from_model(model, bits=bits, ranks=(0, 8), granularity=gran)
+        assigns = [space.uniform(b, 8) for b in bits] + [space.sample(rng) for _ in range(20)]
+        mm = _check_exact(model, space, backend, assigns, model.config.vocab_size)
+        pm = apply_assignment(model, assigns[-1], backend, space=space)
+        if any(assigns[-1].ranks):
+            opt, _ = train_step(pm, model.config.vocab_size, batch=1, seq=16)
+            meas, pred = measure_memory(pm, opt), mm.predict(assigns[-1])
+            assert (meas.lora_grad_bytes, meas.optimizer_bytes) == (pred.lora_grad_bytes, pred.optimizer_bytes)

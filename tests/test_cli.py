@@ -1,0 +1,61 @@
+import json
+
+import pytest
+import yaml
+
+from autoqra import MemoryModel, SearchSpace, load_result
+from autoqra.cli import main
+from autoqra.models import tiny_llama
+
+
+def test_memory_json_matches_memory_model(capsys):
+    assert main(["memory", "--model", "tiny", "--backend", "hqq", "--bits", "2", "4", "--rank", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    m = tiny_llama()
+    space = SearchSpace.from_model(m, bits=(2, 4), ranks=(0, 8))
+    mm = MemoryModel(m, space, "hqq")
+    assert out["breakdowns"]["4-bit r8"]["model_bytes"] == mm.predict(space.uniform(4, 8)).model_bytes
+    assert out["breakdowns"]["2-bit r8"]["train_bytes"] == mm.predict(space.uniform(2, 8)).train_bytes
+
+
+def test_memory_table_and_meta_config(tmp_path, capsys):
+    cfg = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["memory", "--model-config", str(tmp_path / "config.json"), "--backend", "bnb", "--bits", "4", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "= model bytes" in out and "4-bit r8" in out and "8-bit r8" in out
+
+
+def test_memory_errors_exit_2(capsys):
+    assert main(["memory", "--model", "tiny", "--backend", "bnb", "--bits", "3"]) == 2
+    assert "does not support bits [3]" in capsys.readouterr().err
+    assert main(["memory", "--model", "/no/such/dir"]) == 2
+
+
+def test_optimize_from_yaml_config(tmp_path, capsys):
+    cfg = {"budget": "4bit", "preset": "tiny", "bits": [2, 4, 8], "ranks": [0, 4, 8], "eval_blocks": 4,
+           "importance_blocks": 4, "phase2": None, "train": {"batch_size": 2, "seq_len": 32, "lr": 0.002}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out_dir = tmp_path / "run"
+    rc = main(["optimize", "--model", "tiny", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out_dir),
+               "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "AutoQRA (chosen)" in text and "uniform-4bit" in text
+    res = load_result(out_dir)
+    assert res.config["phase2"] is None and {t.phase for t in res.history} == {"baseline", "phase1"}
+    assert res.info["stop_reasons"]["phase2"] == "skipped"
+
+
+def test_optimize_bad_config_is_refused(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("budget: 4bit\nalpha: 7\n")
+    assert main(["optimize", "--model", "tiny", "--config", str(tmp_path / "bad.yaml"), "--out",
+                 str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "alpha=7" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["nope"], ["memory", "--granularity", "layer"]])
+def test_argparse_errors(argv):
+    with pytest.raises(SystemExit):
+        main(argv)
