@@ -119,7 +119,7 @@ def optimize(
         phase1=phase1 if phase1 is not None and not isinstance(phase1, str) else cfg.phase1,
         phase2=phase2 if phase2 is not None and not isinstance(phase2, str) else cfg.phase2,
         pop_size=pop, promote_k=k, max_generations=gens, phase2_iterations=cfg.resolved("phase2_iterations"),
-        alpha=cfg.alpha, max_trials=cfg.max_trials, time_limit=cfg.time_limit, seed=cfg.seed,
+        alpha=cfg.alpha, choose_alpha=cfg.choose_alpha, max_trials=cfg.max_trials, time_limit=cfg.time_limit, seed=cfg.seed,
         progress=Progress(total=total, enabled=progress),
     )
     out = run.run()

@@ -149,7 +149,11 @@ class OptimizeConfig:
         phase2_iterations: Phase II evaluations at most.
         eval_blocks: held-out blocks scored per evaluation.
         importance_blocks: calibration blocks for the priors; 0 = no priors (uniform 0.5).
-        alpha: utility weight of score vs memory when choosing the final point (1 = best score).
+        alpha: Phase II utility weight α in α·score − (1−α)·memory, both min-max normalised over the
+            feasible front (paper default 0.6).
+        choose_alpha: the same utility's weight when choosing ``Result.best``; default 1.0 = the best
+            score under the budget (the memory already satisfies the hard budget; with α < 1 a
+            cheap, much worse point can win when a useless low-bit point stretches the score range).
         max_trials: cap on evaluations (all fidelities). time_limit: seconds.
         seed: drives everything.
     """
@@ -178,14 +182,16 @@ class OptimizeConfig:
     eval_blocks: int | None = attrs.field(default=None, validator=_opt_positive_int)
     importance_blocks: int | None = None
     alpha: float = attrs.field(default=0.6)
+    choose_alpha: float = attrs.field(default=1.0)
     max_trials: int | None = attrs.field(default=None, validator=_opt_positive_int)
     time_limit: float | None = attrs.field(default=None, validator=_opt_positive)
     seed: int = 0
 
     @alpha.validator
+    @choose_alpha.validator
     def _alpha(self, att: attrs.Attribute, v: float) -> None:
         if not 0.0 <= v <= 1.0:
-            raise ValueError(f"alpha={v!r} is not allowed; it must be in [0, 1]")
+            raise ValueError(f"{att.name}={v!r} is not allowed; it must be in [0, 1]")
 
     def resolved(self, name: str) -> Any:
         """The explicit value of a preset-controlled field, else the preset's."""

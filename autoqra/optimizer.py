@@ -45,7 +45,7 @@ class AutoQRA:
         self, *, space: SearchSpace, memory: MemoryModel, evaluator: Evaluator, budget_bytes: int, target: str,
         store: TrialStore, model_fingerprint: str, importance, low: Fidelity, high: Fidelity,
         phase1: Any, phase2: Any, pop_size: int, promote_k: int, max_generations: int, phase2_iterations: int,
-        alpha: float, max_trials: int | None, time_limit: float | None, seed: int, progress: Progress | None = None,
+        alpha: float, choose_alpha: float, max_trials: int | None, time_limit: float | None, seed: int, progress: Progress | None = None,
     ) -> None:
         self.space, self.memory, self.evaluator = space, memory, evaluator
         self.memory_eval = memory.with_space(evaluator.space) if evaluator.space.bits != space.bits else memory
@@ -53,7 +53,7 @@ class AutoQRA:
         self.fingerprint, self.importance = model_fingerprint, importance
         self.low, self.high = low, high
         self.pop_size, self.promote_k, self.max_generations = pop_size, promote_k, max_generations
-        self.phase2_iterations, self.alpha = phase2_iterations, alpha
+        self.phase2_iterations, self.alpha, self.choose_alpha = phase2_iterations, alpha, choose_alpha
         self.max_trials, self.time_limit, self.seed = max_trials, time_limit, seed
         self.progress = progress or Progress(enabled=False)
         self.repair = make_repair(memory, budget_bytes, importance.q, importance.r, target)
@@ -209,7 +209,8 @@ class AutoQRA:
         if len(warm) < 2:
             self.stop_reasons["phase2"] = f"skipped: {len(warm)} feasible high-fidelity trials (needs 2)"
             return
-        searcher = get_searcher(self.phase2_spec, self.ctx)
+        searcher = get_searcher(self.phase2_spec, self.ctx, alpha=self.alpha) if isinstance(self.phase2_spec, str) \
+            else get_searcher(self.phase2_spec, self.ctx)
         searcher.tell([t["assignment"] for t in warm], [t["result"] for t in warm])
         for it in range(self.phase2_iterations):
             if searcher.done:
@@ -224,8 +225,12 @@ class AutoQRA:
         self.phase2_history = getattr(searcher, "history", [])
 
     # ---------------------------------------------------------------- choice
-    def choose(self) -> dict | None:
-        """Best utility α·score − (1−α)·memory (min-max over the feasible front) among feasible trials."""
+    def choose(self, alpha: float | None = None) -> dict | None:
+        """Best utility α·score − (1−α)·memory (min-max over the feasible front) among feasible trials.
+
+        ``alpha`` defaults to ``choose_alpha`` (1.0 = the best score under the budget).
+        """
+        alpha = self.choose_alpha if alpha is None else alpha
         front = self.front()
         if not front:
             return None
@@ -233,7 +238,7 @@ class AutoQRA:
         m = np.array([self.bytes_of(t["assignment"]) for t in front], dtype=float)
         sn = (s - s.min()) / (s.max() - s.min()) if s.max() > s.min() else np.ones_like(s)
         mn = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else np.zeros_like(m)
-        u = self.alpha * sn - (1 - self.alpha) * mn
+        u = alpha * sn - (1 - alpha) * mn
         return front[int(np.argmax(u))]
 
     def run(self) -> dict[str, Any]:
@@ -250,7 +255,8 @@ class AutoQRA:
             log.info("search stopped: %s", e)
         wall = time.perf_counter() - self.t0
         return {
-            "baselines": self.baseline_keys, "run_keys": list(self.run_keys), "best": self.choose(), "front": self.front(), "stopped": stopped,
+            "baselines": self.baseline_keys, "run_keys": list(self.run_keys), "best": self.choose(),
+            "best_utility_key": (self.choose(self.alpha) or {}).get("key"), "front": self.front(), "stopped": stopped,
             "stop_reasons": self.stop_reasons, "hv_history": self.hv_history, "wall_seconds": wall,
             "eval_seconds": self.eval_seconds, "n_evals": self.n_evals, "n_run": self.n_run,
             "overhead_fraction": (max(0.0, wall - self.eval_seconds) / wall) if wall > 0 and self.n_run else math.nan,

@@ -133,7 +133,12 @@ class Result:
     def summary(self) -> str:
         """Human-readable lines: chosen point vs baselines."""
         lines = [f"budget: {self.budget_bytes:,} bytes on {self.target} bytes"]
-        rows = ([("AutoQRA (chosen)", self.best)] if self.best else []) + list(self.baselines.items())
+        rows = [("AutoQRA (chosen)", self.best)] if self.best else []
+        ukey = self.info.get("best_utility_key")
+        if ukey and self.best and ukey != self.best.key:
+            alpha = self.config.get("alpha", 0.6)
+            rows += [(f"AutoQRA best utility (alpha={alpha})", t) for t in self.history if t.key == ukey][:1]
+        rows += list(self.baselines.items())
         for name, t in rows:
             mem = t.memory.model_bytes if self.target == "model" else t.memory.train_bytes
             lines.append(f"  {name:<34} score {t.score:+.4f}  {mem / 1e6:9.2f} MB  "

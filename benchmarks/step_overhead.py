@@ -42,7 +42,7 @@ def main() -> None:
     ev = FinetuneEvaluator(model, space, "hqq", data=data, tokenizer=tok, train=train, track_peak=False)
     a = space.uniform(4, 8)
     res = {}
-    for rep in range(2):  # alternate to cancel drift
+    for _rep in range(2):  # alternate to cancel drift
         pm = ev.build(a)
         res.setdefault("plain", []).extend(plain_loop(pm, data, args.steps, train.batch_size)[1:])
         pm = ev.build(a)

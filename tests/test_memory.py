@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from _helpers import BACKENDS, LADDERS, calib_for, train_step
+
 from autoqra import MemoryModel, SearchSpace, TrainSpec, apply_assignment, measure_memory
 from autoqra.memory import MemoryBreakdown
 from autoqra.memory_trace import measure_peak
@@ -84,7 +84,7 @@ def test_activation_estimate_close_to_measured_peak(tiny):
         pm = apply_assignment(tiny, a, backend, space=space)
         pm.train()
         ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
-        _, peak = measure_peak(lambda: pm(input_ids=ids, labels=ids).loss.backward())
+        _, peak = measure_peak(lambda pm=pm, ids=ids: pm(input_ids=ids, labels=ids).loss.backward())
         pred = mm.predict(a)
         measured = peak - pred.lora_grad_bytes
         assert abs(pred.activation_bytes - measured) / measured < 0.15, (backend, pred.activation_bytes, measured)

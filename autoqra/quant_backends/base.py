@@ -9,6 +9,7 @@ the byte, for every supported bit-width.
 from __future__ import annotations
 
 import abc
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -54,6 +55,29 @@ def get_backend(backend: str | QuantBackend, **kwargs: Any) -> QuantBackend:
     if not inst.is_available():
         raise ImportError(f"backend {backend!r} needs a library that is not installed: {inst.install_hint}")
     return inst
+
+
+def unique_storages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` without repeats of the same underlying storage (first occurrence kept)."""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def positive_int(field: str, v: int) -> int:
+    """``v`` as an int (numpy ints welcome) if it is a positive integer, else ``ValueError``."""
+    try:
+        i = operator.index(v)
+    except TypeError:
+        i = 0
+    if isinstance(v, bool) or i <= 0:
+        raise ValueError(f"{field}={v!r} is invalid; allowed: a positive int")
+    return i
 
 
 def generic_lora_class() -> type[nn.Module]:

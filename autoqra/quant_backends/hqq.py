@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from autoqra.quant_backends.base import UNQUANTIZED_BITS, QuantBackend, register_backend
+from autoqra.quant_backends.base import positive_int as _positive_int
+from autoqra.quant_backends.base import unique_storages as _unique_storages
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +51,6 @@ def _tensors_in(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, dict):
         return [t for v in obj.values() for t in _tensors_in(v)]
     return []
-
-
-def _unique_storages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``tensors`` without repeats of the same underlying storage (first occurrence kept)."""
-    seen: set[int] = set()
-    out = []
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            out.append(t)
-    return out
-
-
-def _positive_int(field: str, v: int) -> int:
-    """``v`` as an int (numpy ints welcome) if it is a positive integer, else ``ValueError``."""
-    try:
-        i = operator.index(v)
-    except TypeError:
-        i = 0
-    if isinstance(v, bool) or i <= 0:
-        raise ValueError(f"{field}={v!r} is invalid; allowed: a positive int")
-    return i
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
