@@ -197,7 +197,8 @@ class AutoQRA:
             if stag.update(hv):
                 self.stop_reasons["phase1"] = "hypervolume stagnation"
                 break
-        self.stop_reasons.setdefault("phase1", "searcher done" if searcher.done else "generation limit")
+        self.stop_reasons.setdefault(
+            "phase1", "generation limit" if self.generations >= self.max_generations else "searcher done")
         self.surrogate_report = self.surrogate.report()
 
     # -------------------------------------------------------------- phase II
