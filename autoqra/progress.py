@@ -64,7 +64,7 @@ class Progress:
         if not cached:
             self.n_run += 1
             self.run_seconds += result.seconds
-        if result.ok and phase != "phase1-low":
+        if result.ok:
             self.best = max(self.best, result.score)
         log.info("[%s] %s score=%.4f %s%.1fs", phase, result.status, result.score, "cached " if cached else "", result.seconds)
         self._refresh()

@@ -25,3 +25,28 @@ def train_step(model, vocab, batch=2, seq=32, seed=0):
     loss.backward()
     opt.step()
     return opt, loss.item()
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (deduplicated by storage data_ptr)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def assert_exact_bytes(backend, module, out_f: int, in_f: int, bits: int, bias_bytes: int = 0) -> None:
+    """The live storages of a quantized ``module`` equal ``weight_bytes`` (+ ``bias_bytes`` in ``other``), to the byte."""
+    assert backend.owns(module)
+    packed, meta, other = backend.module_tensors(module)
+    want_packed, want_meta = backend.weight_bytes(out_f, in_f, bits)
+    assert storage_bytes(packed) == want_packed
+    assert storage_bytes(meta) == want_meta
+    assert storage_bytes(other) == bias_bytes
+    # no storage is counted twice across the three groups
+    assert storage_bytes(packed + meta + other) == want_packed + want_meta + storage_bytes(other)
+    # every parameter/buffer of the module is accounted for
+    listed = {t.untyped_storage().data_ptr() for t in packed + meta + other}
+    for t in [*module.parameters(), *module.buffers()]:
+        assert t.untyped_storage().data_ptr() in listed

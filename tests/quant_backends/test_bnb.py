@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from _helpers import assert_exact_bytes
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -22,38 +23,6 @@ OPTIONS = [
     {"quant_type": "nf4", "blocksize": 32},
 ]
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster when other jobs share the CPU cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def storage_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (deduplicated by storage data_ptr)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
-
-
-def assert_exact_bytes(backend, module: nn.Module, out_f: int, in_f: int, bits: int, bias: bool) -> None:
-    """The live storages of ``module`` equal ``weight_bytes`` (+ fp32 bias bytes in ``other``), to the byte."""
-    assert backend.owns(module)
-    packed, meta, other = backend.module_tensors(module)
-    want_packed, want_meta = backend.weight_bytes(out_f, in_f, bits)
-    assert storage_bytes(packed) == want_packed
-    assert storage_bytes(meta) == want_meta
-    assert storage_bytes(other) == (4 * out_f if bias else 0)
-    assert storage_bytes(packed + meta + other) == want_packed + want_meta + storage_bytes(other)
-    listed = {t.untyped_storage().data_ptr() for t in packed + meta + other}
-    for t in [*module.parameters(), *module.buffers()]:
-        assert t.untyped_storage().data_ptr() in listed
 
 
 def _linear(out_f: int, in_f: int, bias: bool = False, seed: int = 0) -> nn.Linear:
@@ -76,7 +45,7 @@ def test_exact_bytes_4bit(shape, opts):
     be = BnbBackend(**opts)
     q = be.quantize(_linear(*shape), 4)
     assert isinstance(q, bnb.nn.Linear4bit)
-    assert_exact_bytes(be, q, *shape, 4, bias=False)
+    assert_exact_bytes(be, q, *shape, 4)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -84,7 +53,7 @@ def test_exact_bytes_8bit(shape):
     be = BnbBackend()
     q = be.quantize(_linear(*shape), 8)
     assert isinstance(q, bnb.nn.Linear8bitLt)
-    assert_exact_bytes(be, q, *shape, 8, bias=False)
+    assert_exact_bytes(be, q, *shape, 8)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -92,15 +61,15 @@ def test_exact_bytes_8bit(shape):
 def test_exact_bytes_with_bias_after_train_and_eval_forward(bits, double_quant):
     be = BnbBackend(double_quant=double_quant)
     q = be.quantize(_linear(192, 576, bias=True), bits)
-    assert_exact_bytes(be, q, 192, 576, bits, bias=True)
+    assert_exact_bytes(be, q, 192, 576, bits, bias_bytes=4 * 192)
     q.train()
     x = torch.randn(3, 576, requires_grad=True)
     q(x).sum().backward()  # 8 bits: moves CB/SCB from the weight into module.state
-    assert_exact_bytes(be, q, 192, 576, bits, bias=True)
+    assert_exact_bytes(be, q, 192, 576, bits, bias_bytes=4 * 192)
     q.eval()
     with torch.no_grad():
         q(torch.randn(3, 576))
-    assert_exact_bytes(be, q, 192, 576, bits, bias=True)
+    assert_exact_bytes(be, q, 192, 576, bits, bias_bytes=4 * 192)
 
 
 def test_known_values():
@@ -250,7 +219,7 @@ def test_mixed_4_and_8_bits_in_one_model_with_peft():
     for m in pm.modules():  # bytes still exact after training on both layer kinds
         if be.owns(m):
             bits = 4 if isinstance(m, bnb.nn.Linear4bit) else 8
-            assert_exact_bytes(be, m, m.out_features, m.in_features, bits, bias=False)
+            assert_exact_bytes(be, m, m.out_features, m.in_features, bits)
 
 
 def test_without_prepare_peft_falls_back_to_generic_lora():

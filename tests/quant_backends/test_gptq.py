@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import storage_bytes
 from torch import nn
 
 from autoqra.models import tiny_llama
@@ -15,15 +16,6 @@ from autoqra.quant_backends._gptq_layer import grid, pack_rows, unpack_rows
 from autoqra.quant_backends.gptq import GPTQBackend, GPTQLinear
 
 BITS = (2, 3, 4, 8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster and immune to OpenMP oversubscription on busy CI hosts."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +30,6 @@ def tiny():
 def hessians(tiny):
     model, names, ids = tiny
     return GPTQBackend().calibrate(model, names, ids)
-
-
-def _storage_bytes(tensors: list[torch.Tensor]) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
 
 
 def _h_error(lin: nn.Linear, q: GPTQLinear, H: torch.Tensor) -> float:
@@ -105,10 +89,10 @@ def test_weight_bytes_exact(bits, shape, act_order):
     packed, meta, other = be.module_tensors(q)
     assert be.owns(q) and not be.owns(lin)
     assert (q.g_idx is not None) == act_order
-    assert (_storage_bytes(packed), _storage_bytes(meta)) == be.weight_bytes(out_f, in_f, bits)
-    assert _storage_bytes(other) == 4 * out_f
+    assert (storage_bytes(packed), storage_bytes(meta)) == be.weight_bytes(out_f, in_f, bits)
+    assert storage_bytes(other) == 4 * out_f
     all_tensors = list(q.buffers()) + list(q.parameters())
-    assert _storage_bytes(all_tensors) == sum(be.weight_bytes(out_f, in_f, bits)) + 4 * out_f
+    assert storage_bytes(all_tensors) == sum(be.weight_bytes(out_f, in_f, bits)) + 4 * out_f
 
 
 def test_options_validated():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import assert_exact_bytes
 from torch import nn
 
 pytest.importorskip("hqq")
@@ -15,40 +16,6 @@ BITS = (1, 2, 3, 4, 5, 6, 8)
 SHAPES = [(64, 128), (128, 256), (256, 128), (192, 576)]
 #: relative output error bounds per bits on a random layer (measured ~0.93, .31, .13, .065, .03, .015, .004)
 REL_ERR = {1: 1.0, 2: 0.5, 3: 0.25, 4: 0.12, 5: 0.06, 6: 0.03, 8: 0.01}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster when other jobs share the CPU cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def storage_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (deduplicated by storage data_ptr)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
-
-
-def assert_exact_bytes(backend, module: nn.Module, out_f: int, in_f: int, bits: int, bias: bool) -> None:
-    """The live storages of ``module`` equal ``weight_bytes`` (+ bias bytes in ``other``), to the byte."""
-    assert backend.owns(module)
-    packed, meta, other = backend.module_tensors(module)
-    want_packed, want_meta = backend.weight_bytes(out_f, in_f, bits)
-    assert storage_bytes(packed) == want_packed
-    assert storage_bytes(meta) == want_meta
-    assert storage_bytes(other) == (out_f * backend.compute_dtype.itemsize if bias else 0)
-    # no storage is counted twice across the three groups
-    assert storage_bytes(packed + meta + other) == want_packed + want_meta + storage_bytes(other)
-    # every parameter/buffer of the module is accounted for
-    listed = {t.untyped_storage().data_ptr() for t in packed + meta + other}
-    for t in [*module.parameters(), *module.buffers()]:
-        assert t.untyped_storage().data_ptr() in listed
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +33,15 @@ def _linear(out_f: int, in_f: int, bias: bool = False, seed: int = 0) -> nn.Line
 def test_exact_bytes(hqq, shape, bits):
     out_f, in_f = shape
     q = hqq.quantize(_linear(out_f, in_f), bits)
-    assert_exact_bytes(hqq, q, out_f, in_f, bits, bias=False)
+    assert_exact_bytes(hqq, q, out_f, in_f, bits)
 
 
 def test_exact_bytes_large_bias_and_after_training_step(hqq):
     q = hqq.quantize(_linear(576, 1536, bias=True), 4)  # SmolLM2's down_proj shape
-    assert_exact_bytes(hqq, q, 576, 1536, 4, bias=True)
+    assert_exact_bytes(hqq, q, 576, 1536, 4, bias_bytes=576 * hqq.compute_dtype.itemsize)
     x = torch.randn(2, 1536, requires_grad=True)
     q(x).sum().backward()
-    assert_exact_bytes(hqq, q, 576, 1536, 4, bias=True)
+    assert_exact_bytes(hqq, q, 576, 1536, 4, bias_bytes=576 * hqq.compute_dtype.itemsize)
 
 
 def test_known_values(hqq):
@@ -94,7 +61,7 @@ def test_exact_bytes_other_options(compute_dtype, axis):
     for bits in (1, 3, 4):
         q = be.quantize(_linear(64, 128, bias=True), bits)
         assert q.meta["scale"].dtype == compute_dtype and q.meta["zero"].dtype == compute_dtype
-        assert_exact_bytes(be, q, 64, 128, bits, bias=True)
+        assert_exact_bytes(be, q, 64, 128, bits, bias_bytes=64 * be.compute_dtype.itemsize)
     assert be.weight_bytes(64, 128, 4)[1] == 2 * (64 * 128 // 32) * 2  # scale+zero, 2 bytes each
 
 
@@ -102,7 +69,7 @@ def test_ungroupable_shapes_raise(hqq):
     # 8x24 = 192 weights = 3 groups of 64: 3/5/6/8 bits pack fine, 1/2/4 bits cannot pack 3 rows
     for bits in (3, 5, 6, 8):
         q = hqq.quantize(_linear(8, 24), bits)
-        assert_exact_bytes(hqq, q, 8, 24, bits, bias=False)
+        assert_exact_bytes(hqq, q, 8, 24, bits)
     for bits in (1, 2, 4):
         with pytest.raises(ValueError, match="multiple of"):
             hqq.weight_bytes(8, 24, bits)
