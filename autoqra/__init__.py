@@ -3,6 +3,7 @@
 from autoqra import evaluators, models, quant_backends, searchers
 from autoqra._api import optimize
 from autoqra.apply import apply_assignment, quantize_model
+from autoqra.artifact import Artifact, ArtifactError, load
 from autoqra.budget import parse_size, resolve_budget
 from autoqra.config import TrainSpec
 from autoqra.memory import MemoryBreakdown, MemoryModel, measure_memory
@@ -13,6 +14,8 @@ from autoqra.space import Assignment, SearchSpace
 __version__ = "0.1.0"
 
 __all__ = [
+    "Artifact",
+    "ArtifactError",
     "Assignment",
     "MemoryBreakdown",
     "MemoryModel",
@@ -22,6 +25,7 @@ __all__ = [
     "Trial",
     "apply_assignment",
     "evaluators",
+    "load",
     "load_result",
     "optimize",
     "searchers",

@@ -100,3 +100,50 @@ class Progress:
     def _refresh(self) -> None:
         if self._live is not None:
             self._live.update(self._render())
+
+
+class StepBar:
+    """Progress of one training run: a rich bar (steps, loss, ETA) on a terminal, log lines otherwise.
+
+    Use through :func:`step_bar`; call :meth:`update` with the 0-based step after each optimizer step.
+    """
+
+    def __init__(self, total: int, enabled: bool, label: str) -> None:
+        self.total, self.enabled, self.label = total, enabled, label
+        self._bar: Any = None
+        self._task: Any = None
+        self._last_log = 0.0
+
+    def __enter__(self) -> StepBar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            console = Console(stderr=True)
+            if console.is_terminal:
+                self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+                                         console=console)
+                self._bar.__enter__()
+                self._task = self._bar.add_task(self.label[:70], total=self.total, loss="-")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+            self._bar = None
+
+    def update(self, step: int, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step + 1, loss=f"{loss:.4f}")
+            return
+        now = time.perf_counter()
+        if self.enabled and (now - self._last_log > 10 or step + 1 == self.total):
+            self._last_log = now
+            log.info("%s: step %d/%d loss %.4f", self.label, step + 1, self.total, loss)
+
+
+def step_bar(total: int, enabled: bool = True, label: str = "training") -> StepBar:
+    """A :class:`StepBar` context manager."""
+    return StepBar(total, enabled, label)

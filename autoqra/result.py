@@ -87,6 +87,110 @@ class Result:
     space: SearchSpace
     config: dict[str, Any] = attrs.Factory(dict)
     info: dict[str, Any] = attrs.Factory(dict)
+    #: the folder this result was saved to / loaded from (final-training checkpoints go under it)
+    run_dir: Path | None = attrs.field(default=None, eq=False)
+    #: the last :meth:`train` output (used by :meth:`export`)
+    final: Any = attrs.field(default=None, eq=False, repr=False)
+
+    # ------------------------------------------------------------ final training
+    def train(
+        self,
+        model: Any = None,
+        *,
+        tokenizer: Any = None,
+        fidelity: str | int = "final",
+        index: int | None = None,
+        steps: int | None = None,
+        epochs: float | None = None,
+        out: str | Path | None | bool = None,
+        checkpoint_every: int = 25,
+        seed: int | None = None,
+        progress: bool = True,
+    ):
+        """Fine-tune the chosen point (or ``pareto[index]``) at full fidelity; returns the trained PEFT model.
+
+        Args:
+            model: the unquantized source model; reloaded from the run's record when None.
+            tokenizer: its tokenizer (reloaded with the model when None).
+            fidelity: ``"final"`` (the config's ``final_steps``), ``"high"``/``"low"`` (the search's
+                fidelities) or a number of optimizer steps. ``steps``/``epochs`` override it.
+            index: train ``pareto[index]`` instead of ``best``.
+            out: checkpoint folder; default ``<run_dir>/final`` (``final-<index>``) when the result was
+                saved/loaded, ``False`` for none. A killed training resumes from it; a finished one is
+                read back (weights loaded, not retrained).
+            checkpoint_every: optimizer steps between checkpoints.
+            seed: LoRA init / data order / dropout seed (default: the search's).
+            progress: progress bar (rich on a terminal, log lines otherwise).
+
+        Also sets ``self.final`` (:class:`autoqra.final.FinalModel`: model, held-out test metrics).
+        """
+        from autoqra.config import OptimizeConfig
+        from autoqra.final import evaluator_for, model_for, pick_trial, resolve_steps, run_final
+
+        trial = pick_trial(self, index)
+        model, tokenizer = model_for(self, model, tokenizer)
+        ev = evaluator_for(self, model, tokenizer, seed)
+        cfg = OptimizeConfig.from_dict(self.config)
+        default = fidelity if isinstance(fidelity, int) and not isinstance(fidelity, bool) else \
+            {"final": cfg.resolved("final_steps"), "high": cfg.resolved("high_steps"),
+             "low": cfg.resolved("low_steps")}.get(fidelity)
+        if default is None:
+            raise ValueError(f"fidelity={fidelity!r} is not allowed; use 'final', 'high', 'low' or a step count")
+        n = resolve_steps(ev, steps, epochs, default)
+        if out is None and self.run_dir is not None:
+            out = self.run_dir / ("final" if index is None else f"final-{index}")
+        identity = {"trial": trial.key, "assignment": trial.assignment.to_dict(), "steps": n, "evaluator": ev.spec(),
+                    "backend": ev.backend.spec(), "model": self.info.get("model_fingerprint")}
+        self.final = run_final(ev, trial, n, out or None, checkpoint_every, progress, identity)
+        self.final.tokenizer = tokenizer
+        return self.final.model
+
+    # ------------------------------------------------------------------ export
+    def export(self, path: str | Path, *, merge: bool = False) -> Path:
+        """Write the trained model of :meth:`train` as a deployable folder (see :mod:`autoqra.artifact`).
+
+        ``merge=True`` folds the adapter into the base (16-bit layers exactly, HQQ layers by
+        re-quantization) and records the held-out loss before and after in ``autoqra.json``.
+        Returns the path of ``autoqra.json``.
+        """
+        from autoqra.artifact import export_model, merge_adapter
+        from autoqra.memory import MemoryModel
+
+        if self.final is None:
+            raise ValueError("nothing to export yet: call result.train() first (or `autoqra train --run ...`)")
+        fm = self.final
+        ev, a = fm.evaluator, fm.trial.assignment
+        mm = MemoryModel(ev.model, ev.space, ev.backend, train=ev.train)
+        info: dict[str, Any] = {
+            "assignment": a.to_dict(), "space": self.space.spec(), "budget_bytes": self.budget_bytes,
+            "target": self.target, "trial": fm.trial.to_dict(), "train": ev.train.to_dict(), "final_steps": fm.steps,
+            "scores": {"search_score": fm.trial.score, **fm.metrics}, "eval": ev.spec(),
+        }
+        model = fm.model
+        if merge:
+            model = merge_adapter(fm.model, ev.backend)
+            merged = ev.score(model)[1]
+            info["merge"] = {"loss_adapter": fm.metrics["test_loss"], "loss_merged": merged["loss"],
+                             "delta": merged["loss"] - fm.metrics["test_loss"],
+                             "exact": all(b == 16 for b in a.bits) or ev.backend.name == "none"}
+            a = type(a)(a.units, a.bits, [0] * len(a.ranks))
+        info["memory"] = {"predicted": mm.predict(a).to_dict()}
+        tok = fm.tokenizer
+        if tok is None:
+            from autoqra.evaluators.data import ByteTokenizer
+
+            tok = ByteTokenizer(ev.model.config.vocab_size)
+        return export_model(model, path, ev.backend, tokenizer=tok, info=info)
+
+    def report(self, path: str | Path | None = None) -> Path:
+        """Write PNG plots and a self-contained ``report.html`` (default ``<run_dir>/report``); returns its path."""
+        from autoqra.report import write_report
+
+        if path is None:
+            if self.run_dir is None:
+                raise ValueError("give a folder: this result was never saved")
+            path = self.run_dir / "report"
+        return write_report(self, path)
 
     def to_peft_config(self, trial: Trial | None = None, **kw: Any):
         """peft ``LoraConfig`` (``rank_pattern``/``alpha_pattern``/``exclude_modules``) of the chosen point."""
@@ -128,6 +232,7 @@ class Result:
         tmp = f.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=1, default=str))
         tmp.replace(f)
+        self.run_dir = p
         return f
 
     def summary(self) -> str:
@@ -158,7 +263,9 @@ def load_result(path: str | Path) -> Result:
         d = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f} is not valid JSON: {e}") from None
-    return Result.from_dict(d)
+    res = Result.from_dict(d)
+    res.run_dir = f.parent
+    return res
 
 
 def _jsonable(x: Any) -> Any:

@@ -78,6 +78,17 @@ def heldout_metrics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": tot_correct / tot_tok}
 
 
+class FitHooks:
+    """Optional hooks of :meth:`FinetuneEvaluator.fit` (final training uses them for checkpoints)."""
+
+    def start(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> int:
+        """Restore state if any; return how many optimizer steps are already done."""
+        return 0
+
+    def step_end(self, step: int, loss: float, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> None:
+        """Called after optimizer step ``step`` (0-based)."""
+
+
 @register_evaluator("finetune")
 class FinetuneEvaluator(Evaluator):
     """Score = −(held-out mean token loss) after ``fidelity.steps`` LoRA optimizer steps.
@@ -163,8 +174,13 @@ class FinetuneEvaluator(Evaluator):
     def batches(self, steps: int) -> Iterator[torch.Tensor]:
         return iter_steps(self.data.train, self.train.batch_size, steps * self.train.grad_accum, seed=self.seed)
 
-    def fit(self, model: nn.Module, steps: int, on_step=None) -> dict[str, Any]:
+    def fit(self, model: nn.Module, steps: int, on_step=None, hooks: FitHooks | None = None) -> dict[str, Any]:
         """Train LoRA parameters for ``steps`` optimizer steps; returns train stats.
+
+        Args:
+            on_step: ``f(step, loss)`` after every optimizer step.
+            hooks: resume/checkpoint hooks (:class:`FitHooks`): ``start`` may restore a checkpoint and
+                return the number of steps already done; ``step_end`` runs after every step.
 
         Raises:
             NonFiniteLoss: a loss became NaN/inf.
@@ -177,9 +193,12 @@ class FinetuneEvaluator(Evaluator):
         opt = torch.optim.AdamW(params, lr=self.train.lr, weight_decay=self.train.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.train, steps))
         model.train()
+        start = hooks.start(model, opt, sched) if hooks is not None else 0
         it = self.batches(steps)
+        for _ in range(start * self.train.grad_accum):  # resume: the data order is a pure function of the seed
+            next(it)
         losses = []
-        for step in range(steps):
+        for step in range(start, steps):
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
             for micro in range(self.train.grad_accum):
@@ -205,7 +224,11 @@ class FinetuneEvaluator(Evaluator):
             losses.append(step_loss)
             if on_step is not None:
                 on_step(step, step_loss)
-        stats.update(train_loss_first=losses[0], train_loss_last=losses[-1], optimizer=opt)
+            if hooks is not None:
+                hooks.step_end(step, step_loss, model, opt, sched)
+        if losses:
+            stats.update(train_loss_first=losses[0], train_loss_last=losses[-1])
+        stats["optimizer"] = opt
         return stats
 
     # ------------------------------------------------------------ evaluation

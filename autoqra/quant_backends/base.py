@@ -57,6 +57,26 @@ def get_backend(backend: str | QuantBackend, **kwargs: Any) -> QuantBackend:
     return inst
 
 
+def backend_from_spec(spec: dict[str, Any]) -> QuantBackend:
+    """Rebuild a backend from its :meth:`QuantBackend.spec` (library versions are ignored here).
+
+    Raises:
+        ValueError: unknown backend or an invalid option (the backend's own validation).
+    """
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"not a backend spec: {spec!r}")
+    kw = {k: v for k, v in spec.items() if k != "name" and not k.endswith("_version")}
+    if isinstance(kw.get("compute_dtype"), str):
+        dt = getattr(torch, kw["compute_dtype"], None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"compute_dtype={kw['compute_dtype']!r} is not a torch dtype")
+        kw["compute_dtype"] = dt
+    try:
+        return get_backend(spec["name"], **kw)
+    except TypeError as e:
+        raise ValueError(f"invalid options for backend {spec['name']!r}: {e}") from None
+
+
 def unique_storages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """``tensors`` without repeats of the same underlying storage (first occurrence kept)."""
     seen: set[int] = set()
@@ -186,6 +206,22 @@ class QuantBackend(abc.ABC):
 
     def prepare_for_peft(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Hook run on the quantized base model before peft wraps it (set flags peft reads)."""
+
+    # ------------------------------------------------------------ serialization
+    def export_module(self, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, meta)`` that :meth:`load_module` rebuilds ``module`` from without re-quantizing.
+
+        ``tensors`` go to a safetensors file; ``meta`` (JSON-able) to ``autoqra.json``.
+        """
+        raise NotImplementedError(
+            f"backend {self.name!r} cannot export quantized layers: implement export_module() and load_module()"
+        )
+
+    def load_module(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: str = "cpu") -> nn.Module:
+        """Rebuild a layer written by :meth:`export_module` (its bytes equal the original's)."""
+        raise NotImplementedError(
+            f"backend {self.name!r} cannot load quantized layers: implement export_module() and load_module()"
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec()})"

@@ -258,6 +258,47 @@ class BnbBackend(QuantBackend):
         seen = {t.untyped_storage().data_ptr() for t in packed + meta}
         return packed, meta, [t for t in _unique_storages(other) if t.untyped_storage().data_ptr() not in seen]
 
+    # -------------------------------------------------------------- serialization
+    def export_module(self, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """bitsandbytes' own state: packed weight + quant_state tensors (4 bits) or int8 weight + SCB (8 bits)."""
+        import bitsandbytes as bnb
+
+        tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+        tensors.pop("weight_format", None)
+        four = isinstance(module, bnb.nn.Linear4bit)
+        meta = {"bits": 4 if four else 8, "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
+        if four:
+            meta["compute_dtype"] = str(module.compute_dtype).removeprefix("torch.")
+        else:
+            meta["threshold"] = float(module.state.threshold)
+        return tensors, meta
+
+    def load_module(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: str = "cpu") -> nn.Module:
+        import bitsandbytes as bnb
+
+        in_f, out_f, has_bias = int(meta["in_features"]), int(meta["out_features"]), bool(meta["bias"])
+        t = {k: v.to(device) for k, v in tensors.items()}
+        if int(meta["bits"]) == 4:
+            dtype = getattr(torch, str(meta.get("compute_dtype", "float32")))
+            if dtype not in _COMPUTE_DTYPES:
+                raise ValueError(f"unsupported bitsandbytes compute dtype {meta.get('compute_dtype')!r}")
+            stats = {k.removeprefix("weight."): v for k, v in t.items() if k.startswith("weight.")}
+            q = bnb.nn.Linear4bit(in_f, out_f, bias=has_bias, compute_dtype=dtype, device="meta")
+            q.weight = bnb.nn.Params4bit.from_prequantized(t["weight"], stats, requires_grad=False, device=device,
+                                                           module=q)
+            q.support_avx512bf16_for_cpu = False
+        else:
+            _silence_int8_cast_warning()
+            q = bnb.nn.Linear8bitLt(in_f, out_f, bias=has_bias, has_fp16_weights=False,
+                                    threshold=float(meta.get("threshold", 0.0)), device="meta")
+            w = bnb.nn.Int8Params(t["weight"], requires_grad=False, has_fp16_weights=False)
+            w.CB, w.SCB = w.data, t["SCB"]
+            q.weight = w
+        if has_bias:
+            q.bias = nn.Parameter(t["bias"], requires_grad=False)
+        return q
+
     def prepare_for_peft(self, model: nn.Module) -> None:
         """Set the flags peft's bitsandbytes dispatch reads, so LoRA uses its bnb layer classes.
 

@@ -126,6 +126,28 @@ class GPTQBackend(QuantBackend):
         meta = [module.scales, module.qzeros] + ([module.g_idx] if module.g_idx is not None else [])
         return [module.qweight], meta, ([module.bias] if module.bias is not None else [])
 
+    # ---------------------------------------------------------------- serialization
+    def export_module(self, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The packed GPTQ buffers (``qweight``, ``qzeros``, ``scales``, ``g_idx``) and the bias."""
+        tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        meta = {"in_features": module.in_features, "out_features": module.out_features, "bits": module.bits,
+                "group_size": module.group_size, "bias": module.bias is not None, "act_order": module.g_idx is not None,
+                "dtype": str(module.scales.dtype).removeprefix("torch.")}
+        return tensors, meta
+
+    def load_module(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: str = "cpu") -> nn.Module:
+        dtype = str(meta["dtype"])
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported GPTQ dtype {dtype!r}")
+        bits = int(meta["bits"])
+        self.check_bits([bits])
+        m = GPTQLinear(int(meta["in_features"]), int(meta["out_features"]), bits, int(meta["group_size"]),
+                       bool(meta["bias"]), bool(meta["act_order"]), _DTYPES[dtype], device="meta")
+        m.load_state_dict({k: v.to(device) for k, v in tensors.items()}, assign=True)
+        if m.bias is not None:
+            m.bias.requires_grad_(False)
+        return m
+
     # ---------------------------------------------------------------- calibration
     @torch.no_grad()
     def calibrate(

@@ -225,5 +225,31 @@ class HQQBackend(QuantBackend):
         other = [t for t in _unique_storages(rest) if t.untyped_storage().data_ptr() not in seen]
         return packed, meta, other
 
+    # -------------------------------------------------------------- serialization
+    def export_module(self, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """hqq's own safetensors-compatible state (``W_q``, scale, zero, encoded config fields, bias)."""
+        tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+        return tensors, {"compute_dtype": str(module.compute_dtype).removeprefix("torch.")}
+
+    def load_module(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: str = "cpu") -> nn.Module:
+        from hqq.core.quantize import HQQBackend as _Kernels
+        from hqq.core.quantize import HQQLinear
+
+        HQQLinear.set_backend(_Kernels.PYTORCH)
+        dtype = getattr(torch, str(meta.get("compute_dtype", "float32")))
+        if dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"unsupported hqq compute dtype {meta.get('compute_dtype')!r}")
+        q = HQQLinear(None, quant_config=None, compute_dtype=dtype, device=str(device), initialize=False)
+        state = {k: v.to(device) for k, v in tensors.items()}
+        q.load_state_dict(state)
+        q.W_q = nn.Parameter(_compact(q.W_q.data), requires_grad=False)
+        for key in ("scale", "zero"):
+            q.meta[key] = _compact(q.meta[key])
+        if q.bias is not None:
+            q.bias = q.bias.to(dtype)
+        q.ready = True
+        q.in_gpu = str(device).startswith("cuda")
+        return q
+
     def prepare_for_peft(self, model: nn.Module) -> None:
         """Nothing to do: peft's ``dispatch_hqq`` wraps every ``HQQLinear`` as ``HqqLoraLinear`` by type."""

@@ -1,0 +1,274 @@
+r"""Final training of a chosen point: full-fidelity fine-tune with progress and resumable checkpoints.
+
+A checkpoint directory holds ``state.json`` (the training's identity, the last saved step and, once
+finished, the held-out metrics) and one ``step-NNNNNN/`` folder with safetensors files only: the LoRA
+weights, the AdamW moments and the RNG state. ``state.json`` is replaced atomically *after* its folder
+is complete, so a kill at any moment leaves the previous checkpoint usable. Resuming restores weights,
+optimizer, learning-rate schedule, RNG and data position, so a resumed run ends with the same weights
+as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from autoqra.evaluators.finetune import FinetuneEvaluator, FitHooks
+
+log = logging.getLogger(__name__)
+
+CKPT_FORMAT = "autoqra.checkpoint/1"
+STATE_FILE = "state.json"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_state(directory: str | Path) -> dict[str, Any] | None:
+    """The checkpoint state of ``directory`` (None when there is none)."""
+    f = Path(directory) / STATE_FILE
+    if not f.is_file():
+        return None
+    try:
+        st = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); delete the checkpoint directory to start over") from None
+    if not isinstance(st, dict) or st.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{f} is not an autoqra checkpoint (format {st.get('format') if isinstance(st, dict) else st!r})")
+    return st
+
+
+class Checkpointer(FitHooks):
+    """:class:`FitHooks` that saves every ``every`` steps into ``directory`` and resumes from it.
+
+    Args:
+        directory: checkpoint folder (created).
+        identity: JSON-able description of the training (assignment, steps, seed, recipe); a
+            checkpoint with another identity is refused rather than silently mixed in.
+        total_steps: optimizer steps of the whole training.
+        every: save period in optimizer steps (the last step is always saved).
+        on_step: ``f(step, loss)`` progress callback.
+    """
+
+    def __init__(self, directory: str | Path, identity: dict[str, Any], total_steps: int, every: int = 50,
+                 on_step=None) -> None:
+        if every < 1:
+            raise ValueError(f"checkpoint_every={every!r} must be >= 1")
+        self.dir = Path(directory)
+        self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
+        self.total, self.every, self.on_step = total_steps, every, on_step
+        self.resumed_from = 0
+
+    # ------------------------------------------------------------------ resume
+    def start(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> int:
+        st = read_state(self.dir)
+        if st is None:
+            return 0
+        if st.get("identity") != self.identity:
+            raise ValueError(
+                f"the checkpoint in {self.dir} belongs to another training (different assignment, steps, seed or "
+                "recipe); pass another output directory or delete it"
+            )
+        from safetensors.torch import load_file
+
+        step = int(st["step"])
+        folder = self.dir / st["folder"]
+        lora = load_file(folder / "lora.safetensors")
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if set(lora) != set(named):
+            raise ValueError(f"checkpoint {folder} does not match the model's LoRA parameters")
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(lora[n])
+        opt.load_state_dict(_optimizer_from_files(load_file(folder / "optimizer.safetensors"), st["optimizer"]))
+        sched.load_state_dict(st["scheduler"])
+        rng = load_file(folder / "rng.safetensors")
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():  # pragma: no cover - needs a GPU
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.resumed_from = step
+        log.info("resuming final training at step %d/%d from %s", step, self.total, folder)
+        return step
+
+    # -------------------------------------------------------------------- save
+    def step_end(self, step: int, loss: float, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> None:
+        done = step + 1
+        if self.on_step is not None:
+            self.on_step(step, loss)
+        if done % self.every == 0 or done == self.total:
+            self.save(done, model, opt, sched, loss)
+
+    def save(self, done: int, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, loss: float) -> None:
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"step-{done:06d}"
+        folder = self.dir / name
+        tmp = self.dir / (name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        lora = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(lora, tmp / "lora.safetensors")
+        tensors, opt_meta = _optimizer_to_files(opt.state_dict())
+        save_file(tensors, tmp / "optimizer.safetensors")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and any(p.is_cuda for p in lora.values()):  # pragma: no cover - GPU only
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, tmp / "rng.safetensors")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        sch = {k: (None if k == "lr_lambdas" else v) for k, v in sched.state_dict().items()}
+        sch["lr_lambdas"] = [None] * len(sched.lr_lambdas)
+        _atomic_write(self.dir / STATE_FILE, json.dumps({
+            "format": CKPT_FORMAT, "identity": self.identity, "step": done, "total_steps": self.total,
+            "folder": name, "optimizer": opt_meta, "scheduler": sch, "last_loss": loss, "complete": False,
+        }, indent=1))
+        for old in self.dir.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def mark_complete(self, metrics: dict[str, Any]) -> None:
+        """Record the held-out metrics of the finished training in ``state.json``."""
+        st = read_state(self.dir)
+        if st is None:
+            return
+        st.update(complete=True, metrics=metrics)
+        _atomic_write(self.dir / STATE_FILE, json.dumps(st, indent=1))
+
+
+def _optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (safetensors) and JSON (no pickle anywhere)."""
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in [*tensors.items(), *meta.get("scalars", {}).items()]:
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+@attrs.define
+class FinalModel:
+    """A finished final training: the trained PEFT model and what it was trained and scored on.
+
+    Attributes:
+        model: the trained model (LoRA adapters on the quantized base).
+        trial: the search trial whose assignment it trains.
+        evaluator: the recipe (data, TrainSpec, backend) used; ``evaluator.score`` re-scores it.
+        steps: optimizer steps trained. metrics: held-out metrics on the test split (and validation).
+        directory: checkpoint folder (None when trained without checkpoints).
+    """
+
+    model: nn.Module
+    trial: Any
+    evaluator: FinetuneEvaluator
+    steps: int
+    metrics: dict[str, float]
+    directory: Path | None = None
+    tokenizer: Any = None
+    resumed_from: int = 0
+
+
+def resolve_steps(evaluator: FinetuneEvaluator, steps: int | None, epochs: float | None, default: int) -> int:
+    """Optimizer steps from ``steps`` or ``epochs`` (over the training split), else ``default``."""
+    if steps is not None and epochs is not None:
+        raise ValueError("give steps or epochs, not both")
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps!r} must be a positive integer")
+        return steps
+    if epochs is not None:
+        if not epochs > 0:
+            raise ValueError(f"epochs={epochs!r} must be > 0")
+        per_step = evaluator.train.batch_size * evaluator.train.grad_accum
+        return max(1, math.ceil(epochs * evaluator.data.train.shape[0] / per_step))
+    return default
+
+
+def run_final(evaluator: FinetuneEvaluator, trial: Any, steps: int, directory: str | Path | None,
+              checkpoint_every: int, progress: bool, identity: dict[str, Any]) -> FinalModel:
+    """Build, train (resuming from ``directory``) and score ``trial.assignment``."""
+    from autoqra.progress import step_bar
+
+    model = evaluator.build(trial.assignment)
+    with step_bar(steps, enabled=progress, label=f"final training · {trial.assignment.short()}") as bar:
+        ck = Checkpointer(directory, identity, steps, checkpoint_every, on_step=bar.update) if directory else None
+        stats = evaluator.fit(model, steps, on_step=None if ck else bar.update, hooks=ck)
+    stats.pop("optimizer", None)
+    model.eval()
+    test = evaluator.score(model)[1]
+    metrics = {"test_loss": test["loss"], "test_ppl": test["ppl"], "test_accuracy": test["accuracy"],
+               "train_loss_last": float(stats.get("train_loss_last", float("nan")))}
+    if ck is not None:
+        ck.mark_complete(metrics)
+    return FinalModel(model, trial, evaluator, steps, metrics, Path(directory) if directory else None,
+                      resumed_from=ck.resumed_from if ck is not None else 0)
+
+
+def model_for(result: Any, model: nn.Module | None, tokenizer: Any) -> tuple[nn.Module, Any]:
+    """The search's source model: ``model`` if given (checked against the run's fingerprint), else reloaded
+    from where the run recorded it came from (``autoqra.models.load_model`` source)."""
+    from autoqra.store import model_fingerprint
+
+    if model is None:
+        src = result.info.get("model_source")
+        if not src:
+            raise ValueError("this result does not record where its model came from: pass model= (and tokenizer=)")
+        from autoqra.models import load_model
+
+        model, tok = load_model(src)
+        tokenizer = tokenizer if tokenizer is not None else tok
+    want = result.info.get("model_fingerprint")
+    if want and model_fingerprint(model) != want:
+        raise ValueError("this model is not the one the search ran on (its fingerprint differs)")
+    return model, tokenizer
+
+
+def evaluator_for(result: Any, model: nn.Module, tokenizer: Any, seed: int | None = None,
+                  eval_split: str = "test", eval_blocks: int | None = None) -> FinetuneEvaluator:
+    """The search's fine-tuning recipe (data, TrainSpec, backend) as an evaluator for final training."""
+    from autoqra.config import OptimizeConfig
+    from autoqra.evaluators.data import ByteTokenizer, build_task_data
+    from autoqra.quant_backends import UNQUANTIZED_BITS, backend_from_spec, get_backend
+
+    cfg = OptimizeConfig.from_dict(result.config)
+    spec = result.info.get("backend_spec")
+    backend = backend_from_spec(spec) if spec else get_backend(cfg.backend, **cfg.backend_options)
+    seed = cfg.seed if seed is None else seed
+    tok = tokenizer or ByteTokenizer(model.config.vocab_size)
+    data = build_task_data(cfg.data, tok, block_size=cfg.train.seq_len, seed=cfg.seed)
+    space = attrs.evolve(result.space, bits=tuple(sorted(set(result.space.bits) | {UNQUANTIZED_BITS})))
+    return FinetuneEvaluator(model, space, backend, data=data, tokenizer=tokenizer, train=cfg.train,
+                             eval_blocks=eval_blocks, eval_split=eval_split, seed=seed, track_peak=False)
+
+
+def pick_trial(result: Any, index: int | None) -> Any:
+    """``result.best`` (index None) or ``result.pareto[index]``."""
+    if index is None:
+        if result.best is None:
+            raise ValueError("this result has no feasible point to train")
+        return result.best
+    if not -len(result.pareto) <= index < len(result.pareto):
+        raise ValueError(f"index {index} is out of range: the front has {len(result.pareto)} points")
+    return result.pareto[index]
