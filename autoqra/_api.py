@@ -13,6 +13,7 @@ from torch import nn
 
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Evaluator, Fidelity, evaluator_class
+from autoqra.executors import EXECUTORS, Executor, make_executor
 from autoqra.importance import Importance, compute_importance
 from autoqra.memory import MemoryModel
 from autoqra.optimizer import AutoQRA
@@ -25,6 +26,14 @@ from autoqra.store import TrialStore, model_fingerprint
 log = logging.getLogger(__name__)
 
 
+class _FromConfig:
+    def __repr__(self) -> str:
+        return "<the config's>"
+
+
+_FROM_CONFIG: Any = _FromConfig()
+
+
 def _config(config: Any, overrides: dict[str, Any]) -> OptimizeConfig:
     if config is None:
         base: dict[str, Any] = {}
@@ -34,7 +43,9 @@ def _config(config: Any, overrides: dict[str, Any]) -> OptimizeConfig:
         base = dict(config)
     else:
         base = OptimizeConfig.from_file(config).to_dict()
+    explicit = overrides.pop("_explicit", {})
     base.update({k: v for k, v in overrides.items() if v is not None})
+    base.update(explicit)  # values where None means something (phase2=None skips Phase II)
     return OptimizeConfig.from_dict(base)
 
 
@@ -50,7 +61,7 @@ def optimize(
     backend: str | QuantBackend | None = None,
     evaluator: str | Evaluator | None = None,
     phase1: Any = None,
-    phase2: Any = None,
+    phase2: Any = _FROM_CONFIG,
     max_trials: int | None = None,
     time_limit: float | None = None,
     store: str | Path | TrialStore | None = None,
@@ -69,14 +80,17 @@ def optimize(
         backend: ``"hqq"`` (default), ``"bnb"``, ``"gptq"``, ``"none"`` or a ``QuantBackend`` instance.
         evaluator: ``"finetune"`` (default), ``"lm_eval"`` or an ``Evaluator`` instance (built on the
             space with 16-bit added, so the 16-bit reference can be evaluated).
-        phase1 / phase2: searcher names or instances (phase2 ``None`` in the config skips Phase II).
+        phase1 / phase2: searcher names or instances; ``phase2=None`` skips Phase II (default: the config's).
         max_trials: cap on evaluations (every fidelity); time_limit: seconds.
         store: SQLite trial store path; re-running with the same store resumes (finished trials are
             read back, not re-run). Default: in memory.
         seed: drives LoRA init, data order, searchers and the surrogate.
         config: an :class:`OptimizeConfig`, a dict or a YAML/JSON path; explicit arguments win.
         progress: show the live progress line.
-        **options: any other :class:`OptimizeConfig` field (``bits``, ``ranks``, ``preset``, ``alpha``...).
+        **options: any other :class:`OptimizeConfig` field (``bits``, ``ranks``, ``preset``, ``alpha``...),
+            e.g. ``executor="ray", workers=8, ray_address="auto"`` to run trials in parallel on Ray;
+            ``executor`` may also be an :class:`~autoqra.executors.Executor` instance, which is bound to
+            this search's evaluator and left open (one pool of workers for several searches).
 
     Returns:
         :class:`Result` with the Pareto front, the chosen point, baselines and the full history.
@@ -84,12 +98,20 @@ def optimize(
     be_obj = backend if isinstance(backend, QuantBackend) else None
     ev_obj = evaluator if isinstance(evaluator, Evaluator) else None
     s1 = phase1 if isinstance(phase1, str) or phase1 is None else None
-    s2 = phase2 if isinstance(phase2, str) or phase2 is None else None
+    s2 = None if phase2 is _FROM_CONFIG else phase2 if isinstance(phase2, str) or phase2 is None else None
+    ex_obj = options.pop("executor") if isinstance(options.get("executor"), Executor) else None
+    if ex_obj is not None and ex_obj.name in EXECUTORS:
+        options["executor"] = ex_obj.name
     cfg = _config(config, {
         "budget": budget, "backend": backend if isinstance(backend, str) else (be_obj.name if be_obj else None),
-        "evaluator": evaluator if isinstance(evaluator, str) else None, "phase1": s1, "phase2": s2,
+        "evaluator": evaluator if isinstance(evaluator, str) else None, "phase1": s1,
         "max_trials": max_trials, "time_limit": time_limit, "seed": seed, **options,
+        "_explicit": {} if phase2 is _FROM_CONFIG or (phase2 is not None and not isinstance(phase2, str)) else {"phase2": s2},
     })
+    if cfg.executor == "ray":  # a missing extra fails before any model work
+        from autoqra.executors.ray import require_ray
+
+        require_ray()
     be = be_obj or get_backend(cfg.backend, **cfg.backend_options)
     space = SearchSpace.from_model(model, cfg.bits, cfg.ranks, cfg.granularity, cfg.target_modules, backend=be)
     memory = MemoryModel(model, space, be, train=cfg.train)
@@ -117,13 +139,28 @@ def optimize(
         space=space, memory=memory, evaluator=ev_obj, budget_bytes=budget_bytes, target=cfg.target, store=st,
         model_fingerprint=fp, importance=importance, low=low, high=high,
         phase1=phase1 if phase1 is not None and not isinstance(phase1, str) else cfg.phase1,
-        phase2=phase2 if phase2 is not None and not isinstance(phase2, str) else cfg.phase2,
+        phase2=phase2 if phase2 is not None and phase2 is not _FROM_CONFIG and not isinstance(phase2, str) else cfg.phase2,
         pop_size=pop, promote_k=k, max_generations=gens, phase2_iterations=cfg.resolved("phase2_iterations"),
         alpha=cfg.alpha, choose_alpha=cfg.choose_alpha, use_surrogate=cfg.use_surrogate, max_trials=cfg.max_trials, time_limit=cfg.time_limit, seed=cfg.seed,
         progress=Progress(total=total, enabled=progress),
+        executor=_executor(ex_obj, ev_obj, cfg),
+        phase2_batch=cfg.phase2_batch,
     )
-    out = run.run()
+    try:
+        out = run.run()
+    finally:  # workers go (and Ray, if started here) even on Ctrl-C; finished trials are in the store
+        if ex_obj is None:
+            run.executor.close()
     return _result(run, out, cfg, importance, st)
+
+
+def _executor(ex_obj: Executor | None, ev: Evaluator, cfg: OptimizeConfig) -> Executor:
+    """The caller's executor bound to ``ev``, or a new one from the config."""
+    if ex_obj is not None:
+        ex_obj.bind(ev)
+        return ex_obj
+    return make_executor(cfg.executor, ev, address=cfg.ray_address, workers=cfg.workers,
+                         resources=cfg.worker_resources)
 
 
 def _importance(model, space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg: OptimizeConfig, st: TrialStore):

@@ -28,10 +28,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--time-limit", type=float, help="seconds")
     o.add_argument("--seed", type=int)
     o.add_argument("--no-phase2", action="store_true", help="skip Phase II (TuRBO)")
+    o.add_argument("--executor", choices=["local", "ray"], help="local (default: one trial at a time) | ray")
+    o.add_argument("--ray-address", help="existing Ray cluster: 'auto' (after `ray start --head`) or ray://host:10001")
+    o.add_argument("--workers", type=int, help="Ray workers = trials at once (default: as many as fit)")
+    o.add_argument("--worker-gpus", type=float, help="GPUs per Ray worker (default 1 when the cluster has GPUs)")
+    o.add_argument("--worker-cpus", type=float, help="CPUs per Ray worker (default 1 without GPUs)")
+    o.add_argument("--phase2-batch", type=int, help="Phase II points per ask (default: the number of workers)")
     o.add_argument("--out", default="runs/autoqra",
                    help="run directory: trials.db (resumable store) and result.json (default runs/autoqra)")
     o.add_argument("--no-progress", action="store_true", help="no live progress line")
+    o.add_argument("--no-report", action="store_true", help="do not write <out>/report (PNG plots + report.html)")
     o.set_defaults(func=cmd_optimize)
+
+
+def _executor_options(args: argparse.Namespace) -> dict:
+    """OptimizeConfig executor fields given on the command line."""
+    opts = {k: getattr(args, k, None) for k in ("executor", "ray_address", "workers", "phase2_batch")}
+    res = {k: v for k, v in (("num_gpus", getattr(args, "worker_gpus", None)),
+                             ("num_cpus", getattr(args, "worker_cpus", None))) if v is not None}
+    if res:
+        opts["worker_resources"] = res
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -49,6 +66,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     }
     if args.no_phase2:
         options["phase2"] = None
+    options.update(_executor_options(args))
     console.print(f"[bold]autoqra optimize[/bold] · model {args.model} · run dir {out} (re-run to resume)")
     res = optimize(
         model, tokenizer=tok, backend=args.backend, max_trials=args.max_trials, time_limit=args.time_limit,
@@ -60,6 +78,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     console.print(f"evaluations: {info['n_evals']} ({info['n_run']} run now) · wall {info['wall_seconds']:.0f} s · "
                   f"stop: {info['stop_reasons']}{' · ' + info['stopped'] if info.get('stopped') else ''}")
     console.print(f"result written to {path}")
+    if not args.no_report:
+        console.print(f"report written to {res.report(out / 'report')}")
+    console.print(f"next: autoqra train --run {out}  (full-fidelity fine-tune), then autoqra export --run {out} --out DIR")
     return 0 if res.best is not None else 1
 
 

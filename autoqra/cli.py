@@ -93,11 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     m.set_defaults(func=cmd_memory)
 
-    from autoqra import _cli_artifact, _cli_optimize, _cli_report
+    from autoqra import _cli_artifact, _cli_bench, _cli_optimize, _cli_report
 
-    _cli_optimize.add_commands(sub)
-    _cli_artifact.add_commands(sub)
-    _cli_report.add_commands(sub)
+    for mod in (_cli_optimize, _cli_artifact, _cli_report, _cli_bench):
+        mod.add_commands(sub)
     return p
 
 

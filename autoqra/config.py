@@ -115,6 +115,29 @@ def _int_tuple(v: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in v)
 
 
+WORKER_RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type")
+
+
+def _check_executor(cfg: Any) -> None:
+    """Executor fields: ray options only with executor="ray"; worker_resources are Ray actor options."""
+    if cfg.executor == "local":
+        for name, bad in (("ray_address", cfg.ray_address is not None), ("workers", (cfg.workers or 1) > 1),
+                          ("worker_resources", bool(cfg.worker_resources))):
+            if bad:
+                raise ValueError(f"{name}={getattr(cfg, name)!r} is not allowed with executor='local' (one trial at "
+                                 "a time in this process); use executor='ray' (phase2_batch sets the batch size)")
+    if cfg.ray_address is not None and (not isinstance(cfg.ray_address, str) or not cfg.ray_address):
+        raise ValueError(f"ray_address={cfg.ray_address!r} is not allowed; it must be a non-empty string or None")
+    if not isinstance(cfg.worker_resources, dict):
+        raise ValueError(f"worker_resources={cfg.worker_resources!r} is not allowed; it must be a dict of Ray "
+                         f"actor options {list(WORKER_RESOURCE_KEYS)}")
+    for k, v in cfg.worker_resources.items():
+        if k not in WORKER_RESOURCE_KEYS:
+            raise ValueError(f"worker_resources key {k!r} is not allowed; choose from {list(WORKER_RESOURCE_KEYS)}")
+        if k in ("num_cpus", "num_gpus", "memory") and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            raise ValueError(f"worker_resources[{k!r}]={v!r} is not allowed; it must be a number >= 0")
+
+
 #: Named settings: fidelities in optimizer steps, search sizes, evaluation blocks.
 PRESETS: dict[str, dict[str, Any]] = {
     # ~15 min on 2 CPU cores with SmolLM2 (README: demo table)
@@ -159,6 +182,13 @@ class OptimizeConfig:
             cheap, much worse point can win when a useless low-bit point stretches the score range).
         max_trials: cap on evaluations (all fidelities). time_limit: seconds.
         seed: drives everything.
+        executor: "local" (trials one at a time in this process) or "ray" (one trial per Ray worker).
+        ray_address: an existing Ray cluster ("auto", "ray://host:10001"); None starts a local Ray.
+        workers: Ray workers (default: as many as the cluster's resources hold); "local" runs 1.
+        worker_resources: Ray actor options per worker/trial, e.g. ``{"num_gpus": 1}`` (the default on
+            a cluster with GPUs) or ``{"num_cpus": 1}`` (the default otherwise).
+        phase2_batch: Phase-II points per ask (q, batch acquisition); default = the number of workers
+            (1 locally). Set it to compare a local run with a Ray run of the same batch size.
     """
 
     budget: Any = "4bit"
@@ -191,6 +221,11 @@ class OptimizeConfig:
     max_trials: int | None = attrs.field(default=None, validator=_opt_positive_int)
     time_limit: float | None = attrs.field(default=None, validator=_opt_positive)
     seed: int = 0
+    executor: str = attrs.field(default="local", validator=_one_of("local", "ray"))
+    ray_address: str | None = None
+    workers: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    worker_resources: dict = attrs.Factory(dict)
+    phase2_batch: int | None = attrs.field(default=None, validator=_opt_positive_int)
 
     @alpha.validator
     @choose_alpha.validator
@@ -209,6 +244,7 @@ class OptimizeConfig:
             raise ValueError(f"low_steps={lo} must not exceed high_steps={hi}")
         if self.resolved("promote_k") > self.resolved("pop_size"):
             raise ValueError(f"promote_k={self.resolved('promote_k')} must not exceed pop_size={self.resolved('pop_size')}")
+        _check_executor(self)
         ib = self.resolved("importance_blocks")
         if isinstance(ib, bool) or not isinstance(ib, int) or ib < 0:
             raise ValueError(f"importance_blocks={ib!r} is not allowed; it must be an integer >= 0")

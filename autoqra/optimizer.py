@@ -1,10 +1,15 @@
 r"""Two-phase AutoQRA orchestration over the Searcher / Evaluator interfaces.
 
 The optimizer owns what searchers must not: budget repair (through the context), fidelities,
-the trial store and the limits. Every evaluation goes through :meth:`AutoQRA.evaluate`, which
-looks the trial up in the store first; since searchers and the surrogate are deterministic in
-the seed, re-running a killed search replays to the same point with finished trials read back
-from the store (nothing finished is re-run).
+the trial store and the limits. Every evaluation goes through :meth:`AutoQRA.evaluate_many`, which
+looks each trial up in the store first, dispatches the rest as one batch to the executor (in this
+process, or on Ray workers) and stores each result the moment it arrives. Results are kept in
+candidate order, so decisions never depend on which worker finished first; since searchers and
+the surrogate are deterministic in the seed, re-running a killed search replays to the same point
+with finished trials read back from the store (nothing finished is re-run).
+
+Batches: the baselines; each Phase-I generation's low-fidelity offspring, then its promotions;
+Phase-II asks of ``phase2_batch`` points (default: the executor's worker count, 1 locally).
 
 Order of work: baselines (uniform bits at the largest feasible rank, 16-bit reference) →
 importance priors → Phase I (multi-fidelity NSGA-II, surrogate promotion, HV stagnation) →
@@ -21,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
+from autoqra.executors.base import Executor, LocalExecutor
 from autoqra.memory import MemoryModel
 from autoqra.pareto import HVStagnation, hypervolume_2d, pareto_mask
 from autoqra.progress import Progress
@@ -35,7 +41,16 @@ log = logging.getLogger(__name__)
 
 
 class LimitReached(Exception):
-    """The trial or time limit was reached: the search stops and returns what it has."""
+    """The trial or time limit was reached: the search stops and returns what it has.
+
+    Attributes:
+        results: for a batch cut by the limit, its results in candidate order (``None`` for
+            items not evaluated).
+    """
+
+    def __init__(self, message: str, results: list[EvalResult | None] | None = None) -> None:
+        super().__init__(message)
+        self.results = results or []
 
 
 class AutoQRA:
@@ -46,6 +61,7 @@ class AutoQRA:
         store: TrialStore, model_fingerprint: str, importance, low: Fidelity, high: Fidelity,
         phase1: Any, phase2: Any, pop_size: int, promote_k: int, max_generations: int, phase2_iterations: int,
         alpha: float, choose_alpha: float, use_surrogate: bool = True, max_trials: int | None, time_limit: float | None, seed: int, progress: Progress | None = None,
+        executor: Executor | None = None, phase2_batch: int | None = None,
     ) -> None:
         self.space, self.memory, self.evaluator = space, memory, evaluator
         self.memory_eval = memory.with_space(evaluator.space) if evaluator.space.bits != space.bits else memory
@@ -72,7 +88,10 @@ class AutoQRA:
         self.hv_ref: float | None = None
         self.evaluator_spec = evaluator.spec()
         self.baseline_keys: dict[str, str] = {}
-        self.run_keys: list[str] = []  # this run's trials in evaluation order (the store may hold more)
+        self.run_keys: list[str] = []  # this run's trials in candidate order (the store may hold more)
+        self.executor = executor or LocalExecutor(evaluator)
+        self.phase2_batch = int(phase2_batch or self.executor.n_workers)
+        self.trial_seconds = 0.0  # sum of the trials' own seconds (> wall time with parallel workers)
 
     # ------------------------------------------------------------ evaluation
     def bytes_of(self, a: Assignment) -> int:
@@ -80,42 +99,102 @@ class AutoQRA:
         bd = self.memory_eval.predict(a)
         return bd.model_bytes if self.target == "model" else bd.train_bytes
 
-    def _check_limits(self) -> None:
-        if self.max_trials is not None and self.n_evals >= self.max_trials:
-            raise LimitReached(f"trial limit {self.max_trials} reached")
-        if self.time_limit is not None and time.perf_counter() - self.t0 >= self.time_limit:
-            raise LimitReached(f"time limit {self.time_limit:.0f} s reached")
-
     def key_of(self, a: Assignment, fidelity: Fidelity) -> str:
         """Trial-store key of ``a`` at ``fidelity`` in this run."""
         return trial_key(a, fidelity, self.evaluator_spec, self.memory.backend.spec(), self.fingerprint)
 
     def evaluate(self, a: Assignment, fidelity: Fidelity, phase: str) -> EvalResult:
-        """Evaluate (or read back from the store) one trial; stores it durably before returning."""
-        key = self.key_of(a, fidelity)
-        old = self.store.get(key)
-        if key not in self.run_keys:
-            self.run_keys.append(key)
-        if old is not None:
+        """Evaluate (or read back from the store) one trial; a batch of one of :meth:`evaluate_many`."""
+        return self.evaluate_many([a], fidelity, phase)[0]
+
+    def evaluate_many(self, assignments: list[Assignment], fidelity: Fidelity, phase: str) -> list[EvalResult]:
+        """Evaluate a batch at ``fidelity``; returns results in candidate order.
+
+        Stored trials are read back; repeats within the batch are evaluated once; the rest go
+        to the executor as one batch and each result is stored (durably) as it finishes. The
+        limits count evaluations exactly as one-at-a-time evaluation does: with ``max_trials``
+        landing mid-batch only what fits is evaluated; the time limit is checked as each trial
+        starts. When a limit cuts the batch, what finished is stored and ``LimitReached`` raised.
+
+        Raises:
+            LimitReached: the trial or time limit stopped the batch (``.results`` has what finished).
+        """
+        keys = [self.key_of(a, fidelity) for a in assignments]
+        results: list[EvalResult | None] = [None] * len(assignments)
+        cached: dict[int, EvalResult] = {}  # index -> stored result
+        first: dict[str, int] = {}  # key -> index of its first occurrence in the batch
+        todo: list[int] = []  # indices to evaluate, in candidate order
+        n, cut, reason = self.n_evals, len(assignments), None
+        for i, key in enumerate(keys):
+            if key in first:  # a repeat reads its first occurrence back, like a stored trial
+                n += 1
+                continue
+            first[key] = i
+            old = self.store.get(key)
+            if old is not None:
+                cached[i] = old["result"]
+                n += 1
+                continue
+            if self.max_trials is not None and n >= self.max_trials:
+                cut, reason = i, f"trial limit {self.max_trials} reached"
+                break
+            todo.append(i)
+            n += 1
+        if todo:
+            stop_at = self._dispatch(assignments, keys, todo, fidelity, phase, results)
+            if stop_at is not None and stop_at < cut:
+                cut, reason = stop_at, f"time limit {self.time_limit:.0f} s reached"
+        ran = set(todo)
+        for i in range(cut):  # bookkeeping in candidate order, independent of completion order
+            res = results[i] if i in ran else cached.get(i, results[first[keys[i]]])
+            if res is None:  # cannot happen: every item before the cut finished
+                raise RuntimeError(f"trial {i} of a batch did not finish")
+            results[i] = res
+            if keys[i] not in self.run_keys:
+                self.run_keys.append(keys[i])
             self.n_evals += 1
-            self.progress.trial(phase, old["result"], cached=True)
-            return old["result"]
-        self._check_limits()
-        self.progress.running(phase, a, fidelity)
-        res = self.evaluator.evaluate(a, fidelity)
-        self.n_evals += 1
-        self.n_run += 1
-        self.eval_seconds += res.seconds
-        self.store.put({
-            "key": key, "assignment": a, "fidelity": fidelity, "phase": phase, "result": res,
-            "predicted_memory": self.memory_eval.predict(a).to_dict(), "seed": self.seed,
-            "extra": {"generation": self.generations, "budget_bytes": self.budget_bytes},
-        })
-        self.progress.trial(phase, res, cached=False)
-        return res
+            if i not in ran:
+                self.progress.trial(phase, res, cached=True)
+        if reason is not None:
+            raise LimitReached(reason, results=results[:cut] + [None] * (len(assignments) - cut))
+        return results  # type: ignore[return-value]
+
+    def _dispatch(self, assignments: list[Assignment], keys: list[str], todo: list[int], fidelity: Fidelity,
+                  phase: str, results: list[EvalResult | None]) -> int | None:
+        """Run ``todo`` on the executor, storing each result as it finishes; returns the batch index
+        of the first item the time limit kept from starting (None when all ran)."""
+        stopped: list[int] = []
+
+        def may_start(j: int) -> bool:
+            if self.time_limit is not None and time.perf_counter() - self.t0 >= self.time_limit:
+                stopped.append(todo[j])
+                return False
+            self.progress.running(phase, assignments[todo[j]], fidelity)
+            return True
+
+        it = iter(self.executor.submit_batch([(assignments[i], fidelity) for i in todo], may_start))
+        while True:
+            t = time.perf_counter()
+            try:
+                done = next(it)
+            except StopIteration:
+                break
+            finally:  # time blocked on the executor counts as evaluation time (meaningful with workers)
+                self.eval_seconds += time.perf_counter() - t
+            i, res = todo[done.index], done.result
+            results[i] = res
+            self.n_run += 1
+            self.trial_seconds += res.seconds
+            self.store.put({
+                "key": keys[i], "assignment": assignments[i], "fidelity": fidelity, "phase": phase, "result": res,
+                "predicted_memory": self.memory_eval.predict(assignments[i]).to_dict(), "seed": self.seed,
+                "extra": {"generation": self.generations, "budget_bytes": self.budget_bytes, "worker": done.worker},
+            })
+            self.progress.trial(phase, res, cached=False)
+        return stopped[0] if stopped else None
 
     def trials(self) -> list[dict]:
-        """This run's trials in evaluation order (read back from the store).
+        """This run's trials in candidate order (read back from the store), whatever order workers finished in.
 
         Only this run's own trials count, never others a shared store holds: that keeps a
         re-run's decisions identical to the first run's, which is what makes resume exact.
@@ -138,22 +217,30 @@ class AutoQRA:
     def baselines(self) -> dict[str, str]:
         """Evaluate uniform bits at the largest feasible rank (each quantized ladder bits) and the
         16-bit reference; returns ``{name: trial key}``."""
-        out = self.baseline_keys  # filled as they finish, so a limit mid-way keeps the finished ones
+        out = self.baseline_keys  # filled with the finished ones, so a limit mid-way keeps them
+        named: list[tuple[str, Assignment]] = []
         ranks = [r for r in self.space.ranks if r > 0] or list(self.space.ranks)
         for b in [b for b in self.space.bits if b != UNQUANTIZED_BITS]:
             feas = [r for r in ranks if self.bytes_of(self.space.uniform(b, r)) <= self.budget_bytes]
             if feas:
-                a = self.space.uniform(b, feas[-1])
-                self.evaluate(a, self.high, "baseline")
-                out[f"uniform-{b}bit-r{feas[-1]}"] = self.key_of(a, self.high)
+                named.append((f"uniform-{b}bit-r{feas[-1]}", self.space.uniform(b, feas[-1])))
         # 16-bit reference: at the largest feasible rank when it fits, else unconstrained at rank ≈ 8
         a16 = [Assignment(self.space.unit_names, [UNQUANTIZED_BITS] * self.space.n_units, [r] * self.space.n_units)
                for r in ranks]
         feas16 = [a for a in a16 if self.bytes_of(a) <= self.budget_bytes]
         ref = feas16[-1] if feas16 else min(a16, key=lambda a: (abs(a.ranks[0] - 8), a.ranks[0]))
         tag = "" if feas16 else " (over budget, reference)"
-        self.evaluate(ref, self.high, "baseline")
-        out[f"16bit-r{ref.ranks[0]}{tag}"] = self.key_of(ref, self.high)
+        named.append((f"16bit-r{ref.ranks[0]}{tag}", ref))
+        results: list[EvalResult | None] = []
+        try:
+            results = list(self.evaluate_many([a for _, a in named], self.high, "baseline"))
+        except LimitReached as e:
+            results = e.results
+            raise
+        finally:
+            for (name, a), res in zip(named, results):
+                if res is not None:
+                    out[name] = self.key_of(a, self.high)
         return out
 
     # --------------------------------------------------------------- phase I
@@ -177,7 +264,7 @@ class AutoQRA:
             if not cands:
                 break
             self.progress.phase(f"Phase I · generation {self.generations}", len(cands))
-            lows = [self.evaluate(a, self.low, "phase1") for a in cands]
+            lows = self.evaluate_many(cands, self.low, "phase1")
             # surrogate ranks the candidates by predicted high-fidelity score; top-k are promoted
             recs = [PairRecord(a, r.score if r.ok else -1e9, self.bytes_of(a)) for a, r in zip(cands, lows)]
             order = self.surrogate.rank(recs) if any(r.ok for r in lows) else np.arange(len(cands))
@@ -185,8 +272,8 @@ class AutoQRA:
             if self.use_surrogate:  # the ablation without surrogate promotes every successful offspring
                 promoted = promoted[: self.promote_k]
             best = list(lows)
-            for i in promoted:
-                hi = self.evaluate(cands[i], self.high, "phase1")
+            his = self.evaluate_many([cands[i] for i in promoted], self.high, "phase1") if promoted else []
+            for i, hi in zip(promoted, his):
                 best[i] = hi
                 if hi.ok and lows[i].ok:
                     pairs.append(PairRecord(cands[i], lows[i].score, recs[i].bytes, hi.score))
@@ -213,17 +300,21 @@ class AutoQRA:
         if len(warm) < 2:
             self.stop_reasons["phase2"] = f"skipped: {len(warm)} feasible high-fidelity trials (needs 2)"
             return
-        searcher = get_searcher(self.phase2_spec, self.ctx, alpha=self.alpha) if isinstance(self.phase2_spec, str) \
-            else get_searcher(self.phase2_spec, self.ctx)
+        q = self.phase2_batch  # q points per ask (batch acquisition), evaluated concurrently
+        searcher = get_searcher(self.phase2_spec, self.ctx, alpha=self.alpha, batch_size=q) \
+            if isinstance(self.phase2_spec, str) else get_searcher(self.phase2_spec, self.ctx)
         searcher.tell([t["assignment"] for t in warm], [t["result"] for t in warm])
-        for it in range(self.phase2_iterations):
+        n_done, it = 0, 0  # phase2_iterations caps evaluations
+        while n_done < self.phase2_iterations:
             if searcher.done:
                 break
-            cands = searcher.ask(1)
+            cands = searcher.ask(min(q, self.phase2_iterations - n_done))
             if not cands:
                 break
-            self.progress.phase(f"Phase II · iteration {it + 1}", len(cands))
-            searcher.tell(cands, [self.evaluate(a, self.high, "phase2") for a in cands])
+            it += 1
+            self.progress.phase(f"Phase II · iteration {it}", len(cands))
+            searcher.tell(cands, self.evaluate_many(cands, self.high, "phase2"))
+            n_done += len(cands)
         self.stop_reasons["phase2"] = "searcher done (EI saturation / region collapse)" if searcher.done \
             else "iteration limit"
         self.phase2_history = getattr(searcher, "history", [])
@@ -263,6 +354,7 @@ class AutoQRA:
             "best_utility_key": (self.choose(self.alpha) or {}).get("key"), "front": self.front(), "stopped": stopped,
             "stop_reasons": self.stop_reasons, "hv_history": self.hv_history, "wall_seconds": wall,
             "eval_seconds": self.eval_seconds, "n_evals": self.n_evals, "n_run": self.n_run,
+            "trial_seconds": self.trial_seconds, "executor": self.executor.describe(), "phase2_batch": self.phase2_batch,
             "overhead_fraction": (max(0.0, wall - self.eval_seconds) / wall) if wall > 0 and self.n_run else math.nan,
             "surrogate": getattr(self, "surrogate_report", {}), "phase2_history": getattr(self, "phase2_history", []),
         }

@@ -46,6 +46,10 @@ def test_optimize_from_yaml_config(tmp_path, capsys):
     res = load_result(out_dir)
     assert res.config["phase2"] is None and {t.phase for t in res.history} == {"baseline", "phase1"}
     assert res.info["stop_reasons"]["phase2"] == "skipped"
+    assert res.info["model_source"] == "tiny"
+    report = out_dir / "report" / "report.html"  # written by default, path printed
+    assert report.is_file() and str(report) in text.replace("\n", "")
+    assert (out_dir / "report" / "pareto.png").stat().st_size > 1000
 
 
 def test_optimize_bad_config_is_refused(tmp_path, capsys):

@@ -132,6 +132,7 @@ def test_without_surrogate_every_ok_offspring_is_promoted(tiny, run):
     res, path, _ = run
     abl = autoqra.optimize(tiny, "4bit", store=path, seed=0, phase2=None, use_surrogate=False, **FAST)
     p1 = [t for t in abl.history if t.phase == "phase1"]
+    assert abl.info["stop_reasons"]["phase2"] == "skipped" and not [t for t in abl.history if t.phase == "phase2"]
     lows = {t.assignment for t in p1 if t.fidelity.name == "low" and t.result.ok}
     highs = {t.assignment for t in p1 if t.fidelity.name == "high"}
     assert lows and lows <= highs | {t.assignment for t in abl.history if t.phase == "baseline"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -66,29 +65,29 @@ def fit_gp(X: np.ndarray, Y: np.ndarray, seed: int) -> tuple[Any, np.ndarray]:
 
 
 def select(model: Any, F: np.ndarray, best_f: float, n: int, seed: int) -> tuple[list[int], float]:
-    """Pick ``n`` rows of candidate features ``F`` by (q)LogEI; returns (row indices, max analytic EI).
+    """Pick ``n`` distinct rows of candidate features ``F`` by (q)LogEI; returns (row indices, max analytic EI).
 
-    ``n == 1``: argmax of analytic LogEI. ``n > 1``: greedy sequential qLogEI with the chosen
-    rows as pending points (what ``optimize_acqf_discrete`` does), seeded QMC sampler.
+    ``n == 1``: argmax of analytic LogEI. ``n > 1``: BoTorch's sequential-greedy discrete batch
+    selection (``optimize_acqf_discrete``: each pick is added to ``X_pending`` of a qLogEI with a
+    seeded QMC sampler, picked rows are removed from the choices).
     """
     import torch
     from botorch.acquisition.analytic import LogExpectedImprovement
     from botorch.acquisition.logei import qLogExpectedImprovement
+    from botorch.optim import optimize_acqf_discrete
     from botorch.sampling import SobolQMCNormalSampler
 
-    Ft = torch.as_tensor(F, dtype=torch.float64).unsqueeze(1)
+    Ft = torch.as_tensor(F, dtype=torch.float64)
     with torch.no_grad(), _torch_quiet(seed):
-        log_ei = LogExpectedImprovement(model, best_f=best_f)(Ft)
+        log_ei = LogExpectedImprovement(model, best_f=best_f)(Ft.unsqueeze(1))
         max_ei = float(log_ei.max().exp())
         if n == 1 or len(F) <= n:
             return torch.argsort(log_ei, descending=True)[:n].tolist(), max_ei
-        chosen: list[int] = []
-        for _ in range(n):
-            pending = Ft[chosen, 0] if chosen else None
-            sampler = SobolQMCNormalSampler(sample_shape=torch.Size([256]), seed=seed)
-            vals = qLogExpectedImprovement(model, best_f=best_f, sampler=sampler, X_pending=pending)(Ft)
-            vals[chosen] = -math.inf
-            chosen.append(int(vals.argmax()))
+        sampler = SobolQMCNormalSampler(sample_shape=torch.Size([256]), seed=seed)
+        acq = qLogExpectedImprovement(model, best_f=best_f, sampler=sampler)
+        picked, _ = optimize_acqf_discrete(acq, q=n, choices=Ft, unique=True)
+    rows = {tuple(r): i for i, r in reversed(list(enumerate(Ft.tolist())))}  # first index of each row
+    chosen = list(dict.fromkeys(rows[tuple(r)] for r in picked.tolist()))
     return chosen, max_ei
 
 

@@ -1,0 +1,69 @@
+r"""Search-efficiency curve of the benchmark: best feasible high-fidelity score vs evaluations and vs steps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from autoqra._bench_table import curve
+
+#: id -> (label, colour, line style, width); AutoQRA wide underneath so the shared baseline prefix stays visible
+_STYLE = {"autoqra": ("AutoQRA", "#1f77b4", "-", 4.0), "nsga2": ("plain NSGA-II", "#ff7f0e", "--", 1.8),
+          "random": ("random search", "#2ca02c", "-.", 1.8)}
+
+
+def curve_figure(rep: dict[str, Any]):
+    """A matplotlib ``Figure`` with two panels (x = evaluations, x = cumulative training steps)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.4), dpi=110, layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    rows = {r["id"]: r for r in rep["rows"] if r.get("search")}
+    finite: list[float] = []
+    budget = rep["budgets"]["4bit"]
+    for rid, (label, color, ls, lw) in _STYLE.items():
+        r = rows.get(rid)
+        if r is None:
+            continue
+        recs = r["search"]["records"]
+        ev, st, best = curve(recs, budget)
+        ys = [b if math.isfinite(b) else math.nan for b in best]
+        finite += [y for y in ys if math.isfinite(y)]
+        hi = [(i, s, t["score"]) for i, s, t in zip(ev, st, recs)
+              if t["fidelity"] == "high" and t["ok"] and t["model_bytes"] <= budget]
+        for ax, xs, k in ((axes[0], ev, 0), (axes[1], st, 1)):
+            ax.step(xs, ys, where="post", color=color, ls=ls, lw=lw, alpha=0.85 if lw > 2 else 1.0,
+                    label=f"{label} ({len(recs)} evals)")
+            ax.scatter([h[k] for h in hi], [h[2] for h in hi], s=16, color=color, alpha=0.45, zorder=3)
+    base = next((r for r in rep["rows"] if r["id"] == "autoqra" and r.get("search")), None)
+    if base is not None:  # the uniform-4-bit r8 point at search fidelity (AutoQRA's own baseline trial)
+        u = [t["score"] for t in base["search"]["records"]
+             if t["phase"] == "baseline" and t["ok"] and t["model_bytes"] == budget]
+        if u:
+            for ax in axes:
+                ax.axhline(u[0], color="grey", ls="--", lw=1)
+            axes[0].annotate("uniform 4-bit r8 (search fidelity)", (1, u[0]), xytext=(2, 4),
+                             textcoords="offset points", fontsize=8, color="dimgrey")
+    if finite:
+        top = max(finite)
+        lo = sorted(finite)[len(finite) // 10]  # ignore the worst decile (e.g. a 2-bit first point)
+        pad = max(0.05 * (top - lo), 1e-3)
+        axes[0].set_ylim(lo - pad, top + 2 * pad)
+    axes[0].set_xlabel("evaluations (all fidelities, baselines included)")
+    axes[1].set_xlabel("cumulative LoRA training steps (cost-aware)")
+    axes[0].set_ylabel("best feasible high-fidelity score (−val. loss)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=9)
+    fig.suptitle(f"Search efficiency at B4 = {budget / 1e6:.2f} MB — {rep['model']} (preset {rep['preset']}); "
+                 "dots: each feasible high-fidelity trial", fontsize=10)
+    return fig
+
+
+def write_curve(rep: dict[str, Any], path: str | Path) -> Path:
+    """Write the search-efficiency PNG to ``path``."""
+    path = Path(path)
+    fig = curve_figure(rep)
+    fig.savefig(path)
+    return path

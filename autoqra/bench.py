@@ -1,0 +1,304 @@
+r"""Benchmark harness: AutoQRA against the baselines users would pick instead, at the same budget.
+
+Rows (:data:`ROWS`): 16-bit LoRA, uniform HQQ / bnb-nf4 QLoRA-style points, random search with
+AutoQRA's number of high-fidelity evaluations, the ablations (no priors, no surrogate, no Phase II),
+plain NSGA-II, and AutoQRA at the uniform-4-bit budget and half-way between the 3- and 4-bit
+footprints. Every row's chosen assignment gets the **same final training recipe**: a
+:class:`FinetuneEvaluator` on the same model, data and :class:`TrainSpec`, ``final_steps`` optimizer
+steps, scored on the held-out *test* split, once per seed of the preset.
+
+Everything is resumable: searches share one trial store (``<work>/search.db``; same seed and
+evaluator, so baselines and common prefixes are read back, not re-run) and final trainings live in
+``<work>/final.db`` keyed by :func:`autoqra.store.trial_key`, so identical (assignment, backend,
+seed) trainings are computed once and a killed benchmark re-runs nothing that finished.
+Markdown/JSON are rewritten after every row; see :mod:`autoqra._bench_table` and
+:mod:`autoqra._bench_plot`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sqlite3
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from autoqra.config import TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class BenchPreset:
+    """One benchmark configuration (model, search preset, final-training recipe, seeds)."""
+
+    name: str
+    model: str  # autoqra.models.load_model name
+    search_preset: str  # OptimizeConfig preset of every search
+    train: TrainSpec
+    final_steps: int
+    final_eval_blocks: int | None  # test-split blocks scored after final training (None = all)
+    seeds: tuple[int, ...]  # final-training seeds (searches use search_seed)
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    ranks: tuple[int, ...] = (0, 4, 8, 16)
+    search_seed: int = 0
+    search_options: dict = attrs.Factory(dict)  # extra OptimizeConfig fields of every search
+    seed_store: str | None = None  # an existing search store copied in when ours does not exist yet
+    threads: int | None = None  # torch threads during the benchmark (None = leave as is)
+
+
+BENCH_PRESETS: dict[str, BenchPreset] = {
+    # tiny random Llama, seconds per evaluation: checks the harness (tests/test_bench.py)
+    "quick": BenchPreset("quick", "tiny", "tiny", TrainSpec(batch_size=2, seq_len=32, lr=2e-3), final_steps=8,
+                         final_eval_blocks=8, seeds=(0, 1), search_options={"max_generations": 1}, threads=1),
+    # SmolLM2 + the embedded pydoc task; the AutoQRA-4bit search equals `make demo` (its store is reused)
+    "full": BenchPreset("full", "default", "demo", TrainSpec(), final_steps=20, final_eval_blocks=64, seeds=(0, 1),
+                        seed_store="runs/demo/trials.db"),
+}
+
+
+@attrs.frozen
+class RowSpec:
+    """One benchmark row. ``kind``: ``"uniform"`` (fixed assignment), ``"search"`` (autoqra.optimize with
+    ``options``) or ``"random"`` (random search with AutoQRA's number of high-fidelity evaluations)."""
+
+    id: str
+    label: str
+    kind: str
+    backend: str = "hqq"
+    bits: int = 0
+    rank: int = 0
+    budget: str = "4bit"  # "4bit" | "mid"
+    options: dict = attrs.Factory(dict)
+    match_evals: bool = False  # max_trials = the AutoQRA run's number of evaluations
+
+
+_NO_PRIORS, _NO_SURR, _NO_P2 = {"importance_blocks": 0}, {"use_surrogate": False}, {"phase2": None}
+ROWS: tuple[RowSpec, ...] = (
+    RowSpec("lora16-r8", "16-bit LoRA r8", "uniform", bits=16, rank=8),
+    RowSpec("lora16-r16", "16-bit LoRA r16", "uniform", bits=16, rank=16),
+    RowSpec("hqq8-r8", "uniform 8-bit HQQ r8", "uniform", bits=8, rank=8),
+    RowSpec("hqq4-r8", "uniform 4-bit HQQ r8", "uniform", bits=4, rank=8),
+    RowSpec("hqq4-r16", "uniform 4-bit HQQ r16", "uniform", bits=4, rank=16),
+    RowSpec("nf4-r8", "uniform 4-bit bnb nf4 r8", "uniform", backend="bnb", bits=4, rank=8),
+    RowSpec("nf4-r16", "uniform 4-bit bnb nf4 r16", "uniform", backend="bnb", bits=4, rank=16),
+    RowSpec("hqq3-r8", "uniform 3-bit HQQ r8", "uniform", bits=3, rank=8),
+    RowSpec("autoqra", "AutoQRA (≤ B4)", "search"),
+    RowSpec("autoqra-mid", "AutoQRA (≤ Bmid)", "search", budget="mid"),
+    RowSpec("random", "random search (≤ B4)", "random"),
+    RowSpec("no-priors", "ablation: no priors (≤ B4)", "search", options=_NO_PRIORS),
+    RowSpec("no-surrogate", "ablation: no surrogate (≤ B4)", "search", options=_NO_SURR, match_evals=True),
+    RowSpec("no-phase2", "ablation: no Phase II (≤ B4)", "search", options=_NO_P2),
+    RowSpec("nsga2", "plain NSGA-II (≤ B4)", "search", options={**_NO_PRIORS, **_NO_SURR, **_NO_P2}, match_evals=True),
+)
+
+
+def copy_store(src: Path, dst: Path) -> bool:
+    """Copy a SQLite trial store (WAL-safe, via the backup API) when ``dst`` does not exist yet."""
+    if dst.exists() or not src.is_file():
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(f"file:{src}?mode=ro", uri=True)) as s, \
+            contextlib.closing(sqlite3.connect(tmp)) as d:
+        s.backup(d)
+    shutil.move(tmp, dst)
+    return True
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    import torch
+
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class Bench:
+    """Runs the rows of one preset; :meth:`run` returns the JSON-able report (also written to ``out``)."""
+
+    def __init__(self, preset: str | BenchPreset, out: str | Path = "benchmarks/results",
+                 work: str | Path | None = None, seeds: int | None = None, progress: bool = False,
+                 rows: tuple[RowSpec, ...] = ROWS, threads: int | None = None) -> None:
+        self.p = BENCH_PRESETS[preset] if isinstance(preset, str) else preset
+        if threads is not None:
+            self.p = attrs.evolve(self.p, threads=threads)
+        if seeds is not None:
+            if seeds < 1:
+                raise ValueError(f"seeds={seeds!r} is not allowed; it must be >= 1")
+            self.p = attrs.evolve(self.p, seeds=tuple(range(seeds)))
+        self.out = Path(out)
+        self.work = Path(work) if work is not None else Path("benchmarks/runs") / self.p.name
+        self.progress, self.rows = progress, rows
+        self.name = f"compare_{self.p.name}"
+        self.searches: dict[str, Any] = {}
+        self.report: dict[str, Any] = {}
+        self.final_owner: dict[str, str] = {}
+        self.n_run = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from autoqra.evaluators.data import ByteTokenizer, build_task_data
+        from autoqra.memory import MemoryModel
+        from autoqra.models import load_model
+        from autoqra.quant_backends import get_backend
+        from autoqra.space import SearchSpace
+        from autoqra.store import TrialStore, model_fingerprint
+
+        p = self.p
+        if p.seed_store and copy_store(Path(p.seed_store), self.work / "search.db"):
+            log.info("copied the search store %s into %s", p.seed_store, self.work / "search.db")
+        self.model, self.tok = load_model(p.model)
+        self.fp = model_fingerprint(self.model)
+        tok = self.tok or ByteTokenizer(self.model.config.vocab_size)
+        self.data = build_task_data("pydoc", tok, block_size=p.train.seq_len, seed=p.search_seed)
+        self.space = SearchSpace.from_model(self.model, p.bits, p.ranks, "block")
+        self.backends = {"hqq": get_backend("hqq"), "bnb": get_backend("bnb")}
+        self.spaces = {"hqq": attrs.evolve(self.space, bits=tuple(sorted({*p.bits, 16}))),
+                       "bnb": attrs.evolve(self.space, bits=(4, 8, 16))}
+        self.memory = {k: MemoryModel(self.model, s, self.backends[k], train=p.train) for k, s in self.spaces.items()}
+        mm = self.memory["hqq"]
+        b3, b4 = (mm.predict(self.space.uniform(b, 8)).model_bytes for b in (3, 4))
+        self.budgets = {"4bit": b4, "mid": (b3 + b4) // 2}
+        self.search_store = TrialStore(self.work / "search.db")
+        self.final_store = TrialStore(self.work / "final.db")
+        self.evaluators: dict[tuple, Any] = {}
+
+    def close(self) -> None:
+        for st in (getattr(self, "search_store", None), getattr(self, "final_store", None)):
+            if st is not None:
+                st.close()
+
+    # ----------------------------------------------------------------- search
+    def search_config(self, row: RowSpec) -> dict[str, Any]:
+        """OptimizeConfig fields of a search row (passed as ``config=`` so ``phase2=None`` survives)."""
+        p = self.p
+        cfg = {"preset": p.search_preset, "bits": list(p.bits), "ranks": list(p.ranks), "train": p.train.to_dict(),
+               "backend": "hqq", "seed": p.search_seed, **p.search_options, **row.options}
+        if row.match_evals:
+            cfg["max_trials"] = int(self.search("autoqra").info["n_evals"])
+        return cfg
+
+    def search(self, row_id: str):
+        """The :class:`Result` of a search row (run, or read back from the store)."""
+        if row_id not in self.searches:
+            from autoqra._api import optimize
+
+            row = {r.id: r for r in (*ROWS, *self.rows)}[row_id]
+            log.info("search %s: budget %s bytes", row.label, f"{self.budgets[row.budget]:,}")
+            self.searches[row_id] = optimize(self.model, self.budgets[row.budget], tokenizer=self.tok,
+                                             store=self.search_store, progress=self.progress,
+                                             config=self.search_config(row))
+            self.n_run += int(self.searches[row_id].info.get("n_run", 0))
+        return self.searches[row_id]
+
+    def search_summary(self, res) -> dict[str, Any]:
+        """Evaluations per fidelity, standalone search wall time and overhead of one search."""
+        from autoqra._bench_search import search_summary
+
+        return search_summary(res)
+
+    def random_search(self):
+        """See :func:`autoqra._bench_search.random_search`."""
+        from autoqra._bench_search import random_search
+
+        best, summary, n_run = random_search(self)
+        self.n_run += n_run
+        return best, summary
+
+    # ------------------------------------------------------------ final runs
+    def final_evaluator(self, backend: str, seed: int):
+        from autoqra.evaluators.finetune import FinetuneEvaluator
+
+        if (backend, seed) not in self.evaluators:
+            self.evaluators[backend, seed] = FinetuneEvaluator(
+                self.model, self.spaces[backend], self.backends[backend], data=self.data, tokenizer=self.tok,
+                train=self.p.train, eval_split="test", eval_blocks=self.p.final_eval_blocks, seed=seed)
+        return self.evaluators[backend, seed]
+
+    def final(self, row: RowSpec, a, backend: str, seed: int) -> dict[str, Any]:
+        """Final training of ``a`` at ``seed`` (read back from the final store when already done)."""
+        from autoqra.evaluators.base import Fidelity
+        from autoqra.store import trial_key
+
+        ev = self.final_evaluator(backend, seed)
+        fid = Fidelity(self.p.final_steps, "final")
+        key = trial_key(a, fid, ev.spec(), ev.backend.spec(), self.fp)
+        t = self.final_store.get(key)
+        if t is None:
+            log.info("final training %s seed %d (%d steps)", row.label, seed, fid.steps)
+            res = ev.evaluate(a, fid)
+            self.n_run += 1
+            self.final_store.put({"key": key, "assignment": a, "fidelity": fid, "phase": "final", "result": res,
+                                  "predicted_memory": self.memory[backend].predict(a).to_dict(), "seed": seed,
+                                  "extra": {"row": row.id, "backend": backend}})
+            t = self.final_store.get(key)
+        owner = self.final_owner.setdefault(key, row.id)
+        r = t["result"]
+        log.info("  %s seed %d: %s test loss %.4f (%.0f s%s)", row.label, seed, r.status, -r.score, r.seconds,
+                 "" if owner == row.id else f", shared with {owner}")
+        return {"seed": seed, "key": key, "status": r.status, "score": r.score if r.ok else None,
+                "metrics": r.metrics, "memory": r.memory, "seconds": r.seconds,
+                "shared_with": None if owner == row.id else owner}
+
+    # -------------------------------------------------------------------- run
+    def row_point(self, row: RowSpec):
+        """``(assignment, backend, search summary)`` of a row (searches run here)."""
+        if row.kind == "uniform":
+            space = self.spaces[row.backend]
+            return space.uniform(row.bits, row.rank), row.backend, None
+        if row.kind == "random":
+            best, summary = self.random_search()
+            return (best.assignment if best else None), "hqq", summary
+        res = self.search(row.id)
+        return (res.best.assignment if res.best else None), "hqq", self.search_summary(res)
+
+    def run(self) -> dict[str, Any]:
+        from autoqra._bench_table import build_report, write_outputs
+
+        t0 = time.perf_counter()
+        self.setup()
+        rows: dict[str, dict[str, Any]] = {}
+        points: dict[str, tuple] = {}
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        try:
+            with _threads(self.p.threads):
+                for i, seed in enumerate(self.p.seeds):
+                    for row in self.rows:
+                        if i == 0:
+                            log.info("row %s", row.label)
+                            points[row.id] = self.row_point(row)
+                            a, backend, summary = points[row.id]
+                            rows[row.id] = {"id": row.id, "label": row.label, "kind": row.kind, "backend": backend,
+                                            "budget": row.budget, "options": row.options, "search": summary,
+                                            "assignment": a.to_dict() if a else None, "finals": [],
+                                            "memory_predicted": self.memory[backend].predict(a).to_dict() if a else None}
+                        a, backend, _ = points[row.id]
+                        if a is not None:
+                            rows[row.id]["finals"].append(self.final(row, a, backend, seed))
+                        self.report = build_report(self, rows, started, time.perf_counter() - t0, partial=True)
+                        write_outputs(self.report, self.out, self.name, plot=False)
+            self.report = build_report(self, rows, started, time.perf_counter() - t0, partial=False)
+            write_outputs(self.report, self.out, self.name, plot=True)
+        finally:
+            self.close()
+        return self.report
+
+
+def run_bench(preset: str = "quick", out: str | Path = "benchmarks/results", work: str | Path | None = None,
+              seeds: int | None = None, progress: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the benchmark of ``preset``; writes ``<out>/compare_<preset>.{md,json,png}``."""
+    if preset not in BENCH_PRESETS:
+        raise ValueError(f"preset={preset!r} is not allowed; choose one of {list(BENCH_PRESETS)}")
+    return Bench(preset, out=out, work=work, seeds=seeds, progress=progress, threads=threads).run()

@@ -1,0 +1,99 @@
+"""The benchmark harness (`autoqra bench --preset quick`): every row present and complete, budgets held, resumable."""
+
+import json
+import math
+import time
+
+import pytest
+
+from autoqra._bench_table import curve, findings
+from autoqra.bench import BENCH_PRESETS, ROWS, run_bench
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("bench-out"), tmp_path_factory.mktemp("bench-work")
+    t0 = time.perf_counter()
+    rep = run_bench("quick", out=out, work=work)
+    return rep, out, work, time.perf_counter() - t0
+
+
+def test_every_row_is_complete(quick):
+    rep, _, _, seconds = quick
+    assert seconds < 240
+    assert not rep["partial"]
+    assert [r["id"] for r in rep["rows"]] == [r.id for r in ROWS]
+    seeds = BENCH_PRESETS["quick"].seeds
+    for r in rep["rows"]:
+        assert r["assignment"] is not None, r["id"]
+        assert r["n_seeds"] == len(seeds) >= 2, r["id"]
+        assert all(math.isfinite(x) for x in r["losses"]) and r["loss_sd"] is not None
+        assert r["model_bytes_predicted"] == r["model_bytes_measured"] > 0  # exact memory model
+        assert r["train_bytes_predicted"] > 0 and r["train_bytes_measured"] > 0
+        if r["kind"] == "uniform":
+            assert r["search"] is None
+            continue
+        s = r["search"]
+        assert s["evals"].get("high", 0) > 0 and math.isfinite(s["overhead_fraction"])
+        assert 0 <= s["overhead_fraction"] < 1 and s["search_seconds"] > 0
+        if r["kind"] == "search":
+            assert s["evals"].get("low", 0) > 0
+
+
+def test_budgets_held_and_counts_matched(quick):
+    rep, _, _, _ = quick
+    rows = {r["id"]: r for r in rep["rows"]}
+    b = rep["budgets"]
+    assert b["mid"] < b["4bit"]
+    assert rows["hqq4-r8"]["model_bytes_predicted"] == b["4bit"]
+    for rid, key in (("autoqra", "4bit"), ("autoqra-mid", "mid"), ("random", "4bit"), ("no-priors", "4bit"),
+                     ("no-surrogate", "4bit"), ("no-phase2", "4bit"), ("nsga2", "4bit")):
+        assert rows[rid]["model_bytes_measured"] <= b[key], rid
+        assert rows[rid]["search"]["budget_bytes"] == b[key]
+    auto = rows["autoqra"]["search"]
+    n_auto = sum(auto["evals"].values())
+    assert sum(rows["no-surrogate"]["search"]["evals"].values()) <= n_auto
+    assert sum(rows["nsga2"]["search"]["evals"].values()) <= n_auto
+    searched_high = sum(t["fidelity"] == "high" and t["phase"] in ("phase1", "phase2") for t in auto["records"])
+    assert rows["random"]["search"]["evals"] == {"high": searched_high}
+    assert "phase2" not in {t["phase"] for t in rows["no-phase2"]["search"]["records"]}
+    assert "phase2" in {t["phase"] for t in auto["records"]}
+
+
+def test_outputs_written(quick):
+    rep, out, _, _ = quick
+    md = (out / "compare_quick.md").read_text()
+    for r in ROWS:
+        assert f"| {r.label} |" in md
+    assert "## Findings" in md and all(f in md for f in rep["findings"])
+    back = json.loads((out / "compare_quick.json").read_text())
+    assert back["format"] == "autoqra.bench/1" and len(back["rows"]) == len(ROWS)
+    png = (out / "compare_quick.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_rerun_reads_everything_back(quick):
+    rep, out, work, _ = quick
+    again = run_bench("quick", out=out, work=work)
+    assert again["n_run"] == 0
+    assert [r["losses"] for r in again["rows"]] == [r["losses"] for r in rep["rows"]]
+
+
+def test_curve_and_findings_follow_the_numbers():
+    recs = [{"fidelity": "high", "ok": True, "score": -3.0, "model_bytes": 10, "steps": 10},
+            {"fidelity": "low", "ok": True, "score": -1.0, "model_bytes": 10, "steps": 3},
+            {"fidelity": "high", "ok": True, "score": -2.0, "model_bytes": 99, "steps": 10},
+            {"fidelity": "high", "ok": True, "score": -2.5, "model_bytes": 10, "steps": 10}]
+    assert curve(recs, 50) == ([1, 2, 3, 4], [10, 13, 23, 33], [-3.0, -3.0, -3.0, -2.5])
+    a = {"bits": [4, 4], "ranks": [8, 8]}
+    row = dict(kind="uniform", backend="hqq", search=None, assignment=a, loss_sd=0.01, model_bytes_predicted=100)
+    rep = {"budgets": {"4bit": 100, "mid": 90}, "rows": [
+        {**row, "id": "hqq4-r8", "label": "u4", "loss_mean": 3.0},
+        {**row, "id": "autoqra", "label": "AQ", "kind": "search", "loss_mean": 2.5,
+         "assignment": {"bits": [8, 2], "ranks": [8, 8]}}]}
+    text = " ".join(findings(rep))
+    assert "AutoQRA (2.5000) beats it by 0.5000 nats (more than the seed spread" in text
+    rep["rows"][1]["loss_mean"] = 3.2
+    assert "did not beat uniform" in " ".join(findings(rep))
+    rep["rows"][1]["assignment"] = a
+    assert "chose exactly that assignment" in " ".join(findings(rep))
