@@ -116,7 +116,7 @@ def optimize(
     space = SearchSpace.from_model(model, cfg.bits, cfg.ranks, cfg.granularity, cfg.target_modules, backend=be)
     memory = MemoryModel(model, space, be, train=cfg.train)
     budget_bytes = memory.budget_bytes(cfg.budget, target=cfg.target)
-    eval_space = attrs.evolve(space, bits=tuple(sorted(set(space.bits) | {UNQUANTIZED_BITS})))
+    eval_space = space.with_unquantized()
     if ev_obj is None:
         from autoqra.evaluators.data import ByteTokenizer, build_task_data
 

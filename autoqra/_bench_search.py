@@ -52,6 +52,21 @@ def search_summary(res: Any) -> dict[str, Any]:
             "search_score": res.best.score if res.best else None}
 
 
+def stored_evaluation(store: Any, key: str, ev: Any, a: Any, fidelity: Any, phase: str, predicted: dict,
+                      seed: int, extra: dict) -> tuple[dict[str, Any], bool]:
+    """Trial ``key`` from ``store``; evaluated with ``ev`` and stored first when missing.
+
+    Returns ``(stored trial, whether it ran now)``.
+    """
+    t = store.get(key)
+    if t is not None:
+        return t, False
+    res = ev.evaluate(a, fidelity)
+    store.put({"key": key, "assignment": a, "fidelity": fidelity, "phase": phase, "result": res,
+               "predicted_memory": predicted, "seed": seed, "extra": extra})
+    return store.get(key), True
+
+
 def random_search(bench: Any) -> tuple[Any, dict[str, Any], int]:
     """Random search at AutoQRA's 4-bit budget; returns ``(best trial or None, summary, evaluations run)``.
 
@@ -88,16 +103,15 @@ def random_search(bench: Any) -> tuple[Any, dict[str, Any], int]:
     t0, ev_now, n_run, hist = time.perf_counter(), 0.0, 0, []
     for a in cands:
         key = trial_key(a, high, ev.spec(), be.spec(), bench.fp)
-        if not store.has(key):
-            res = ev.evaluate(a, high)
+        t, ran = stored_evaluation(store, key, ev, a, high, "random", bench.memory["hqq"].predict(a).to_dict(),
+                                   bench.p.search_seed, {"budget_bytes": ref.budget_bytes})
+        if ran:
+            res = t["result"]
             ev_now += res.seconds
             n_run += 1
-            store.put({"key": key, "assignment": a, "fidelity": high, "phase": "random", "result": res,
-                       "predicted_memory": bench.memory["hqq"].predict(a).to_dict(), "seed": bench.p.search_seed,
-                       "extra": {"budget_bytes": ref.budget_bytes}})
             log.info("random search %d/%d: %s score %.4f (%.1f s)", len(hist) + 1, n, res.status, res.score,
                      res.seconds)
-        hist.append(Trial.from_store(store.get(key)))
+        hist.append(Trial.from_store(t))
     overhead = max(0.0, time.perf_counter() - t0 - ev_now)
     ok = [t for t in hist if t.result.ok and t.memory.model_bytes <= ref.budget_bytes]
     best = max(ok, key=lambda t: t.score) if ok else None

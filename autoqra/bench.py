@@ -229,21 +229,18 @@ class Bench:
 
     def final(self, row: RowSpec, a, backend: str, seed: int) -> dict[str, Any]:
         """Final training of ``a`` at ``seed`` (read back from the final store when already done)."""
+        from autoqra._bench_search import stored_evaluation
         from autoqra.evaluators.base import Fidelity
         from autoqra.store import trial_key
 
         ev = self.final_evaluator(backend, seed)
         fid = Fidelity(self.p.final_steps, "final")
         key = trial_key(a, fid, ev.spec(), ev.backend.spec(), self.fp)
-        t = self.final_store.get(key)
-        if t is None:
+        if not self.final_store.has(key):
             log.info("final training %s seed %d (%d steps)", row.label, seed, fid.steps)
-            res = ev.evaluate(a, fid)
-            self.n_run += 1
-            self.final_store.put({"key": key, "assignment": a, "fidelity": fid, "phase": "final", "result": res,
-                                  "predicted_memory": self.memory[backend].predict(a).to_dict(), "seed": seed,
-                                  "extra": {"row": row.id, "backend": backend}})
-            t = self.final_store.get(key)
+        t, ran = stored_evaluation(self.final_store, key, ev, a, fid, "final", self.memory[backend].predict(a).to_dict(),
+                                   seed, {"row": row.id, "backend": backend})
+        self.n_run += int(ran)
         owner = self.final_owner.setdefault(key, row.id)
         r = t["result"]
         log.info("  %s seed %d: %s test loss %.4f (%.0f s%s)", row.label, seed, r.status, -r.score, r.seconds,

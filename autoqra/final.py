@@ -250,7 +250,7 @@ def evaluator_for(result: Any, model: nn.Module, tokenizer: Any, seed: int | Non
     """The search's fine-tuning recipe (data, TrainSpec, backend) as an evaluator for final training."""
     from autoqra.config import OptimizeConfig
     from autoqra.evaluators.data import ByteTokenizer, build_task_data
-    from autoqra.quant_backends import UNQUANTIZED_BITS, backend_from_spec, get_backend
+    from autoqra.quant_backends import backend_from_spec, get_backend
 
     cfg = OptimizeConfig.from_dict(result.config)
     spec = result.info.get("backend_spec")
@@ -258,8 +258,7 @@ def evaluator_for(result: Any, model: nn.Module, tokenizer: Any, seed: int | Non
     seed = cfg.seed if seed is None else seed
     tok = tokenizer or ByteTokenizer(model.config.vocab_size)
     data = build_task_data(cfg.data, tok, block_size=cfg.train.seq_len, seed=cfg.seed)
-    space = attrs.evolve(result.space, bits=tuple(sorted(set(result.space.bits) | {UNQUANTIZED_BITS})))
-    return FinetuneEvaluator(model, space, backend, data=data, tokenizer=tokenizer, train=cfg.train,
+    return FinetuneEvaluator(model, result.space.with_unquantized(), backend, data=data, tokenizer=tokenizer, train=cfg.train,
                              eval_blocks=eval_blocks, eval_split=eval_split, seed=seed, track_peak=False)
 
 

@@ -122,8 +122,7 @@ def adaptation_demand(
 
 
 def _with_16(space: SearchSpace, extra_ranks: tuple[int, ...] = ()) -> SearchSpace:
-    return attrs.evolve(space, bits=tuple(sorted(set(space.bits) | {UNQUANTIZED_BITS})),
-                        ranks=tuple(sorted(set(space.ranks) | {0, *extra_ranks})))
+    return attrs.evolve(space.with_unquantized(), ranks=tuple(sorted(set(space.ranks) | {0, *extra_ranks})))
 
 
 def compute_importance(

@@ -177,6 +177,12 @@ class SearchSpace:
                 f"bits={list(self.bits)} ranks={list(self.ranks)}"
             )
 
+    def with_unquantized(self) -> SearchSpace:
+        """This space with bits 16 (unquantized) added to the ladder (evaluators and priors need it)."""
+        from autoqra.quant_backends.base import UNQUANTIZED_BITS
+
+        return attrs.evolve(self, bits=tuple(sorted(set(self.bits) | {UNQUANTIZED_BITS})))
+
     # ------------------------------------------------------------ construction
     def make(self, bits: Sequence[int], ranks: Sequence[int]) -> Assignment:
         a = Assignment(self.unit_names, bits, ranks)
