@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from autoqra.evaluators.base import EvalResult, Fidelity
+from autoqra.fingerprint import model_fingerprint
 from autoqra.space import Assignment
+
+__all__ = ["APP_ID", "SCHEMA_VERSION", "TrialStore", "model_fingerprint", "trial_key"]
 
 APP_ID = 0x41515241  # "AQRA"
 SCHEMA_VERSION = 1
@@ -89,56 +92,6 @@ def trial_key(assignment: Assignment, fidelity: Fidelity, evaluator_spec: dict[s
     except (TypeError, ValueError) as e:
         raise ValueError(f"trial_key needs JSON-able specs with finite numbers: {e}") from e
     return hashlib.sha256(text.encode("ascii")).hexdigest()
-
-
-_INT_VIEW = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
-_VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "_commit_hash", "use_cache", "_attn_implementation_autoset")
-
-
-def model_fingerprint(model: Any, n_edge: int = 3, n_values: int = 64) -> str:
-    """Cheap identity of a model: config + parameter names/shapes/dtypes + a digest of the weights.
-
-    For real (non-meta) tensors: the raw bits of the first/last ``n_values`` elements of the first
-    and last ``n_edge`` parameters, and for *every* parameter the exact integer sum of its bit
-    patterns (order-independent, so identical across thread counts and devices). Meta-device
-    models hash config and shapes only. Volatile config fields (:data:`_VOLATILE_CONFIG`:
-    ``transformers_version``, ``_name_or_path``, ``use_cache``...) are left out. Fingerprint the
-    base model, before quantization/LoRA.
-
-    Returns:
-        Hex SHA-256 string.
-    """
-    import torch
-
-    h = hashlib.sha256()
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "to_json_string"):
-        d = json.loads(cfg.to_json_string(use_diff=False))
-        for k in _VOLATILE_CONFIG:
-            d.pop(k, None)
-        h.update(json.dumps(d, sort_keys=True, default=str).encode())
-    else:
-        h.update(type(model).__name__.encode())
-    params = list(model.named_parameters())
-    edge = {id(p) for _, p in params[:n_edge] + params[-n_edge:]}
-    with torch.no_grad():
-        for name, p in params:
-            h.update(f"|{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            size = p.element_size()
-            if p.is_meta or size not in _INT_VIEW or p.numel() == 0:
-                continue
-            try:
-                bits = p.detach().view(getattr(torch, _INT_VIEW[size]))
-                # numpy sums int8..int32 exactly into int64 without an int64 copy; on GPU torch is fast
-                cpu = bits.device.type == "cpu"
-                total = bits.numpy().sum(dtype="int64") if cpu else bits.sum(dtype=torch.int64)
-                h.update(b":%d" % (int(total) % 2**64))
-                if id(p) in edge:
-                    bits = bits.reshape(-1)
-                    h.update(bits[:n_values].cpu().numpy().tobytes() + bits[-n_values:].cpu().numpy().tobytes())
-            except (RuntimeError, TypeError):  # exotic tensor subclasses: shapes only
-                h.update(b":?")
-    return h.hexdigest()
 
 
 def _diff(prefix: str, old: Any, new: Any) -> list[str]:
