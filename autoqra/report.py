@@ -25,6 +25,7 @@ import attrs
 import numpy as np
 
 from autoqra import _report_plots as plots
+from autoqra._report_layers import layers_figure
 from autoqra.pareto import hypervolume_2d
 from autoqra.result import Result, Trial
 
@@ -196,7 +197,7 @@ def write_report(result: Result, out_dir: str | Path, *, title: str | None = Non
                    "Every evaluated candidate: score against memory. The green steps are the Pareto front "
                    "(best score reachable at each memory); candidates right of the dashed line break the "
                    "budget."),
-        "layers": (_png(plots.layers_figure(result), out / "layers.png"),
+        "layers": (_png(layers_figure(result), out / "layers.png"),
                    "Per-unit bits and LoRA ranks of the chosen point (and of the best-utility trade-off when "
                    "it differs), next to the importance priors measured before the search (I_q: damage from "
                    "quantizing the unit; I_r: how much an adapter there helps)."),

@@ -1,4 +1,4 @@
-r"""GPTQ internals: exact bit packing, the GPTQ solver and the packed :class:`GPTQLinear` module.
+r"""GPTQ internals: the GPTQ solver and the packed :class:`GPTQLinear` module (packing: ``_gptq_pack``).
 
 Storage format (the one GPTQ checkpoints use, zero points stored as-is, i.e. the "v2" zeros):
 
@@ -18,63 +18,13 @@ Dequantization: ``W[o, k] = (q[k, o] - z[g(k), o]) * s[g(k), o]``.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
 
+from autoqra.quant_backends._gptq_pack import n_words, pack_rows, unpack_rows
+
 log = logging.getLogger(__name__)
-
-_MASK32 = 0xFFFFFFFF
-
-
-def n_words(n: int, bits: int) -> int:
-    """Number of int32 words holding ``n`` codes of ``bits`` bits."""
-    return math.ceil(n * bits / 32)
-
-
-def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes ``(n, m)`` in ``[0, 2**bits)`` along dim 0 into int32 ``(n_words(n, bits), m)``."""
-    n, m = codes.shape
-    q = codes.to(torch.int64)
-    pos = torch.arange(n, device=q.device) * bits
-    word, off = pos // 32, pos % 32
-    words = torch.zeros(n_words(n, bits) + 1, m, dtype=torch.int64, device=q.device)
-    # Fields never overlap, so adding equals OR-ing.
-    words.index_add_(0, word, (q << off[:, None]) & _MASK32)
-    spill = off + bits > 32
-    if bool(spill.any()):
-        words.index_add_(0, word[spill] + 1, q[spill] >> (32 - off[spill])[:, None])
-    words = words[:-1]
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
-
-
-def unpack_rows(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_rows`: int32 ``(words, m)`` -> int32 codes ``(n, m)``."""
-    mask = (1 << bits) - 1
-    if 32 % bits == 0:  # fast path: whole codes per word, int32 shifts (sign bits are masked away)
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
-        q = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask
-        return q.reshape(-1, packed.shape[1])[:n]
-    if bits == 3 and n % 32 == 0:
-        return _unpack3(packed, n)
-    pos = torch.arange(n, device=packed.device) * bits
-    word, off = pos // 32, pos % 32
-    u = packed.to(torch.int64) & _MASK32
-    nxt = (word + 1).clamp(max=packed.shape[0] - 1)
-    both = u[word] | (u[nxt] << 32)
-    return ((both >> off[:, None]) & mask).to(torch.int32)
-
-
-def _unpack3(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """3-bit fast path: every 3 words hold 32 codes; codes 10 and 21 straddle a word boundary."""
-    w = packed.view(n // 32, 3, -1)
-    w0, w1, w2 = w[:, 0:1], w[:, 1:2], w[:, 2:3]
-    s = torch.arange(0, 30, 3, dtype=torch.int32, device=packed.device).view(1, -1, 1)
-    c10 = ((w0 >> 30) & 3) | ((w1 & 1) << 2)
-    c21 = ((w1 >> 31) & 1) | ((w2 & 3) << 1)
-    parts = [(w0 >> s) & 7, c10, (w1 >> (s + 1)) & 7, c21, (w2 >> (s + 2)) & 7]
-    return torch.cat(parts, 1).reshape(n, -1)
 
 
 def grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:

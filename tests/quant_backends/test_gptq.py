@@ -12,7 +12,8 @@ from torch import nn
 
 from autoqra.models import tiny_llama
 from autoqra.quant_backends import get_backend
-from autoqra.quant_backends._gptq_layer import grid, pack_rows, unpack_rows
+from autoqra.quant_backends._gptq_layer import grid
+from autoqra.quant_backends._gptq_pack import pack_rows, unpack_rows
 from autoqra.quant_backends.gptq import GPTQBackend, GPTQLinear
 
 BITS = (2, 3, 4, 8)
