@@ -10,7 +10,8 @@ from autoqra._bench_table import curve
 
 #: id -> (label, colour, line style, width); AutoQRA wide underneath so the shared baseline prefix stays visible
 _STYLE = {"autoqra": ("AutoQRA", "#1f77b4", "-", 4.0), "nsga2": ("plain NSGA-II", "#ff7f0e", "--", 1.8),
-          "random": ("random search", "#2ca02c", "-.", 1.8)}
+          "random": ("random search", "#2ca02c", "-.", 1.8),
+          "autoqra-anchored": ("AutoQRA, anchored warm start", "#9467bd", ":", 2.2)}
 
 
 def curve_figure(rep: dict[str, Any]):
@@ -55,7 +56,10 @@ def curve_figure(rep: dict[str, Any]):
     axes[0].set_ylabel("best feasible high-fidelity score (−val. loss)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right", fontsize=9)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(loc="lower right", fontsize=9)
+    else:
+        axes[0].text(0.5, 0.5, "no search row in this table", ha="center", transform=axes[0].transAxes)
     fig.suptitle(f"Search efficiency at B4 = {budget / 1e6:.2f} MB — {rep['model']} (preset {rep['preset']}); "
                  "dots: each feasible high-fidelity trial", fontsize=10)
     return fig

@@ -88,29 +88,31 @@ def findings(rep: dict[str, Any]) -> list[str]:
     out.append(f"Lowest test loss overall: {best['label']} ({best['loss_mean']:.4f}, "
                f"{best['model_bytes_predicted'] / MB:.2f} MB model bytes).")
     names = {"4bit": "the uniform-4-bit budget", "mid": "the mid 3/4-bit budget"}
-    for bid, aid in (("4bit", "autoqra"), ("mid", "autoqra-mid")):
+    for bid, aid in (("4bit", "autoqra"), ("mid", "autoqra-mid"), ("4bit", "autoqra-anchored"),
+                     ("mid", "autoqra-mid-anchored")):
         a, B = _row(rows, aid), rep["budgets"][bid]
         if a is None:
             continue
+        me = "AutoQRA" if aid in ("autoqra", "autoqra-mid") else a["label"].split(" (≤")[0]
         unif = [r for r in rows if r["kind"] == "uniform" and r["model_bytes_predicted"] <= B]
         if not unif:
-            out.append(f"No uniform row fits {names[bid]} ({B:,} bytes); AutoQRA there: {a['loss_mean']:.4f}.")
+            out.append(f"No uniform row fits {names[bid]} ({B:,} bytes); {me} there: {a['loss_mean']:.4f}.")
             continue
         u = min(unif, key=lambda r: r["loss_mean"])
         head = f"At {names[bid]} ({B:,} bytes) the best uniform row that fits is {u['label']} ({u['loss_mean']:.4f})"
         if _same(a, u):
-            out.append(f"{head}; AutoQRA chose exactly that assignment (identical final training): mixed precision "
+            out.append(f"{head}; {me} chose exactly that assignment (identical final training): mixed precision "
                        "found nothing better at this budget.")
         elif a["loss_mean"] < u["loss_mean"]:
-            out.append(f"{head}; AutoQRA ({a['loss_mean']:.4f}) beats it {_vs(a, u)}.")
+            out.append(f"{head}; {me} ({a['loss_mean']:.4f}) beats it {_vs(a, u)}.")
         else:
-            out.append(f"{head}; AutoQRA ({a['loss_mean']:.4f}) is worse {_vs(a, u)}: mixed precision did not "
+            out.append(f"{head}; {me} ({a['loss_mean']:.4f}) is worse {_vs(a, u)}: mixed precision did not "
                        "beat uniform at this budget.")
         hqq = [r for r in unif if r["backend"] == "hqq"]
         if u["backend"] != "hqq" and hqq:
             h = min(hqq, key=lambda r: r["loss_mean"])
             rel = "better than" if a["loss_mean"] < h["loss_mean"] else ("equal to" if _same(a, h) else "worse than")
-            out.append(f"(AutoQRA searched HQQ only; against the best HQQ uniform row, {h['label']} "
+            out.append(f"({me} searched HQQ only; against the best HQQ uniform row, {h['label']} "
                        f"({h['loss_mean']:.4f}), it is {rel} it.)")
     a = _row(rows, "autoqra")
     if a is not None:

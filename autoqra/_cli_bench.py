@@ -19,6 +19,8 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--seeds", type=int, help="number of final-training seeds (default: the preset's)")
     b.add_argument("--threads", type=int, help="torch threads (default: the preset's; 1 helps on a busy machine)")
     b.add_argument("--progress", action="store_true", help="live search progress line on a terminal")
+    b.add_argument("--rows", nargs="+", metavar="ID",
+                   help="only these row ids (default: all; see autoqra.bench.ROWS); use another --out")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     rep = run_bench(args.preset, out=args.out, work=args.work, seeds=args.seeds, progress=args.progress,
-                    threads=args.threads)
+                    threads=args.threads, rows=args.rows)
     print(f"benchmark {rep['name']}: {len(rep['rows'])} rows in {time.perf_counter() - t0:.0f} s; "
           f"written to {args.out}/{rep['name']}.md / .json / .png")
     for f in rep["findings"]:

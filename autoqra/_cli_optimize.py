@@ -28,6 +28,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--time-limit", type=float, help="seconds")
     o.add_argument("--seed", type=int)
     o.add_argument("--no-phase2", action="store_true", help="skip Phase II (TuRBO)")
+    o.add_argument("--warm-start", choices=["eq6", "anchored", "none"],
+                   help="Phase I seed: eq6 (paper, from the priors; default) | anchored (highest uniform "
+                        "bit-width that fits, slack filled by importance per byte) | none (random)")
     o.add_argument("--executor", choices=["local", "ray"], help="local (default: one trial at a time) | ray")
     o.add_argument("--ray-address", help="existing Ray cluster: 'auto' (after `ray start --head`) or ray://host:10001")
     o.add_argument("--workers", type=int, help="Ray workers = trials at once (default: as many as fit)")
@@ -61,7 +64,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = {
-        k: getattr(args, k) for k in ("budget", "evaluator", "preset", "bits", "ranks", "granularity", "target", "data")
+        k: getattr(args, k) for k in ("budget", "evaluator", "preset", "bits", "ranks", "granularity", "target", "data",
+                  "warm_start")
         if getattr(args, k) is not None
     }
     if args.no_phase2:

@@ -79,6 +79,7 @@ class RowSpec:
 
 
 _NO_PRIORS, _NO_SURR, _NO_P2 = {"importance_blocks": 0}, {"use_surrogate": False}, {"phase2": None}
+_ANCHORED = {"warm_start": "anchored"}
 ROWS: tuple[RowSpec, ...] = (
     RowSpec("lora16-r8", "16-bit LoRA r8", "uniform", bits=16, rank=8),
     RowSpec("lora16-r16", "16-bit LoRA r16", "uniform", bits=16, rank=16),
@@ -95,6 +96,10 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("no-surrogate", "ablation: no surrogate (≤ B4)", "search", options=_NO_SURR, match_evals=True),
     RowSpec("no-phase2", "ablation: no Phase II (≤ B4)", "search", options=_NO_P2),
     RowSpec("nsga2", "plain NSGA-II (≤ B4)", "search", options={**_NO_PRIORS, **_NO_SURR, **_NO_P2}, match_evals=True),
+    # not the paper's method: Phase I seeded at the highest uniform bit-width the budget affords
+    RowSpec("autoqra-anchored", "AutoQRA, anchored warm start (≤ B4)", "search", options=_ANCHORED),
+    RowSpec("autoqra-mid-anchored", "AutoQRA, anchored warm start (≤ Bmid)", "search", budget="mid",
+            options=_ANCHORED),
 )
 
 
@@ -294,8 +299,18 @@ class Bench:
 
 
 def run_bench(preset: str = "quick", out: str | Path = "benchmarks/results", work: str | Path | None = None,
-              seeds: int | None = None, progress: bool = False, threads: int | None = None) -> dict[str, Any]:
-    """Run (or resume) the benchmark of ``preset``; writes ``<out>/compare_<preset>.{md,json,png}``."""
+              seeds: int | None = None, progress: bool = False, threads: int | None = None,
+              rows: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the benchmark of ``preset``; writes ``<out>/compare_<preset>.{md,json,png}``.
+
+    ``rows``: only these row ids (e.g. to compute some rows in a second process sharing the work
+    folder; give it another ``out`` so the two do not overwrite each other's table).
+    """
     if preset not in BENCH_PRESETS:
         raise ValueError(f"preset={preset!r} is not allowed; choose one of {list(BENCH_PRESETS)}")
-    return Bench(preset, out=out, work=work, seeds=seeds, progress=progress, threads=threads).run()
+    ids = [r.id for r in ROWS]
+    unknown = sorted(set(rows or ()) - set(ids))
+    if unknown:
+        raise ValueError(f"unknown row ids {unknown}; the rows are {ids}")
+    chosen = tuple(r for r in ROWS if rows is None or r.id in rows)
+    return Bench(preset, out=out, work=work, seeds=seeds, progress=progress, threads=threads, rows=chosen).run()

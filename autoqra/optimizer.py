@@ -60,7 +60,8 @@ class AutoQRA:
         self, *, space: SearchSpace, memory: MemoryModel, evaluator: Evaluator, budget_bytes: int, target: str,
         store: TrialStore, model_fingerprint: str, importance, low: Fidelity, high: Fidelity,
         phase1: Any, phase2: Any, pop_size: int, promote_k: int, max_generations: int, phase2_iterations: int,
-        alpha: float, choose_alpha: float, use_surrogate: bool = True, max_trials: int | None, time_limit: float | None, seed: int, progress: Progress | None = None,
+        alpha: float, choose_alpha: float, use_surrogate: bool = True, warm_start: str = "eq6",
+        max_trials: int | None, time_limit: float | None, seed: int, progress: Progress | None = None,
         executor: Executor | None = None, phase2_batch: int | None = None,
     ) -> None:
         self.space, self.memory, self.evaluator = space, memory, evaluator
@@ -82,7 +83,7 @@ class AutoQRA:
         self.eval_seconds = 0.0
         self.hv_history: list[dict[str, float]] = []
         self.surrogate = Surrogate(space, importance.q, importance.r, seed=seed)
-        self.use_surrogate = use_surrogate
+        self.use_surrogate, self.warm_start = use_surrogate, warm_start
         self.generations = 0
         self.stop_reasons: dict[str, str] = {}
         self.hv_ref: float | None = None
@@ -254,7 +255,8 @@ class AutoQRA:
                               self.hv_ref, float(self.budget_bytes) * 1.0001)
 
     def phase1(self) -> None:
-        searcher = get_searcher(self.phase1_spec, self.ctx, pop_size=self.pop_size, max_generations=self.max_generations) \
+        searcher = get_searcher(self.phase1_spec, self.ctx, pop_size=self.pop_size, max_generations=self.max_generations,
+                     warm_start=self.warm_start) \
             if isinstance(self.phase1_spec, str) else get_searcher(self.phase1_spec, self.ctx)
         stag = HVStagnation(window=3, rel_eps=1e-3)
         pairs: list[PairRecord] = []

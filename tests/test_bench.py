@@ -47,7 +47,8 @@ def test_budgets_held_and_counts_matched(quick):
     assert b["mid"] < b["4bit"]
     assert rows["hqq4-r8"]["model_bytes_predicted"] == b["4bit"]
     for rid, key in (("autoqra", "4bit"), ("autoqra-mid", "mid"), ("random", "4bit"), ("no-priors", "4bit"),
-                     ("no-surrogate", "4bit"), ("no-phase2", "4bit"), ("nsga2", "4bit")):
+                     ("no-surrogate", "4bit"), ("no-phase2", "4bit"), ("nsga2", "4bit"),
+                     ("autoqra-anchored", "4bit"), ("autoqra-mid-anchored", "mid")):
         assert rows[rid]["model_bytes_measured"] <= b[key], rid
         assert rows[rid]["search"]["budget_bytes"] == b[key]
     auto = rows["autoqra"]["search"]
@@ -58,6 +59,18 @@ def test_budgets_held_and_counts_matched(quick):
     assert rows["random"]["search"]["evals"] == {"high": searched_high}
     assert "phase2" not in {t["phase"] for t in rows["no-phase2"]["search"]["records"]}
     assert "phase2" in {t["phase"] for t in auto["records"]}
+    for rid, paper in (("autoqra-anchored", "autoqra"), ("autoqra-mid-anchored", "autoqra-mid")):
+        assert rows[rid]["options"] == {"warm_start": "anchored"}
+        first = [next(t for t in rows[r]["search"]["records"] if t["phase"] == "phase1") for r in (rid, paper)]
+        assert first[0]["assignment"] != first[1]["assignment"]  # another first generation than Eq. 6
+
+
+def test_row_filter(quick, tmp_path):
+    _, _, work, _ = quick
+    with pytest.raises(ValueError, match="unknown row ids"):
+        run_bench("quick", out=tmp_path, work=work, rows=["hqq4-r8", "nope"])
+    rep = run_bench("quick", out=tmp_path, work=work, rows=["hqq4-r8", "autoqra-anchored"])
+    assert [r["id"] for r in rep["rows"]] == ["hqq4-r8", "autoqra-anchored"] and rep["n_run"] == 0
 
 
 def test_outputs_written(quick):

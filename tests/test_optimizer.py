@@ -89,6 +89,8 @@ def test_bad_options_fail_before_work(tiny):
         autoqra.optimize(tiny, 10, **FAST)
     with pytest.raises(ValueError, match="unknown optimize option"):
         autoqra.optimize(tiny, "4bit", nonsense=1, **FAST)
+    with pytest.raises(ValueError, match="warm_start"):
+        autoqra.optimize(tiny, "4bit", warm_start="eq7", **FAST)
 
 
 def test_killed_search_loses_at_most_the_trial_in_flight(tmp_path):
@@ -138,3 +140,26 @@ def test_without_surrogate_every_ok_offspring_is_promoted(tiny, run):
     assert lows and lows <= highs | {t.assignment for t in abl.history if t.phase == "baseline"}
     with_sur = {t.assignment for t in res.history if t.phase == "phase1" and t.fidelity.name == "high"}
     assert len(highs) > len(with_sur)  # promote_k=2 per generation with the surrogate
+
+
+def test_anchored_warm_start_reaches_phase1(tiny, run):
+    """warm_start="anchored": Phase I's first candidate is the budget-anchored seed, not the Eq. 6 one."""
+    import numpy as np
+
+    from autoqra.repair import make_repair
+    from autoqra.searchers import nsga2_ops as ops
+
+    res, path, _ = run
+    anc = autoqra.optimize(tiny, "4bit", store=path, seed=0, phase2=None, warm_start="anchored", max_trials=5, **FAST)
+    assert anc.config["warm_start"] == "anchored"
+    first = next(t for t in anc.history if t.phase == "phase1")
+    space, imp = anc.space, anc.info["importance"]
+    iq, ir = np.asarray(imp["q"], float), np.asarray(imp["r"], float)
+    from autoqra.memory import MemoryModel
+
+    mm = MemoryModel(tiny, space, "hqq", train=FAST["train"])
+    budget = anc.budget_bytes
+    want = space.decode(ops.anchored_seed(space, iq, ir, make_repair(mm, budget).bytes_encoded, budget))
+    assert first.assignment == want
+    eq6 = next(t for t in res.history if t.phase == "phase1")
+    assert eq6.assignment != want and min(want.bits) >= 4 and min(eq6.assignment.bits) == 2

@@ -43,6 +43,25 @@ logger = logging.getLogger(__name__)
 _NO_OK_SCORE = -1e9
 
 
+WARM_STARTS = ("eq6", "anchored", "none")
+
+
+def _warm_start_mode(v: bool | str) -> str:
+    if v is True or v is False:
+        return "eq6" if v else "none"
+    if v not in WARM_STARTS:
+        raise ValueError(f"warm_start={v!r} is not allowed; choose one of {list(WARM_STARTS)} (or True/False)")
+    return str(v)
+
+
+def _bytes_fn(ctx: SearchContext):
+    def bytes_of(x: np.ndarray) -> int:
+        bd = ctx.memory.predict_encoded(np.asarray(x, dtype=np.int64))
+        return int(bd.model_bytes if ctx.target == "model" else bd.train_bytes)
+
+    return bytes_of
+
+
 @register_searcher("nsga2")
 class NSGA2Searcher(Searcher):
     """Multi-objective NSGA-II over the integer encoding of the space.
@@ -52,7 +71,11 @@ class NSGA2Searcher(Searcher):
         crossover_prob: probability that a mating applies the per-unit uniform crossover.
         gamma: exponent of the importance sampling weights (paper: 1.5).
         coupled_prob: probability that an offspring's mutation is the coupled (budget-balanced) edit.
-        warm_start: seed the first generation from the importance priors (Eq. 6).
+        warm_start: how the first generation is seeded: ``"eq6"`` (or True; the paper's Eq. 6 seed
+            from the importance priors), ``"anchored"`` (the highest uniform bit-width the budget
+            affords, slack filled by importance per byte; :func:`~autoqra.searchers.nsga2_ops.anchored_seed`)
+            or ``"none"`` (or False; uniform random + repair). Eq. 6 needs priors; without
+            them the first generation is random.
         jitter_resets: random single-variable resets per jittered copy of the seed.
         tau: shaping of the priors in Eq. 6 (``"identity"``, ``"sqrt"``, ``"square"``).
         hv_window: hypervolume stagnation window in generations (``done`` rule); 0 disables it.
@@ -66,7 +89,7 @@ class NSGA2Searcher(Searcher):
         crossover_prob: float = 0.9,
         gamma: float = 1.5,
         coupled_prob: float = 0.3,
-        warm_start: bool = True,
+        warm_start: bool | str = True,
         jitter_resets: int = 4,
         tau: str = "identity",
         hv_window: int = 3,
@@ -84,7 +107,7 @@ class NSGA2Searcher(Searcher):
         self.crossover_prob = float(crossover_prob)
         self.gamma = float(gamma)
         self.coupled_prob = float(coupled_prob)
-        self.warm_start = bool(warm_start)
+        self.warm_start = _warm_start_mode(warm_start)
         self.jitter_resets = int(jitter_resets)
         self.tau = tau
         self.hv_window = int(hv_window)
@@ -109,8 +132,11 @@ class NSGA2Searcher(Searcher):
             self._repair_x = lambda x: space.encode(rep(space.decode(x)))
         has_priors = ctx.importance_q is not None or ctx.importance_r is not None
         seed_x = None
-        if self.warm_start and has_priors:
+        if self.warm_start == "eq6" and has_priors:
             seed_x = space.encode(ops.warm_start_seed(space, self.iq, self.ir, self.tau))
+        elif self.warm_start == "anchored":
+            bytes_of = rep.bytes_encoded if isinstance(rep, Repairer) else _bytes_fn(ctx)
+            seed_x = ops.anchored_seed(space, self.iq, self.ir, bytes_of, ctx.budget_bytes, self.tau)
         self._archive: set[tuple[int, ...]] = set()
         self.problem = Problem(n_var=2 * n, n_obj=2, xl=np.zeros(2 * n), xu=space.upper.astype(float), vtype=int)
         self.algorithm = NSGA2(

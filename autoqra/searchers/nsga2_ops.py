@@ -5,6 +5,10 @@ All operators work on the integer encoding of :meth:`SearchSpace.encode`
 
 * :func:`warm_start_seed` — Eq. 6: ``q_u = round_Q(q_min + (q_max - q_min) * tau(I_q(u)))`` and the
   same for ranks with ``I_r``; ``round`` snaps to the nearest ladder *value* (ties: the lower one).
+* :func:`anchored_seed` — budget-anchored alternative: every unit at the highest uniform bit-width
+  that fits (ranks from Eq. 6), then the budget's slack is filled greedily with the one-step
+  upgrade of most importance per byte. Unlike Eq. 6 it never puts a unit below the uniform level
+  the budget affords, so low priors cannot send layers to 2 bits when 4 fit.
 * :func:`importance_mutation` — one ladder step on a unit drawn with probability ∝ (I_q + I_r)^gamma;
   bits or rank 50/50; up with probability I_t(u) (the importance of the chosen kind), else down;
   a step that would leave the ladder goes the other way.
@@ -50,6 +54,53 @@ def warm_start_seed(
     bi = _round_to_ladder(b[0] + (b[-1] - b[0]) * f(iq), b)
     ri = _round_to_ladder(r[0] + (r[-1] - r[0]) * f(ir), r)
     return space.decode(np.concatenate([bi, ri]))
+
+
+def anchored_seed(
+    space: SearchSpace,
+    importance_q: np.ndarray,
+    importance_r: np.ndarray,
+    bytes_of: Callable[[np.ndarray], int],
+    budget_bytes: int,
+    tau: str = "identity",
+    eps: float = 1e-8,
+) -> np.ndarray:
+    """Budget-anchored seed (an encoding; see the module docstring).
+
+    Start: all units at the highest bit-width whose uniform assignment (with Eq. 6 ranks, or the
+    lowest ranks when those do not fit) fits ``budget_bytes``. Fill: while some one-step upgrade
+    (one unit's bits or rank one rung up) still fits, apply the one with the largest
+    ``(I + eps) / bytes_added`` (ties: lowest variable index). Returns the ladder minimum's
+    encoding when even that does not fit (repair then reports the infeasible budget).
+    """
+    n = space.n_units
+    ranks = space.encode(warm_start_seed(space, importance_q, importance_r, tau))[n:]
+    x = np.zeros(2 * n, dtype=np.int64)
+    for r in (ranks, np.zeros(n, dtype=np.int64)):
+        fits = [b for b in range(len(space.bits)) if bytes_of(np.concatenate([np.full(n, b), r])) <= budget_bytes]
+        if fits:
+            x = np.concatenate([np.full(n, max(fits)), r]).astype(np.int64)
+            break
+    else:
+        return x
+    imp = np.concatenate([np.asarray(importance_q, float), np.asarray(importance_r, float)]) + eps
+    upper = np.asarray(space.upper, dtype=np.int64)
+    cur = bytes_of(x)
+    while True:
+        best, best_gain, best_bytes = -1, -np.inf, cur
+        for j in np.flatnonzero(x < upper):
+            y = x.copy()
+            y[j] += 1
+            b = bytes_of(y)
+            if b > budget_bytes:
+                continue
+            gain = imp[j] / max(b - cur, 1)
+            if gain > best_gain:
+                best, best_gain, best_bytes = int(j), gain, b
+        if best < 0:
+            return x
+        x[best] += 1
+        cur = best_bytes
 
 
 def _weights(v: np.ndarray, gamma: float) -> np.ndarray:

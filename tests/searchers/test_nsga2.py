@@ -192,3 +192,56 @@ def test_hv_stagnation_sets_done(ctx):
     s = get_searcher("nsga2", ctx, pop_size=8, max_generations=2)
     _run(s, lambda a: 1.0, 2)
     assert s.done
+
+
+def _bytes_of(c):
+    return make_repair(c.memory, c.budget_bytes).bytes_encoded
+
+
+def _one_step_up_fits(c, x, budget):
+    f = _bytes_of(c)
+    for j in np.flatnonzero(x < c.space.upper):
+        y = x.copy()
+        y[j] += 1
+        if f(y) <= budget:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("level", [4, 3])
+def test_anchored_seed_stays_at_or_above_the_affordable_uniform_level_and_fills_the_budget(tiny, level):
+    c = _ctx(tiny, budget=(4, 8))
+    mm, space = c.memory, c.space
+    lo, hi = mm.predict(space.uniform(level, 8)).model_bytes, mm.predict(space.uniform(level + 1 if level < 4 else 8, 8)).model_bytes
+    budget = (lo + hi) // 2 if level == 3 else c.budget_bytes
+    iq = np.zeros(space.n_units)
+    iq[: space.n_units // 2] = 1.0  # half the units look unimportant: Eq. 6 sends them to 2 bits
+    ir = np.full(space.n_units, 0.5)
+    assert min(ops.warm_start_seed(space, iq, ir).bits) == 2
+    x = ops.anchored_seed(space, iq, ir, _bytes_of(c), budget)
+    a = space.decode(x)
+    assert _bytes_of(c)(x) <= budget
+    assert min(a.bits) == level  # nobody below the uniform level the budget affords
+    assert not _one_step_up_fits(c, x, budget)  # the greedy fill is maximal
+    if level == 3:  # the slack (half-way to uniform 4-bit) goes to the important half, exactly
+        half = space.n_units // 2
+        assert set(a.bits[:half]) == {4} and set(a.bits[half:]) == {3}
+
+
+def test_anchored_seed_below_the_ladder_minimum_returns_the_minimum(tiny):
+    c = _ctx(tiny)
+    x = ops.anchored_seed(c.space, c.importance_q, c.importance_r, _bytes_of(c), 1)
+    assert not x.any()
+
+
+def test_first_ask_with_anchored_warm_start_starts_with_the_anchored_seed(tiny):
+    c = _ctx(tiny, budget=(4, 8))
+    s = get_searcher("nsga2", c, pop_size=8, warm_start="anchored")
+    first = s.ask(100)
+    want = c.space.decode(ops.anchored_seed(c.space, c.importance_q, c.importance_r, _bytes_of(c), c.budget_bytes))
+    assert first[0] == want and min(want.bits) >= 4
+    assert all(_bytes_of(c)(c.space.encode(a)) <= c.budget_bytes for a in first)
+    assert get_searcher("nsga2", c, warm_start="none").warm_start == "none"
+    assert get_searcher("nsga2", c, warm_start=True).warm_start == "eq6"
+    with pytest.raises(ValueError, match="warm_start='eq7'"):
+        NSGA2Searcher(warm_start="eq7")
