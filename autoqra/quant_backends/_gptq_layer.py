@@ -1,18 +1,8 @@
-r"""GPTQ internals: the GPTQ solver and the packed :class:`GPTQLinear` module (packing: ``_gptq_pack``).
+r"""GPTQ internals: the GPTQ solver and the packed :class:`GPTQLinear` module.
 
-Storage format (the one GPTQ checkpoints use, zero points stored as-is, i.e. the "v2" zeros):
-
-* ``qweight``: int32 ``(ceil(in * bits / 32), out)``. Column ``o`` of the weight is a little-endian
-  bit stream packed along ``in_features``: code ``k`` sits at bit ``k * bits`` of the stream, bit
-  ``p`` of the stream is bit ``p % 32`` of word ``p // 32``. For 2/4/8 bits that is ``32 / bits``
-  codes per word (code ``j`` of a word at bit ``j * bits``); for 3 bits it is exactly GPTQ's 3-bit
-  layout (32 codes in 3 words, codes 10 and 21 straddle a word boundary). Shapes whose stream
-  does not fill the last word are zero-padded to a whole word.
-* ``scales``: ``(n_groups, out)`` in the compute dtype, ``n_groups = in / group_size``.
-* ``qzeros``: int32 ``(n_groups, ceil(out * bits / 32))``, the same bit stream along ``out``.
-* ``g_idx``: int32 ``(in,)`` group of each input column, only with ``act_order``.
-
-Dequantization: ``W[o, k] = (q[k, o] - z[g(k), o]) * s[g(k), o]``.
+The storage format (``qweight``, ``scales``, ``qzeros``, ``g_idx``) and its exact bit packing are
+described in :mod:`autoqra.quant_backends._gptq_pack`. Dequantization:
+``W[o, k] = (q[k, o] - z[g(k), o]) * s[g(k), o]``.
 """
 
 from __future__ import annotations
