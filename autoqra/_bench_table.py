@@ -93,7 +93,7 @@ def findings(rep: dict[str, Any]) -> list[str]:
         a, B = _row(rows, aid), rep["budgets"][bid]
         if a is None:
             continue
-        me = "AutoQRA" if aid in ("autoqra", "autoqra-mid") else a["label"].split(" (≤")[0]
+        me = _short(a)
         unif = [r for r in rows if r["kind"] == "uniform" and r["model_bytes_predicted"] <= B]
         if not unif:
             out.append(f"No uniform row fits {names[bid]} ({B:,} bytes); {me} there: {a['loss_mean']:.4f}.")
@@ -116,19 +116,21 @@ def findings(rep: dict[str, Any]) -> list[str]:
                        f"({h['loss_mean']:.4f}), it is {rel} it.)")
     a = _row(rows, "autoqra")
     if a is not None:
+        me = _short(a)
         for rid in ("random", "no-priors", "no-surrogate", "no-phase2", "nsga2"):
             r = _row(rows, rid)
             if r is None:
                 continue
             if _same(a, r):
-                out.append(f"{r['label']} chose the same point as AutoQRA.")
+                out.append(f"{r['label']} chose the same point as {me}.")
             else:
                 rel = "better" if r["loss_mean"] < a["loss_mean"] else "worse"
-                out.append(f"{r['label']} ({r['loss_mean']:.4f}) is {rel} than AutoQRA {_vs(r, a)}.")
-    ref = _row(rows, "lora16-r8")
+                out.append(f"{r['label']} ({r['loss_mean']:.4f}) is {rel} than {me} {_vs(r, a)}.")
+    ref, a = _row(rows, "lora16-r8"), _row(rows, "autoqra-anchored") or a  # the default method when run
     if a is not None and ref is not None:
+        me = _short(a)
         out.append(f"16-bit LoRA r8 reaches {ref['loss_mean']:.4f} at {ref['model_bytes_predicted'] / MB:.2f} MB; "
-                   f"AutoQRA reaches {a['loss_mean']:.4f} ({a['loss_mean'] - ref['loss_mean']:+.4f} nats) with "
+                   f"{me} reaches {a['loss_mean']:.4f} ({a['loss_mean'] - ref['loss_mean']:+.4f} nats) with "
                    f"{a['model_bytes_predicted'] / ref['model_bytes_predicted']:.0%} of its model bytes.")
     ovh = [(r["search"]["overhead_fraction"], r["label"]) for r in rep["rows"] if r["search"]
            and r["search"].get("overhead_fraction") is not None and math.isfinite(r["search"]["overhead_fraction"])]
@@ -138,6 +140,11 @@ def findings(rep: dict[str, Any]) -> list[str]:
                    f"{'met' if worst[0] <= 0.02 else 'NOT met'}.")
     out.extend(_efficiency(rep))
     return out
+
+
+def _short(row: dict) -> str:
+    """A row's label without its budget suffix."""
+    return row["label"].split(" (≤")[0]
 
 
 def curve(records: list[dict], budget: int) -> tuple[list[int], list[int], list[float]]:
@@ -216,9 +223,9 @@ def markdown(rep: dict[str, Any]) -> str:
         f"* budgets (model bytes): **B4 = {b['4bit']:,}** (uniform 4-bit HQQ r8), **Bmid = {b['mid']:,}** "
         "(half-way between uniform 3-bit and 4-bit HQQ r8)",
         f"* searches: preset `{rep['search_preset']}`{' + ' + str(rep['search_options']) if rep['search_options'] else ''}, bits {rep['bits']}, ranks "
-        f"{rep['ranks']}, seed {rep['search_seed']}, validation split; ablations and plain NSGA-II share AutoQRA's "
-        "store (common trials are read back); *no surrogate* and *plain NSGA-II* get `max_trials` = AutoQRA's "
-        "number of evaluations; random search gets AutoQRA's number of Phase I+II high-fidelity evaluations",
+        f"{rep['ranks']}, seed {rep['search_seed']}, validation split; ablations and plain NSGA-II share the Eq. 6 AutoQRA "
+        "search's store (common trials are read back); *no surrogate* and *plain NSGA-II* get `max_trials` = its "
+        "number of evaluations; random search gets its number of Phase I+II high-fidelity evaluations",
         f"* final training (every row the same): {rep['final_steps']} LoRA steps, batch {rep['train']['batch_size']}×"
         f"{rep['train']['seq_len']}, lr {rep['train']['lr']}, then mean token loss on "
         f"{rep['final_eval_blocks'] or 'all'} **test** blocks; seeds {seeds}"

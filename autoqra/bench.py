@@ -79,7 +79,7 @@ class RowSpec:
 
 
 _NO_PRIORS, _NO_SURR, _NO_P2 = {"importance_blocks": 0}, {"use_surrogate": False}, {"phase2": None}
-_ANCHORED = {"warm_start": "anchored"}
+_EQ6, _ANCHORED = {"warm_start": "eq6"}, {"warm_start": "anchored"}
 ROWS: tuple[RowSpec, ...] = (
     RowSpec("lora16-r8", "16-bit LoRA r8", "uniform", bits=16, rank=8),
     RowSpec("lora16-r16", "16-bit LoRA r16", "uniform", bits=16, rank=16),
@@ -89,14 +89,16 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("nf4-r8", "uniform 4-bit bnb nf4 r8", "uniform", backend="bnb", bits=4, rank=8),
     RowSpec("nf4-r16", "uniform 4-bit bnb nf4 r16", "uniform", backend="bnb", bits=4, rank=16),
     RowSpec("hqq3-r8", "uniform 3-bit HQQ r8", "uniform", bits=3, rank=8),
-    RowSpec("autoqra", "AutoQRA (≤ B4)", "search"),
-    RowSpec("autoqra-mid", "AutoQRA (≤ Bmid)", "search", budget="mid"),
+    # the paper's method (Eq. 6 warm start); the ablations below remove one piece of it
+    RowSpec("autoqra", "AutoQRA, paper Eq. 6 warm start (≤ B4)", "search", options=_EQ6),
+    RowSpec("autoqra-mid", "AutoQRA, paper Eq. 6 warm start (≤ Bmid)", "search", budget="mid", options=_EQ6),
     RowSpec("random", "random search (≤ B4)", "random"),
-    RowSpec("no-priors", "ablation: no priors (≤ B4)", "search", options=_NO_PRIORS),
-    RowSpec("no-surrogate", "ablation: no surrogate (≤ B4)", "search", options=_NO_SURR, match_evals=True),
-    RowSpec("no-phase2", "ablation: no Phase II (≤ B4)", "search", options=_NO_P2),
-    RowSpec("nsga2", "plain NSGA-II (≤ B4)", "search", options={**_NO_PRIORS, **_NO_SURR, **_NO_P2}, match_evals=True),
-    # not the paper's method: Phase I seeded at the highest uniform bit-width the budget affords
+    RowSpec("no-priors", "ablation: no priors (≤ B4)", "search", options={**_EQ6, **_NO_PRIORS}),
+    RowSpec("no-surrogate", "ablation: no surrogate (≤ B4)", "search", options={**_EQ6, **_NO_SURR}, match_evals=True),
+    RowSpec("no-phase2", "ablation: no Phase II (≤ B4)", "search", options={**_EQ6, **_NO_P2}),
+    RowSpec("nsga2", "plain NSGA-II (≤ B4)", "search",
+            options={"warm_start": "none", **_NO_PRIORS, **_NO_SURR, **_NO_P2}, match_evals=True),
+    # autoqra's default: Phase I seeded at the highest uniform bit-width the budget affords
     RowSpec("autoqra-anchored", "AutoQRA, anchored warm start (≤ B4)", "search", options=_ANCHORED),
     RowSpec("autoqra-mid-anchored", "AutoQRA, anchored warm start (≤ Bmid)", "search", budget="mid",
             options=_ANCHORED),

@@ -60,7 +60,7 @@ class AutoQRA:
         self, *, space: SearchSpace, memory: MemoryModel, evaluator: Evaluator, budget_bytes: int, target: str,
         store: TrialStore, model_fingerprint: str, importance, low: Fidelity, high: Fidelity,
         phase1: Any, phase2: Any, pop_size: int, promote_k: int, max_generations: int, phase2_iterations: int,
-        alpha: float, choose_alpha: float, use_surrogate: bool = True, warm_start: str = "eq6",
+        alpha: float, choose_alpha: float, use_surrogate: bool = True, warm_start: str = "anchored",
         max_trials: int | None, time_limit: float | None, seed: int, progress: Progress | None = None,
         executor: Executor | None = None, phase2_batch: int | None = None,
     ) -> None:

@@ -105,7 +105,7 @@ def test_curve_and_findings_follow_the_numbers():
         {**row, "id": "autoqra", "label": "AQ", "kind": "search", "loss_mean": 2.5,
          "assignment": {"bits": [8, 2], "ranks": [8, 8]}}]}
     text = " ".join(findings(rep))
-    assert "AutoQRA (2.5000) beats it by 0.5000 nats (more than the seed spread" in text
+    assert "AQ (2.5000) beats it by 0.5000 nats (more than the seed spread" in text
     rep["rows"][1]["loss_mean"] = 3.2
     assert "did not beat uniform" in " ".join(findings(rep))
     rep["rows"][1]["assignment"] = a

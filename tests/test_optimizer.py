@@ -143,14 +143,15 @@ def test_without_surrogate_every_ok_offspring_is_promoted(tiny, run):
 
 
 def test_anchored_warm_start_reaches_phase1(tiny, run):
-    """warm_start="anchored": Phase I's first candidate is the budget-anchored seed, not the Eq. 6 one."""
+    """warm_start="anchored" (the default): Phase I's first candidate is the budget-anchored seed, not Eq. 6's."""
     import numpy as np
 
     from autoqra.repair import make_repair
     from autoqra.searchers import nsga2_ops as ops
 
     res, path, _ = run
-    anc = autoqra.optimize(tiny, "4bit", store=path, seed=0, phase2=None, warm_start="anchored", max_trials=5, **FAST)
+    anc = res
+    eq6_run = autoqra.optimize(tiny, "4bit", store=path, seed=0, phase2=None, warm_start="eq6", max_trials=5, **FAST)
     assert anc.config["warm_start"] == "anchored"
     first = next(t for t in anc.history if t.phase == "phase1")
     space, imp = anc.space, anc.info["importance"]
@@ -161,5 +162,5 @@ def test_anchored_warm_start_reaches_phase1(tiny, run):
     budget = anc.budget_bytes
     want = space.decode(ops.anchored_seed(space, iq, ir, make_repair(mm, budget).bytes_encoded, budget))
     assert first.assignment == want
-    eq6 = next(t for t in res.history if t.phase == "phase1")
+    eq6 = next(t for t in eq6_run.history if t.phase == "phase1")
     assert eq6.assignment != want and min(want.bits) >= 4 and min(eq6.assignment.bits) == 2

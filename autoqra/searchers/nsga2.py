@@ -71,11 +71,11 @@ class NSGA2Searcher(Searcher):
         crossover_prob: probability that a mating applies the per-unit uniform crossover.
         gamma: exponent of the importance sampling weights (paper: 1.5).
         coupled_prob: probability that an offspring's mutation is the coupled (budget-balanced) edit.
-        warm_start: how the first generation is seeded: ``"eq6"`` (or True; the paper's Eq. 6 seed
-            from the importance priors), ``"anchored"`` (the highest uniform bit-width the budget
-            affords, slack filled by importance per byte; :func:`~autoqra.searchers.nsga2_ops.anchored_seed`)
-            or ``"none"`` (or False; uniform random + repair). Eq. 6 needs priors; without
-            them the first generation is random.
+        warm_start: how the first generation is seeded: ``"anchored"`` (default; the highest
+            uniform bit-width the budget affords, slack filled by importance per byte;
+            :func:`~autoqra.searchers.nsga2_ops.anchored_seed`), ``"eq6"`` (or True; the paper's
+            Eq. 6 seed from the importance priors; without priors the first generation is random)
+            or ``"none"`` (or False; uniform random + repair).
         jitter_resets: random single-variable resets per jittered copy of the seed.
         tau: shaping of the priors in Eq. 6 (``"identity"``, ``"sqrt"``, ``"square"``).
         hv_window: hypervolume stagnation window in generations (``done`` rule); 0 disables it.
@@ -89,7 +89,7 @@ class NSGA2Searcher(Searcher):
         crossover_prob: float = 0.9,
         gamma: float = 1.5,
         coupled_prob: float = 0.3,
-        warm_start: bool | str = True,
+        warm_start: bool | str = "anchored",
         jitter_resets: int = 4,
         tau: str = "identity",
         hv_window: int = 3,

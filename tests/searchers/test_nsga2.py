@@ -63,7 +63,7 @@ def test_warm_start_seed_is_eq6_rounding(tiny):
 
 def test_first_ask_starts_with_the_seed(tiny):
     c = _ctx(tiny, budget=(8, 16))  # the seed always fits
-    s = get_searcher("nsga2", c)
+    s = get_searcher("nsga2", c, warm_start="eq6")
     first = s.ask(100)
     assert first[0] == ops.warm_start_seed(c.space, c.importance_q, c.importance_r)
     assert len(first) == 16 and len(set(first)) == 16
@@ -242,6 +242,7 @@ def test_first_ask_with_anchored_warm_start_starts_with_the_anchored_seed(tiny):
     assert first[0] == want and min(want.bits) >= 4
     assert all(_bytes_of(c)(c.space.encode(a)) <= c.budget_bytes for a in first)
     assert get_searcher("nsga2", c, warm_start="none").warm_start == "none"
+    assert get_searcher("nsga2", c).warm_start == "anchored"  # the default
     assert get_searcher("nsga2", c, warm_start=True).warm_start == "eq6"
     with pytest.raises(ValueError, match="warm_start='eq7'"):
         NSGA2Searcher(warm_start="eq7")
