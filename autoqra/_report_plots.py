@@ -233,6 +233,21 @@ def pareto_figure(result) -> Figure:
     return fig
 
 
+def _zoom_on_gain(ax, best: np.ndarray, phases: list[str]) -> None:
+    """When the search improved on the best baseline, zoom the score axis onto that gain (a 2-bit
+    baseline far below would otherwise flatten it) and say that lower points are clipped."""
+    base = [i for i, p in enumerate(phases) if p == "baseline"]
+    if not base or len(best) == 0:
+        return
+    b0, fin = best[base[-1]], best[-1]
+    if not (np.isfinite(b0) and np.isfinite(fin) and fin > b0 and np.nanmin(best[np.isfinite(best)]) < b0):
+        return
+    span = fin - b0
+    ax.set_ylim(b0 - 1.5 * span, fin + 0.6 * span)
+    ax.text(0.01, 0.96, f"zoomed on the gain over the best baseline ({b0:.4g}); earlier, lower points are off-axis",
+            transform=ax.transAxes, ha="left", va="top", fontsize=7.5, color="0.3")
+
+
 def progress_figure(result, series) -> Figure:
     """Best feasible score and hypervolume vs trial number and vs cumulative evaluation time."""
     fig = new_figure(10.5, 5.6)
@@ -269,6 +284,7 @@ def progress_figure(result, series) -> Figure:
                 ax.set_xlabel(xlabel)
             if col == 0:
                 ax.set_ylabel(ylabel)
+    _zoom_on_gain(axes[0, 0], np.asarray(series.best, dtype=float), phases)
     shades = [Patch(alpha=0.3, color=PHASE_COLORS.get(p, "0.5"), label=phase_label(p, result.config))
               for p in dict.fromkeys(phases)]
     if shades:

@@ -123,3 +123,20 @@ def test_cli_report(res, tmp_path, capsys):
     assert args.func(args) == 2
     assert "no autoqra result" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_progress_score_axis_zooms_on_the_gain_over_the_best_baseline():
+    from autoqra._report_plots import _zoom_on_gain, new_figure
+
+    phases = ["baseline"] * 3 + ["phase1"] * 2
+    ax = new_figure(4, 3).subplots()
+    ax.plot(range(5), [-11.0, -4.7, -3.3, -3.3, -3.25])
+    _zoom_on_gain(ax, np.array([-11.0, -4.7, -3.3, -3.3, -3.25]), phases)
+    lo, hi = ax.get_ylim()
+    assert lo == pytest.approx(-3.3 - 1.5 * 0.05) and hi == pytest.approx(-3.25 + 0.6 * 0.05)
+    assert "best baseline (-3.3)" in ax.texts[0].get_text()
+    ax2 = new_figure(4, 3).subplots()
+    ax2.plot(range(4), [-11.0, -3.3, -3.3, -3.3])
+    before = ax2.get_ylim()
+    _zoom_on_gain(ax2, np.array([-11.0, -3.3, -3.3, -3.3]), phases[:4])  # no gain: the axis is left alone
+    assert ax2.get_ylim() == before and not ax2.texts
