@@ -9,9 +9,10 @@ from typing import Any
 from autoqra._bench_table import curve
 
 #: id -> (label, colour, line style, width); AutoQRA wide underneath so the shared baseline prefix stays visible
-_STYLE = {"autoqra": ("AutoQRA", "#1f77b4", "-", 4.0), "nsga2": ("plain NSGA-II", "#ff7f0e", "--", 1.8),
+_STYLE = {"autoqra": ("AutoQRA, paper Eq. 6 warm start", "#1f77b4", "-", 4.0),
+          "nsga2": ("plain NSGA-II", "#ff7f0e", "--", 1.8),
           "random": ("random search", "#2ca02c", "-.", 1.8),
-          "autoqra-anchored": ("AutoQRA, anchored warm start", "#9467bd", ":", 2.2)}
+          "autoqra-anchored": ("AutoQRA, anchored warm start (default)", "#9467bd", "-", 2.2)}
 
 
 def curve_figure(rep: dict[str, Any]):
@@ -23,6 +24,7 @@ def curve_figure(rep: dict[str, Any]):
     rows = {r["id"]: r for r in rep["rows"] if r.get("search")}
     finite: list[float] = []
     budget = rep["budgets"]["4bit"]
+    zoom = axes[1].inset_axes((0.42, 0.3, 0.55, 0.4))  # the top of the curves, where the searches differ
     for rid, (label, color, ls, lw) in _STYLE.items():
         r = rows.get(rid)
         if r is None:
@@ -33,9 +35,9 @@ def curve_figure(rep: dict[str, Any]):
         finite += [y for y in ys if math.isfinite(y)]
         hi = [(i, s, t["score"]) for i, s, t in zip(ev, st, recs)
               if t["fidelity"] == "high" and t["ok"] and t["model_bytes"] <= budget]
-        for ax, xs, k in ((axes[0], ev, 0), (axes[1], st, 1)):
+        for ax, xs, k in ((axes[0], ev, 0), (axes[1], st, 1), (zoom, st, 1)):
             ax.step(xs, ys, where="post", color=color, ls=ls, lw=lw, alpha=0.85 if lw > 2 else 1.0,
-                    label=f"{label} ({len(recs)} evals)")
+                    label=f"{label} ({len(recs)} evals)" if ax is axes[0] else None, zorder=4 if lw < 3 else 2)
             ax.scatter([h[k] for h in hi], [h[2] for h in hi], s=16, color=color, alpha=0.45, zorder=3)
     base = next((r for r in rep["rows"] if r["id"] == "autoqra" and r.get("search")), None)
     if base is not None:  # the uniform-4-bit r8 point at search fidelity (AutoQRA's own baseline trial)
@@ -46,6 +48,7 @@ def curve_figure(rep: dict[str, Any]):
                 ax.axhline(u[0], color="grey", ls="--", lw=1)
             axes[0].annotate("uniform 4-bit r8 (search fidelity)", (1, u[0]), xytext=(2, 4),
                              textcoords="offset points", fontsize=8, color="dimgrey")
+    _zoom(zoom, finite)
     if finite:
         top = max(finite)
         lo = sorted(finite)[len(finite) // 10]  # ignore the worst decile (e.g. a 2-bit first point)
@@ -63,6 +66,21 @@ def curve_figure(rep: dict[str, Any]):
     fig.suptitle(f"Search efficiency at B4 = {budget / 1e6:.2f} MB — {rep['model']} (preset {rep['preset']}); "
                  "dots: each feasible high-fidelity trial", fontsize=10)
     return fig
+
+
+def _zoom(ax, finite: list[float]) -> None:
+    """Inset y range: the best curve values (within 0.1 of the top) or hidden when there is nothing to show."""
+    top = max(finite) if finite else math.nan
+    near = [y for y in finite if y >= top - 0.1]
+    if not near:
+        ax.set_visible(False)
+        return
+    lo = min(near)
+    pad = max(0.15 * (top - lo), 5e-3)
+    ax.set_ylim(lo - pad, top + pad)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title("zoom on the top (x = steps)", fontsize=7.5)
 
 
 def write_curve(rep: dict[str, Any], path: str | Path) -> Path:

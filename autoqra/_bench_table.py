@@ -162,7 +162,7 @@ def curve(records: list[dict], budget: int) -> tuple[list[int], list[int], list[
 
 def _efficiency(rep: dict[str, Any]) -> list[str]:
     parts = []
-    for rid in ("autoqra", "nsga2", "random"):
+    for rid in ("autoqra", "autoqra-anchored", "nsga2", "random"):
         r = next((x for x in rep["rows"] if x["id"] == rid and x["search"]), None)
         if r is None:
             continue
