@@ -218,8 +218,11 @@ def run_final(evaluator: FinetuneEvaluator, trial: Any, steps: int, directory: s
     stats.pop("optimizer", None)
     model.eval()
     test = evaluator.score(model)[1]
+    last = float(stats.get("train_loss_last", float("nan")))
+    if ck is not None and not math.isfinite(last):  # nothing left to train: the last step's loss is in the checkpoint
+        last = float((read_state(ck.dir) or {}).get("last_loss", float("nan")))
     metrics = {"test_loss": test["loss"], "test_ppl": test["ppl"], "test_accuracy": test["accuracy"],
-               "train_loss_last": float(stats.get("train_loss_last", float("nan")))}
+               "train_loss_last": last}
     if ck is not None:
         ck.mark_complete(metrics)
     return FinalModel(model, trial, evaluator, steps, metrics, Path(directory) if directory else None,

@@ -1,6 +1,7 @@
 """Final training (checkpoints, resume), export and load in a fresh process with loss and byte parity."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -234,6 +235,9 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     # a finished training is read back, not retrained; another recipe in the same folder is refused
     res.train(index=0, steps=6, checkpoint_every=2, progress=False)
     assert res.final.resumed_from == 6
+    # reading it back keeps the last training loss (it is in the checkpoint, not re-measured)
+    assert res.final.metrics["train_loss_last"] == st["last_loss"] and math.isfinite(st["last_loss"])
+    assert read_state(tmp_path / "run" / "final-0")["metrics"]["train_loss_last"] == st["last_loss"]
     with pytest.raises(ValueError, match="another training"):
         res.train(index=0, steps=7, progress=False)
 
