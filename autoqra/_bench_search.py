@@ -67,10 +67,10 @@ def stored_evaluation(store: Any, key: str, ev: Any, a: Any, fidelity: Any, phas
     return store.get(key), True
 
 
-def random_search(bench: Any) -> tuple[Any, dict[str, Any], int]:
-    """Random search at AutoQRA's 4-bit budget; returns ``(best trial or None, summary, evaluations run)``.
+def random_search(bench: Any, ref_id: str) -> tuple[Any, dict[str, Any], int]:
+    """Random search at the budget of search row ``ref_id``; returns ``(best trial or None, summary, evaluations run)``.
 
-    N = AutoQRA's number of Phase I + II high-fidelity evaluations (its baselines excluded). Uniform
+    N = that search's number of Phase I + II high-fidelity evaluations (its baselines excluded). Uniform
     draws from the space are repaired to the budget by the optimizer's repairer (with AutoQRA's priors;
     their cost is not charged here), deduplicated, and evaluated at the search's high fidelity with
     the search's evaluator, through the shared search store (phase ``"random"``).
@@ -83,7 +83,7 @@ def random_search(bench: Any) -> tuple[Any, dict[str, Any], int]:
     from autoqra.result import Trial
     from autoqra.store import trial_key
 
-    ref = bench.search("autoqra")
+    ref = bench.search(ref_id)
     cfg = OptimizeConfig.from_dict(ref.config)
     n = sum(t.fidelity.name == "high" and t.phase in ("phase1", "phase2") for t in ref.history)
     be, store = bench.backends["hqq"], bench.search_store

@@ -1,12 +1,11 @@
-r"""Benchmark report: per-row aggregation, generated findings, markdown table and JSON (see :mod:`autoqra.bench`)."""
+r"""Benchmark report text: generated findings, markdown table and JSON output (see :mod:`autoqra.bench`;
+the report itself is assembled in :mod:`autoqra._bench_report`)."""
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,49 +13,6 @@ from autoqra.result import _jsonable
 
 FORMAT = "autoqra.bench/1"
 MB = 1e6
-
-
-def _agg(row: dict[str, Any], budgets: dict[str, int]) -> dict[str, Any]:
-    ok = [f for f in row["finals"] if f["status"] == "ok"]
-    losses = [float(f["metrics"]["loss"]) for f in ok]
-    mem = ok[0]["memory"] if ok else {}
-    pred = row["memory_predicted"] or {}
-    meas_train = (mem.get("model_bytes", 0) + mem.get("optimizer_bytes", 0) + mem.get("peak_bytes", 0)) if mem else None
-    return {
-        "loss_mean": statistics.fmean(losses) if losses else None,
-        "loss_sd": statistics.stdev(losses) if len(losses) >= 2 else None,
-        "n_seeds": len(losses), "losses": losses,
-        "model_bytes_predicted": pred.get("model_bytes"), "model_bytes_measured": mem.get("model_bytes"),
-        "train_bytes_predicted": pred.get("train_bytes"), "train_bytes_measured": meas_train,
-        "fits": [b for b, v in budgets.items() if pred.get("model_bytes") is not None and pred["model_bytes"] <= v],
-        "shared_with": next((f["shared_with"] for f in row["finals"] if f["shared_with"]), None),
-        "final_seconds": sum(f["seconds"] for f in row["finals"]),
-    }
-
-
-def build_report(bench: Any, rows: dict[str, dict[str, Any]], started: str, wall: float, partial: bool) -> dict:
-    """The JSON-able benchmark report of the rows finished so far."""
-    p = bench.p
-    out_rows = []
-    for r in rows.values():
-        r = {**r, **_agg(r, bench.budgets)}
-        out_rows.append(r)
-    priors = max([r["search"]["priors_seconds"] for r in out_rows if r["search"]] or [0.0])
-    compute = bench.search_store.summary()["seconds"] + bench.final_store.summary()["seconds"] + priors
-    data = bench.data
-    rep = {
-        "format": FORMAT, "name": bench.name, "preset": p.name, "partial": partial, "started": started,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_seconds": wall,
-        "compute_seconds": compute, "n_run": bench.n_run, "model": p.model, "model_fingerprint": bench.fp,
-        "data": {"name": "pydoc", "train_blocks": int(data.train.shape[0]), "test_blocks": int(data.test.shape[0]),
-                 "validation_blocks": int(data.validation.shape[0])},
-        "train": p.train.to_dict(), "bits": list(p.bits), "ranks": list(p.ranks), "search_preset": p.search_preset,
-        "search_seed": p.search_seed, "search_options": p.search_options, "final_steps": p.final_steps,
-        "final_eval_blocks": p.final_eval_blocks, "seeds": list(p.seeds), "torch_threads": p.threads,
-        "budgets": bench.budgets, "rows": out_rows,
-    }
-    rep["findings"] = findings(rep)
-    return rep
 
 
 # ------------------------------------------------------------------ findings
@@ -88,11 +44,11 @@ def findings(rep: dict[str, Any]) -> list[str]:
     out.append(f"Lowest test loss overall: {best['label']} ({best['loss_mean']:.4f}, "
                f"{best['model_bytes_predicted'] / MB:.2f} MB model bytes).")
     names = {"4bit": "the uniform-4-bit budget", "mid": "the mid 3/4-bit budget"}
-    for bid, aid in (("4bit", "autoqra"), ("mid", "autoqra-mid"), ("4bit", "autoqra-anchored"),
-                     ("mid", "autoqra-mid-anchored")):
-        a, B = _row(rows, aid), rep["budgets"][bid]
-        if a is None:
+    for a in rows:  # the searches (and their search-seed repeats) against the best uniform row that fits
+        if a["kind"] != "search" or (a.get("parent") and not a.get("repeat")):
             continue
+        bid = a.get("budget", "4bit")
+        B = rep["budgets"][bid]
         me = _short(a)
         unif = [r for r in rows if r["kind"] == "uniform" and r["model_bytes_predicted"] <= B]
         if not unif:
@@ -114,19 +70,17 @@ def findings(rep: dict[str, Any]) -> list[str]:
             rel = "better than" if a["loss_mean"] < h["loss_mean"] else ("equal to" if _same(a, h) else "worse than")
             out.append(f"({me} searched HQQ only; against the best HQQ uniform row, {h['label']} "
                        f"({h['loss_mean']:.4f}), it is {rel} it.)")
-    a = _row(rows, "autoqra")
-    if a is not None:
-        me = _short(a)
-        for rid in ("random", "no-priors", "no-surrogate", "no-phase2", "nsga2"):
-            r = _row(rows, rid)
-            if r is None:
-                continue
-            if _same(a, r):
-                out.append(f"{r['label']} chose the same point as {me}.")
-            else:
-                rel = "better" if r["loss_mean"] < a["loss_mean"] else "worse"
-                out.append(f"{r['label']} ({r['loss_mean']:.4f}) is {rel} than {me} {_vs(r, a)}.")
-    ref, a = _row(rows, "lora16-r8"), _row(rows, "autoqra-anchored") or a  # the default method when run
+    for r in rows:  # ablations, random search and search-seed repeats against the search they derive from
+        a = _row(rows, r["parent"]) if r.get("parent") else None
+        if a is None:
+            continue
+        me = a["label"] if r.get("repeat") else _short(a)
+        if _same(a, r):
+            out.append(f"{r['label']} chose the same point as {me}.")
+        else:
+            rel = "better" if r["loss_mean"] < a["loss_mean"] else "worse"
+            out.append(f"{r['label']} ({r['loss_mean']:.4f}) is {rel} than {me} ({a['loss_mean']:.4f}) {_vs(r, a)}.")
+    ref, a = _row(rows, "lora16-r8"), _row(rows, "autoqra-anchored") or _row(rows, "autoqra")  # the default first
     if a is not None and ref is not None:
         me = _short(a)
         out.append(f"16-bit LoRA r8 reaches {ref['loss_mean']:.4f} at {ref['model_bytes_predicted'] / MB:.2f} MB; "
@@ -201,6 +155,8 @@ def _notes(r: dict, rows: list[dict], labels: dict[str, str]) -> str:
     uni = next((u for u in rows if u["kind"] == "uniform" and u is not r and _same(u, r)), None)
     if r["kind"] != "uniform" and uni:
         notes.append(f"= {uni['label']}")
+    if r.get("carried"):
+        notes.append("carried over")
     if r["shared_with"]:
         notes.append(f"final training shared with {labels.get(r['shared_with'], r['shared_with'])}")
     if s and s.get("stopped"):
@@ -223,16 +179,20 @@ def markdown(rep: dict[str, Any]) -> str:
         f"* budgets (model bytes): **B4 = {b['4bit']:,}** (uniform 4-bit HQQ r8), **Bmid = {b['mid']:,}** "
         "(half-way between uniform 3-bit and 4-bit HQQ r8)",
         f"* searches: preset `{rep['search_preset']}`{' + ' + str(rep['search_options']) if rep['search_options'] else ''}, bits {rep['bits']}, ranks "
-        f"{rep['ranks']}, seed {rep['search_seed']}, validation split; ablations and plain NSGA-II share the Eq. 6 AutoQRA "
-        "search's store (common trials are read back); *no surrogate* and *plain NSGA-II* get `max_trials` = its "
-        "number of evaluations; random search gets its number of Phase I+II high-fidelity evaluations",
+        f"{rep['ranks']}, seed {rep['search_seed']} unless a row says otherwise, validation split; all searches share one "
+        "trial store (common trials, e.g. baselines and an ablation's shared prefix, are read back); the ablations' "
+        "*no surrogate* and *plain NSGA-II* get `max_trials` = the ablated search's number of evaluations; random "
+        "search gets the default (anchored) AutoQRA search's number of Phase I+II high-fidelity evaluations",
         f"* final training (every row the same): {rep['final_steps']} LoRA steps, batch {rep['train']['batch_size']}×"
         f"{rep['train']['seq_len']}, lr {rep['train']['lr']}, then mean token loss on "
         f"{rep['final_eval_blocks'] or 'all'} **test** blocks; seeds {seeds}"
         f"{' (one seed only: no spread)' if len(seeds) < 2 else ''}; ± = sample sd over seeds",
-        f"* wall time of this invocation {_secs(rep['wall_seconds'])}; compute in both trial stores + priors "
+        f"* wall time of this invocation {_secs(rep['wall_seconds'])}; compute in its trial stores + priors "
         f"{_secs(rep['compute_seconds'])}; evaluations run now {rep['n_run']}; torch threads "
         f"{rep['torch_threads'] or 'default'}; finished {rep['finished']}",
+        *([f"* rows noted *carried over* come from `{c['from']}` as finished {c['finished']} (same recipe, checked; "
+           f"not re-run now); compute of the invocations behind them {_secs(c['compute_seconds'])}"]
+          if (c := rep.get("carried")) else []),
         "",
         "| configuration | bits · ranks (units) | test loss ↓ | model MB pred / meas | train MB pred / meas | fits "
         "| evals low / high / final | search wall | overhead | notes |",

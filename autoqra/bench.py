@@ -28,81 +28,11 @@ from typing import Any
 
 import attrs
 
-from autoqra.config import TrainSpec
+from autoqra._bench_rows import BENCH_PRESETS, ROWS, BenchPreset, RowSpec
 
 log = logging.getLogger(__name__)
 
-
-@attrs.frozen
-class BenchPreset:
-    """One benchmark configuration (model, search preset, final-training recipe, seeds)."""
-
-    name: str
-    model: str  # autoqra.models.load_model name
-    search_preset: str  # OptimizeConfig preset of every search
-    train: TrainSpec
-    final_steps: int
-    final_eval_blocks: int | None  # test-split blocks scored after final training (None = all)
-    seeds: tuple[int, ...]  # final-training seeds (searches use search_seed)
-    bits: tuple[int, ...] = (2, 3, 4, 8)
-    ranks: tuple[int, ...] = (0, 4, 8, 16)
-    search_seed: int = 0
-    search_options: dict = attrs.Factory(dict)  # extra OptimizeConfig fields of every search
-    seed_store: str | None = None  # an existing search store copied in when ours does not exist yet
-    threads: int | None = None  # torch threads during the benchmark (None = leave as is)
-
-
-BENCH_PRESETS: dict[str, BenchPreset] = {
-    # tiny random Llama, seconds per evaluation: checks the harness (tests/test_bench.py)
-    "quick": BenchPreset("quick", "tiny", "tiny", TrainSpec(batch_size=2, seq_len=32, lr=2e-3), final_steps=8,
-                         final_eval_blocks=8, seeds=(0, 1), search_options={"max_generations": 1}, threads=1),
-    # SmolLM2 + the embedded pydoc task; the AutoQRA-4bit search equals `make demo` (its store is reused)
-    "full": BenchPreset("full", "default", "demo", TrainSpec(), final_steps=20, final_eval_blocks=64, seeds=(0, 1),
-                        seed_store="runs/demo/trials.db"),
-}
-
-
-@attrs.frozen
-class RowSpec:
-    """One benchmark row. ``kind``: ``"uniform"`` (fixed assignment), ``"search"`` (autoqra.optimize with
-    ``options``) or ``"random"`` (random search with AutoQRA's number of high-fidelity evaluations)."""
-
-    id: str
-    label: str
-    kind: str
-    backend: str = "hqq"
-    bits: int = 0
-    rank: int = 0
-    budget: str = "4bit"  # "4bit" | "mid"
-    options: dict = attrs.Factory(dict)
-    match_evals: bool = False  # max_trials = the AutoQRA run's number of evaluations
-
-
-_NO_PRIORS, _NO_SURR, _NO_P2 = {"importance_blocks": 0}, {"use_surrogate": False}, {"phase2": None}
-_EQ6, _ANCHORED = {"warm_start": "eq6"}, {"warm_start": "anchored"}
-ROWS: tuple[RowSpec, ...] = (
-    RowSpec("lora16-r8", "16-bit LoRA r8", "uniform", bits=16, rank=8),
-    RowSpec("lora16-r16", "16-bit LoRA r16", "uniform", bits=16, rank=16),
-    RowSpec("hqq8-r8", "uniform 8-bit HQQ r8", "uniform", bits=8, rank=8),
-    RowSpec("hqq4-r8", "uniform 4-bit HQQ r8", "uniform", bits=4, rank=8),
-    RowSpec("hqq4-r16", "uniform 4-bit HQQ r16", "uniform", bits=4, rank=16),
-    RowSpec("nf4-r8", "uniform 4-bit bnb nf4 r8", "uniform", backend="bnb", bits=4, rank=8),
-    RowSpec("nf4-r16", "uniform 4-bit bnb nf4 r16", "uniform", backend="bnb", bits=4, rank=16),
-    RowSpec("hqq3-r8", "uniform 3-bit HQQ r8", "uniform", bits=3, rank=8),
-    # the paper's method (Eq. 6 warm start); the ablations below remove one piece of it
-    RowSpec("autoqra", "AutoQRA, paper Eq. 6 warm start (≤ B4)", "search", options=_EQ6),
-    RowSpec("autoqra-mid", "AutoQRA, paper Eq. 6 warm start (≤ Bmid)", "search", budget="mid", options=_EQ6),
-    RowSpec("random", "random search (≤ B4)", "random"),
-    RowSpec("no-priors", "ablation: no priors (≤ B4)", "search", options={**_EQ6, **_NO_PRIORS}),
-    RowSpec("no-surrogate", "ablation: no surrogate (≤ B4)", "search", options={**_EQ6, **_NO_SURR}, match_evals=True),
-    RowSpec("no-phase2", "ablation: no Phase II (≤ B4)", "search", options={**_EQ6, **_NO_P2}),
-    RowSpec("nsga2", "plain NSGA-II (≤ B4)", "search",
-            options={"warm_start": "none", **_NO_PRIORS, **_NO_SURR, **_NO_P2}, match_evals=True),
-    # autoqra's default: Phase I seeded at the highest uniform bit-width the budget affords
-    RowSpec("autoqra-anchored", "AutoQRA, anchored warm start (≤ B4)", "search", options=_ANCHORED),
-    RowSpec("autoqra-mid-anchored", "AutoQRA, anchored warm start (≤ Bmid)", "search", budget="mid",
-            options=_ANCHORED),
-)
+__all__ = ["BENCH_PRESETS", "ROWS", "Bench", "BenchPreset", "RowSpec", "copy_store", "run_bench"]
 
 
 def copy_store(src: Path, dst: Path) -> bool:
@@ -137,7 +67,7 @@ class Bench:
 
     def __init__(self, preset: str | BenchPreset, out: str | Path = "benchmarks/results",
                  work: str | Path | None = None, seeds: int | None = None, progress: bool = False,
-                 rows: tuple[RowSpec, ...] = ROWS, threads: int | None = None) -> None:
+                 rows: tuple[RowSpec, ...] = ROWS, threads: int | None = None, merge: bool = False) -> None:
         self.p = BENCH_PRESETS[preset] if isinstance(preset, str) else preset
         if threads is not None:
             self.p = attrs.evolve(self.p, threads=threads)
@@ -147,7 +77,7 @@ class Bench:
             self.p = attrs.evolve(self.p, seeds=tuple(range(seeds)))
         self.out = Path(out)
         self.work = Path(work) if work is not None else Path("benchmarks/runs") / self.p.name
-        self.progress, self.rows = progress, rows
+        self.progress, self.rows, self.merge = progress, rows, merge
         self.name = f"compare_{self.p.name}"
         self.searches: dict[str, Any] = {}
         self.report: dict[str, Any] = {}
@@ -180,10 +110,26 @@ class Bench:
         self.budgets = {"4bit": b4, "mid": (b3 + b4) // 2}
         self.search_store = TrialStore(self.work / "search.db")
         self.final_store = TrialStore(self.work / "final.db")
+        self.seed_stores: dict[int, Any] = {}  # searches with another seed (a store pins its evaluator's seed)
         self.evaluators: dict[tuple, Any] = {}
 
+    def stores(self) -> list[Any]:
+        """Every trial store of this benchmark (searches of each seed, final trainings)."""
+        return [st for st in (getattr(self, "search_store", None), *getattr(self, "seed_stores", {}).values(),
+                              getattr(self, "final_store", None)) if st is not None]
+
+    def store_for(self, seed: int):
+        """The search store of search seed ``seed`` (``search.db`` for the preset's, else ``search-seed<N>.db``)."""
+        from autoqra.store import TrialStore
+
+        if seed == self.p.search_seed:
+            return self.search_store
+        if seed not in self.seed_stores:
+            self.seed_stores[seed] = TrialStore(self.work / f"search-seed{seed}.db")
+        return self.seed_stores[seed]
+
     def close(self) -> None:
-        for st in (getattr(self, "search_store", None), getattr(self, "final_store", None)):
+        for st in self.stores():
             if st is not None:
                 st.close()
 
@@ -194,7 +140,7 @@ class Bench:
         cfg = {"preset": p.search_preset, "bits": list(p.bits), "ranks": list(p.ranks), "train": p.train.to_dict(),
                "backend": "hqq", "seed": p.search_seed, **p.search_options, **row.options}
         if row.match_evals:
-            cfg["max_trials"] = int(self.search("autoqra").info["n_evals"])
+            cfg["max_trials"] = int(self.search(row.match_evals).info["n_evals"])
         return cfg
 
     def search(self, row_id: str):
@@ -204,9 +150,10 @@ class Bench:
 
             row = {r.id: r for r in (*ROWS, *self.rows)}[row_id]
             log.info("search %s: budget %s bytes", row.label, f"{self.budgets[row.budget]:,}")
+            cfg = self.search_config(row)
             self.searches[row_id] = optimize(self.model, self.budgets[row.budget], tokenizer=self.tok,
-                                             store=self.search_store, progress=self.progress,
-                                             config=self.search_config(row))
+                                             store=self.store_for(int(cfg["seed"])), progress=self.progress,
+                                             config=cfg)
             self.n_run += int(self.searches[row_id].info.get("n_run", 0))
         return self.searches[row_id]
 
@@ -216,11 +163,11 @@ class Bench:
 
         return search_summary(res)
 
-    def random_search(self):
-        """See :func:`autoqra._bench_search.random_search`."""
+    def random_search(self, row: RowSpec):
+        """See :func:`autoqra._bench_search.random_search` (matched to the row's parent search)."""
         from autoqra._bench_search import random_search
 
-        best, summary, n_run = random_search(self)
+        best, summary, n_run = random_search(self, row.parent or "autoqra-anchored")
         self.n_run += n_run
         return best, summary
 
@@ -256,6 +203,15 @@ class Bench:
                 "metrics": r.metrics, "memory": r.memory, "seconds": r.seconds,
                 "shared_with": None if owner == row.id else owner}
 
+    def carried_rows(self) -> dict[str, Any]:
+        """The rows of the existing ``<out>/<name>.json`` that this invocation does not run (``merge``).
+
+        See :func:`autoqra._bench_report.carry_rows`; a report of another recipe is refused.
+        """
+        from autoqra._bench_report import carry_rows
+
+        return carry_rows(self, self.out / f"{self.name}.json", {r.id for r in self.rows})
+
     # -------------------------------------------------------------------- run
     def row_point(self, row: RowSpec):
         """``(assignment, backend, search summary)`` of a row (searches run here)."""
@@ -263,16 +219,18 @@ class Bench:
             space = self.spaces[row.backend]
             return space.uniform(row.bits, row.rank), row.backend, None
         if row.kind == "random":
-            best, summary = self.random_search()
+            best, summary = self.random_search(row)
             return (best.assignment if best else None), "hqq", summary
         res = self.search(row.id)
         return (res.best.assignment if res.best else None), "hqq", self.search_summary(res)
 
     def run(self) -> dict[str, Any]:
-        from autoqra._bench_table import build_report, write_outputs
+        from autoqra._bench_report import build_report
+        from autoqra._bench_table import write_outputs
 
         t0 = time.perf_counter()
         self.setup()
+        carried = self.carried_rows() if self.merge else {}
         rows: dict[str, dict[str, Any]] = {}
         points: dict[str, tuple] = {}
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -285,15 +243,19 @@ class Bench:
                             points[row.id] = self.row_point(row)
                             a, backend, summary = points[row.id]
                             rows[row.id] = {"id": row.id, "label": row.label, "kind": row.kind, "backend": backend,
-                                            "budget": row.budget, "options": row.options, "search": summary,
+                                            "budget": row.budget, "options": row.options, "parent": row.parent,
+                                            "repeat": row.repeat,
+                                            "search": summary,
                                             "assignment": a.to_dict() if a else None, "finals": [],
                                             "memory_predicted": self.memory[backend].predict(a).to_dict() if a else None}
                         a, backend, _ = points[row.id]
                         if a is not None:
                             rows[row.id]["finals"].append(self.final(row, a, backend, seed))
-                        self.report = build_report(self, rows, started, time.perf_counter() - t0, partial=True)
+                        self.report = build_report(self, rows, started, time.perf_counter() - t0, partial=True,
+                                                   carried=carried)
                         write_outputs(self.report, self.out, self.name, plot=False)
-            self.report = build_report(self, rows, started, time.perf_counter() - t0, partial=False)
+            self.report = build_report(self, rows, started, time.perf_counter() - t0, partial=False,
+                                           carried=carried)
             write_outputs(self.report, self.out, self.name, plot=True)
         finally:
             self.close()
@@ -302,11 +264,14 @@ class Bench:
 
 def run_bench(preset: str = "quick", out: str | Path = "benchmarks/results", work: str | Path | None = None,
               seeds: int | None = None, progress: bool = False, threads: int | None = None,
-              rows: list[str] | None = None) -> dict[str, Any]:
+              rows: list[str] | None = None, merge: bool = False) -> dict[str, Any]:
     """Run (or resume) the benchmark of ``preset``; writes ``<out>/compare_<preset>.{md,json,png}``.
 
     ``rows``: only these row ids (e.g. to compute some rows in a second process sharing the work
     folder; give it another ``out`` so the two do not overwrite each other's table).
+    ``merge``: keep the other rows of an existing ``<out>/compare_<preset>.json`` (same model, data,
+    budgets and final-training recipe, else ``ValueError``) in the written table, marked as carried
+    over; the rows run now replace theirs. This adds rows to a committed table without re-running it.
     """
     if preset not in BENCH_PRESETS:
         raise ValueError(f"preset={preset!r} is not allowed; choose one of {list(BENCH_PRESETS)}")
@@ -315,4 +280,5 @@ def run_bench(preset: str = "quick", out: str | Path = "benchmarks/results", wor
     if unknown:
         raise ValueError(f"unknown row ids {unknown}; the rows are {ids}")
     chosen = tuple(r for r in ROWS if rows is None or r.id in rows)
-    return Bench(preset, out=out, work=work, seeds=seeds, progress=progress, threads=threads, rows=chosen).run()
+    return Bench(preset, out=out, work=work, seeds=seeds, progress=progress, threads=threads, rows=chosen,
+                 merge=merge).run()

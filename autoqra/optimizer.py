@@ -90,6 +90,7 @@ class AutoQRA:
         self.evaluator_spec = evaluator.spec()
         self.baseline_keys: dict[str, str] = {}
         self.run_keys: list[str] = []  # this run's trials in candidate order (the store may hold more)
+        self.run_phase: dict[str, str] = {}  # key -> the phase that first asked for it in this run
         self.executor = executor or LocalExecutor(evaluator)
         self.phase2_batch = int(phase2_batch or self.executor.n_workers)
         self.trial_seconds = 0.0  # sum of the trials' own seconds (> wall time with parallel workers)
@@ -127,6 +128,11 @@ class AutoQRA:
         todo: list[int] = []  # indices to evaluate, in candidate order
         n, cut, reason = self.n_evals, len(assignments), None
         for i, key in enumerate(keys):
+            # stored trials and repeats count like new ones, so what a shared store holds never changes
+            # how many trials a run makes (a limit-matched ablation gets exactly its budget)
+            if self.max_trials is not None and n >= self.max_trials:
+                cut, reason = i, f"trial limit {self.max_trials} reached"
+                break
             if key in first:  # a repeat reads its first occurrence back, like a stored trial
                 n += 1
                 continue
@@ -136,9 +142,6 @@ class AutoQRA:
                 cached[i] = old["result"]
                 n += 1
                 continue
-            if self.max_trials is not None and n >= self.max_trials:
-                cut, reason = i, f"trial limit {self.max_trials} reached"
-                break
             todo.append(i)
             n += 1
         if todo:
@@ -151,8 +154,9 @@ class AutoQRA:
             if res is None:  # cannot happen: every item before the cut finished
                 raise RuntimeError(f"trial {i} of a batch did not finish")
             results[i] = res
-            if keys[i] not in self.run_keys:
+            if keys[i] not in self.run_phase:
                 self.run_keys.append(keys[i])
+                self.run_phase[keys[i]] = phase
             self.n_evals += 1
             if i not in ran:
                 self.progress.trial(phase, res, cached=True)
@@ -198,9 +202,12 @@ class AutoQRA:
         """This run's trials in candidate order (read back from the store), whatever order workers finished in.
 
         Only this run's own trials count, never others a shared store holds: that keeps a
-        re-run's decisions identical to the first run's, which is what makes resume exact.
+        re-run's decisions identical to the first run's, which is what makes resume exact. Each
+        trial's ``phase`` is this run's (a trial read back may have been stored by another search,
+        in another phase).
         """
-        return [t for t in (self.store.get(k) for k in self.run_keys) if t is not None]
+        return [{**t, "phase": self.run_phase[k]} for k, t in ((k, self.store.get(k)) for k in self.run_keys)
+                if t is not None]
 
     def high_trials(self) -> list[dict]:
         """This run's ok high-fidelity trials (baselines included), feasible or not."""

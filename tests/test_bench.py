@@ -48,17 +48,31 @@ def test_budgets_held_and_counts_matched(quick):
     assert rows["hqq4-r8"]["model_bytes_predicted"] == b["4bit"]
     for rid, key in (("autoqra", "4bit"), ("autoqra-mid", "mid"), ("random", "4bit"), ("no-priors", "4bit"),
                      ("no-surrogate", "4bit"), ("no-phase2", "4bit"), ("nsga2", "4bit"),
-                     ("autoqra-anchored", "4bit"), ("autoqra-mid-anchored", "mid")):
+                     ("autoqra-anchored", "4bit"), ("autoqra-mid-anchored", "mid"), ("anchored-no-priors", "4bit"),
+                     ("anchored-no-surrogate", "4bit"), ("anchored-no-phase2", "4bit"),
+                     ("autoqra-anchored-s1", "4bit"), ("autoqra-mid-anchored-s1", "mid")):
         assert rows[rid]["model_bytes_measured"] <= b[key], rid
         assert rows[rid]["search"]["budget_bytes"] == b[key]
     auto = rows["autoqra"]["search"]
     n_auto = sum(auto["evals"].values())
     assert sum(rows["no-surrogate"]["search"]["evals"].values()) <= n_auto
     assert sum(rows["nsga2"]["search"]["evals"].values()) <= n_auto
-    searched_high = sum(t["fidelity"] == "high" and t["phase"] in ("phase1", "phase2") for t in auto["records"])
+    anc = rows["autoqra-anchored"]["search"]
+    searched_high = sum(t["fidelity"] == "high" and t["phase"] in ("phase1", "phase2") for t in anc["records"])
     assert rows["random"]["search"]["evals"] == {"high": searched_high}
     assert "phase2" not in {t["phase"] for t in rows["no-phase2"]["search"]["records"]}
     assert "phase2" in {t["phase"] for t in auto["records"]}
+    assert sum(rows["anchored-no-surrogate"]["search"]["evals"].values()) <= sum(anc["evals"].values())
+    assert "phase2" not in {t["phase"] for t in rows["anchored-no-phase2"]["search"]["records"]}
+    for rid, parent in (("anchored-no-priors", "autoqra-anchored"), ("autoqra-anchored-s1", "autoqra-anchored"),
+                        ("no-surrogate", "autoqra"), ("random", "autoqra-anchored")):
+        assert rows[rid]["parent"] == parent, rid
+    # another search seed: its own baselines (other LoRA init and data order), so other scores
+    s1 = rows["autoqra-anchored-s1"]
+    assert s1["options"]["seed"] == 1 and s1["repeat"]
+    base = [[t["score"] for t in rows[r]["search"]["records"] if t["phase"] == "baseline"]
+            for r in ("autoqra-anchored", "autoqra-anchored-s1")]
+    assert len(base[0]) == len(base[1]) > 0 and base[0] != base[1]
     for rid, paper in (("autoqra-anchored", "autoqra"), ("autoqra-mid-anchored", "autoqra-mid")):
         assert rows[rid]["options"] == {"warm_start": "anchored"}
         first = [next(t for t in rows[r]["search"]["records"] if t["phase"] == "phase1") for r in (rid, paper)]
@@ -71,6 +85,29 @@ def test_row_filter(quick, tmp_path):
         run_bench("quick", out=tmp_path, work=work, rows=["hqq4-r8", "nope"])
     rep = run_bench("quick", out=tmp_path, work=work, rows=["hqq4-r8", "autoqra-anchored"])
     assert [r["id"] for r in rep["rows"]] == ["hqq4-r8", "autoqra-anchored"] and rep["n_run"] == 0
+
+
+def test_merge_adds_rows_to_an_existing_table(quick, tmp_path):
+    rep, out, work, _ = quick
+    (tmp_path / "compare_quick.json").write_text((out / "compare_quick.json").read_text())
+    again = run_bench("quick", out=tmp_path, work=work, rows=["hqq4-r8", "autoqra-anchored"], merge=True)
+    assert again["n_run"] == 0
+    assert [r["id"] for r in again["rows"]] == [r.id for r in ROWS]  # carried rows keep the benchmark's order
+    carried = {r["id"] for r in again["rows"] if r.get("carried")}
+    assert carried == {r.id for r in ROWS} - {"hqq4-r8", "autoqra-anchored"}
+    assert again["carried"]["rows"] == sorted(carried) and again["carried"]["compute_seconds"] > 0
+    assert [r["losses"] for r in again["rows"]] == [r["losses"] for r in rep["rows"]]
+    md = (tmp_path / "compare_quick.md").read_text()
+    assert md.count("carried over") == len(carried) + 1  # each carried row + the header line
+    # without merge only the rows run are written; a report of another recipe is refused
+    assert len(run_bench("quick", out=tmp_path, work=work, rows=["hqq4-r8"])["rows"]) == 1
+    other = {**rep, "seeds": [0], "rows": rep["rows"]}
+    (tmp_path / "compare_quick.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"another recipe \(seeds differ"):
+        run_bench("quick", out=tmp_path, work=work, rows=["hqq4-r8"], merge=True)
+    (tmp_path / "compare_quick.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="format 'something else'"):
+        run_bench("quick", out=tmp_path, work=work, rows=["hqq4-r8"], merge=True)
 
 
 def test_outputs_written(quick):
@@ -110,3 +147,14 @@ def test_curve_and_findings_follow_the_numbers():
     assert "did not beat uniform" in " ".join(findings(rep))
     rep["rows"][1]["assignment"] = a
     assert "chose exactly that assignment" in " ".join(findings(rep))
+    # an ablation is compared with its parent search, not with uniform; a repeat with both
+    rep["rows"][1]["assignment"] = {"bits": [8, 2], "ranks": [8, 8]}
+    rep["rows"] += [{**row, "id": "abl", "label": "AB (≤ B4)", "kind": "search", "parent": "autoqra", "loss_mean": 3.4,
+                     "assignment": {"bits": [2, 8], "ranks": [8, 8]}},
+                    {**row, "id": "rep", "label": "AQ seed 1 (≤ B4)", "kind": "search", "parent": "autoqra",
+                     "repeat": True, "loss_mean": 2.9, "assignment": {"bits": [4, 8], "ranks": [8, 8]}}]
+    text = " ".join(findings(rep))
+    assert "AB (≤ B4) (3.4000) is worse than AQ (3.2000) by 0.2000 nats" in text
+    assert "AB did not beat" not in text and "; AB (3.4000)" not in text
+    assert "AQ seed 1 (3.0000)" not in text and "; AQ seed 1 (2.9000) beats it by 0.1000 nats" in text
+    assert "AQ seed 1 (≤ B4) (2.9000) is better than AQ (3.2000) by 0.3000 nats" in text

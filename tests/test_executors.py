@@ -134,6 +134,20 @@ def test_trial_limit_mid_batch_evaluates_only_what_fits(parts):
     assert len(run.store) == 3 and len(run.trials()) == 3
 
 
+def test_stored_trials_count_against_the_trial_limit(parts):
+    """A run over a store that already holds its trials makes exactly as many trials as a fresh one."""
+    ev = ScoreEvaluator(parts[2])
+    cs = cands(parts)
+    full = make_run(parts, ev, ReversedExecutor(ev))
+    full.evaluate_many(cs, HIGH, "phase1")  # every candidate is in the store now
+    limited = make_run(parts, ev, ReversedExecutor(ev), store=full.store, max_trials=2)
+    ev.calls.clear()
+    with pytest.raises(LimitReached, match="trial limit 2") as e:
+        limited.evaluate_many([cs[0], cs[0], *cs[1:]], HIGH, "phase1")  # a repeat counts, too
+    assert ev.calls == [] and limited.n_evals == 2 and len(limited.trials()) == 1
+    assert [r is not None for r in e.value.results] == [True, True] + [False] * (len(cs) - 1)
+
+
 def test_time_limit_stops_new_starts(parts):
     ev = ScoreEvaluator(parts[2])
     run = make_run(parts, ev, LocalExecutor(ev), time_limit=1e-9)

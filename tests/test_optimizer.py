@@ -11,6 +11,7 @@ import time
 import pytest
 
 import autoqra
+from autoqra.bench import copy_store
 from autoqra.config import TrainSpec
 from autoqra.store import TrialStore
 
@@ -52,6 +53,19 @@ def test_resume_reads_finished_trials_back(tiny, run):
     assert again.info["n_run"] == 0  # nothing re-run
     assert [t.key for t in again.history] == [t.key for t in res.history]
     assert again.best.key == res.best.key
+
+
+def test_history_phases_are_this_runs_own(tiny, run, tmp_path):
+    """A trial read back from a shared store keeps the phase this run asked for it in, not the stored one."""
+    res, path, _ = run
+    shared = tmp_path / "shared.db"
+    assert copy_store(path, shared)  # WAL-safe copy
+    with TrialStore(shared) as st:
+        st._exec("UPDATE trials SET phase = 'another-search'")  # as if another search had stored them all
+        assert st.count(phase="another-search") == len(res.history)
+    again = autoqra.optimize(tiny, "4bit", store=shared, seed=0, **FAST)
+    assert again.info["n_run"] == 0
+    assert [(t.key, t.phase) for t in again.history] == [(t.key, t.phase) for t in res.history]
 
 
 def test_same_seed_same_history(tiny, run):
