@@ -72,8 +72,9 @@ class NSGA2Searcher(Searcher):
         gamma: exponent of the importance sampling weights (paper: 1.5).
         coupled_prob: probability that an offspring's mutation is the coupled (budget-balanced) edit.
         warm_start: how the first generation is seeded: ``"anchored"`` (default; the highest
-            uniform bit-width the budget affords, slack filled by importance per byte;
-            :func:`~autoqra.searchers.nsga2_ops.anchored_seed`), ``"eq6"`` (or True; the paper's
+            uniform bit-width the budget affords, slack filled by importance per byte, plus the
+            start that keeps the Eq. 6 ranks when that is another point;
+            :func:`~autoqra.searchers.nsga2_ops.anchored_seeds`), ``"eq6"`` (or True; the paper's
             Eq. 6 seed from the importance priors; without priors the first generation is random)
             or ``"none"`` (or False; uniform random + repair).
         jitter_resets: random single-variable resets per jittered copy of the seed.
@@ -136,7 +137,7 @@ class NSGA2Searcher(Searcher):
             seed_x = space.encode(ops.warm_start_seed(space, self.iq, self.ir, self.tau))
         elif self.warm_start == "anchored":
             bytes_of = rep.bytes_encoded if isinstance(rep, Repairer) else _bytes_fn(ctx)
-            seed_x = ops.anchored_seed(space, self.iq, self.ir, bytes_of, ctx.budget_bytes, self.tau)
+            seed_x = ops.anchored_seeds(space, self.iq, self.ir, bytes_of, ctx.budget_bytes, self.tau)
         self._archive: set[tuple[int, ...]] = set()
         self.problem = Problem(n_var=2 * n, n_obj=2, xl=np.zeros(2 * n), xu=space.upper.astype(float), vtype=int)
         self.algorithm = NSGA2(

@@ -6,9 +6,12 @@ All operators work on the integer encoding of :meth:`SearchSpace.encode`
 * :func:`warm_start_seed` — Eq. 6: ``q_u = round_Q(q_min + (q_max - q_min) * tau(I_q(u)))`` and the
   same for ranks with ``I_r``; ``round`` snaps to the nearest ladder *value* (ties: the lower one).
 * :func:`anchored_seed` — budget-anchored alternative: every unit at the highest uniform bit-width
-  that fits (ranks from Eq. 6), then the budget's slack is filled greedily with the one-step
-  upgrade of most importance per byte. Unlike Eq. 6 it never puts a unit below the uniform level
-  the budget affords, so low priors cannot send layers to 2 bits when 4 fit.
+  that fits (with Eq. 6 ranks where they fit there, else none), then the budget's slack is filled
+  greedily with the one-step upgrade of most importance per byte. Unlike Eq. 6 it never puts a unit
+  below the uniform level the budget affords, so low priors cannot send layers to 2 bits when 4 fit.
+  :func:`anchored_seeds` adds the start that keeps the Eq. 6 ranks at the highest bit-width where
+  *they* fit, when that is another point: the first generation then holds both and selection
+  decides whether bits or adapter ranks are worth more on this model.
 * :func:`importance_mutation` — one ladder step on a unit drawn with probability ∝ (I_q + I_r)^gamma;
   bits or rank 50/50; up with probability I_t(u) (the importance of the chosen kind), else down;
   a step that would leave the ladder goes the other way.
@@ -56,34 +59,22 @@ def warm_start_seed(
     return space.decode(np.concatenate([bi, ri]))
 
 
-def anchored_seed(
-    space: SearchSpace,
-    importance_q: np.ndarray,
-    importance_r: np.ndarray,
-    bytes_of: Callable[[np.ndarray], int],
-    budget_bytes: int,
-    tau: str = "identity",
-    eps: float = 1e-8,
-) -> np.ndarray:
-    """Budget-anchored seed (an encoding; see the module docstring).
-
-    Start: all units at the highest bit-width whose uniform assignment (with Eq. 6 ranks, or the
-    lowest ranks when those do not fit) fits ``budget_bytes``. Fill: while some one-step upgrade
-    (one unit's bits or rank one rung up) still fits, apply the one with the largest
-    ``(I + eps) / bytes_added`` (ties: lowest variable index). Returns the ladder minimum's
-    encoding when even that does not fit (repair then reports the infeasible budget).
-    """
+def _uniform_start(space: SearchSpace, rank_options: list[np.ndarray], bytes_of: Callable[[np.ndarray], int],
+                   budget_bytes: int) -> np.ndarray | None:
+    """All units at the highest bit-width where one of ``rank_options`` (tried in order) fits; None if none."""
     n = space.n_units
-    ranks = space.encode(warm_start_seed(space, importance_q, importance_r, tau))[n:]
-    x = np.zeros(2 * n, dtype=np.int64)
-    for r in (ranks, np.zeros(n, dtype=np.int64)):
-        fits = [b for b in range(len(space.bits)) if bytes_of(np.concatenate([np.full(n, b), r])) <= budget_bytes]
-        if fits:
-            x = np.concatenate([np.full(n, max(fits)), r]).astype(np.int64)
-            break
-    else:
-        return x
-    imp = np.concatenate([np.asarray(importance_q, float), np.asarray(importance_r, float)]) + eps
+    for b in reversed(range(len(space.bits))):
+        for r in rank_options:
+            x = np.concatenate([np.full(n, b), r]).astype(np.int64)
+            if bytes_of(x) <= budget_bytes:
+                return x
+    return None
+
+
+def _fill(x: np.ndarray, space: SearchSpace, imp: np.ndarray, bytes_of: Callable[[np.ndarray], int],
+          budget_bytes: int) -> np.ndarray:
+    """Greedy fill: apply the fitting one-step upgrade with the most ``imp`` per byte added until none fits."""
+    x = x.copy()
     upper = np.asarray(space.upper, dtype=np.int64)
     cur = bytes_of(x)
     while True:
@@ -101,6 +92,56 @@ def anchored_seed(
             return x
         x[best] += 1
         cur = best_bytes
+
+
+def anchored_seeds(
+    space: SearchSpace,
+    importance_q: np.ndarray,
+    importance_r: np.ndarray,
+    bytes_of: Callable[[np.ndarray], int],
+    budget_bytes: int,
+    tau: str = "identity",
+    eps: float = 1e-8,
+) -> list[np.ndarray]:
+    """Budget-anchored starts (encodings; see the module docstring), each filled greedily.
+
+    1. *Bits first*: all units at the highest bit-width whose uniform assignment fits
+       ``budget_bytes`` with the Eq. 6 ranks, or else with the lowest ranks. Eq. 6 ranks never
+       pull this start below the uniform bit-width the budget affords.
+    2. *Eq. 6 ranks first* (only when it differs from 1): all units at the highest bit-width where
+       the Eq. 6 ranks fit. On a model where adapters cost as much as a bit-width step this is
+       the better start; on a large LLM, where they are cheap, the two coincide.
+
+    Fill: while some one-step upgrade (one unit's bits or rank one rung up) still fits, apply the
+    one with the largest ``(I + eps) / bytes_added`` (ties: lowest variable index). Returns the
+    ladder minimum's encoding alone when even that does not fit (repair then reports the
+    infeasible budget).
+    """
+    n = space.n_units
+    eq6_ranks = space.encode(warm_start_seed(space, importance_q, importance_r, tau))[n:]
+    lowest = np.zeros(n, dtype=np.int64)
+    imp = np.concatenate([np.asarray(importance_q, float), np.asarray(importance_r, float)]) + eps
+    out: list[np.ndarray] = []
+    for options in ([eq6_ranks, lowest], [eq6_ranks]):
+        start = _uniform_start(space, options, bytes_of, budget_bytes)
+        if start is not None:
+            x = _fill(start, space, imp, bytes_of, budget_bytes)
+            if not any(np.array_equal(x, y) for y in out):
+                out.append(x)
+    return out or [np.zeros(2 * n, dtype=np.int64)]
+
+
+def anchored_seed(
+    space: SearchSpace,
+    importance_q: np.ndarray,
+    importance_r: np.ndarray,
+    bytes_of: Callable[[np.ndarray], int],
+    budget_bytes: int,
+    tau: str = "identity",
+    eps: float = 1e-8,
+) -> np.ndarray:
+    """The first (bits-first) start of :func:`anchored_seeds`: the first candidate of Phase I."""
+    return anchored_seeds(space, importance_q, importance_r, bytes_of, budget_bytes, tau, eps)[0]
 
 
 def _weights(v: np.ndarray, gamma: float) -> np.ndarray:
@@ -152,13 +193,16 @@ def coupled_mutation(
 
 
 class WarmStartSampling(Sampling):
-    """Initial population: the repaired Eq. 6 seed first, then jittered copies (``jitter_resets``
-    random single-variable resets each, repaired). With ``seed=None``: uniform random + repair.
-    Rows are kept unique when possible (up to 20 tries per row)."""
+    """Initial population: the repaired seed(s) first, then jittered copies (``jitter_resets``
+    random single-variable resets each, repaired), taken from the seeds in turn. ``seed`` is one
+    encoding, a list of them, or None (uniform random + repair). Rows are kept unique when
+    possible (up to 20 tries per row)."""
 
-    def __init__(self, seed: np.ndarray | None, repair: EncodedRepair, jitter_resets: int = 4) -> None:
+    def __init__(self, seed: np.ndarray | list[np.ndarray] | None, repair: EncodedRepair,
+                 jitter_resets: int = 4) -> None:
         super().__init__()
-        self.seed_x = None if seed is None else np.asarray(seed, dtype=np.int64)
+        seeds = [] if seed is None else [seed] if isinstance(seed, np.ndarray) and seed.ndim == 1 else list(seed)
+        self.seeds = [np.asarray(x, dtype=np.int64) for x in seeds]
         self.repair_fn = repair
         self.jitter_resets = int(jitter_resets)
 
@@ -168,10 +212,10 @@ class WarmStartSampling(Sampling):
         rows: list[np.ndarray] = []
         seen: set[tuple[int, ...]] = set()
 
-        def fresh() -> np.ndarray:
-            if self.seed_x is None:
+        def fresh(i: int) -> np.ndarray:
+            if not self.seeds:
                 return rng.integers(0, upper + 1)
-            y = self.seed_x.copy()
+            y = self.seeds[i % len(self.seeds)].copy()
             for _ in range(self.jitter_resets):
                 j = int(rng.integers(len(y)))
                 y[j] = rng.integers(0, upper[j] + 1)
@@ -179,10 +223,10 @@ class WarmStartSampling(Sampling):
 
         for i in range(n_samples):
             for t in range(_UNIQUE_TRIES):
-                if i == 0 and t == 0 and self.seed_x is not None:
-                    y = self.repair_fn(self.seed_x)
+                if i < len(self.seeds) and t == 0:
+                    y = self.repair_fn(self.seeds[i])
                 elif t < _UNIQUE_TRIES // 2:
-                    y = self.repair_fn(fresh())
+                    y = self.repair_fn(fresh(i))
                 else:  # jitter keeps colliding (tight budget): fall back to uniform random
                     y = self.repair_fn(rng.integers(0, upper + 1))
                 if tuple(y.tolist()) not in seen:

@@ -123,20 +123,25 @@ def test_improves_and_approaches_the_known_front():
     sc, mem = sc[keep], mem[keep]
     ref = (sc.min() - 0.1, 1.1 * c.budget_bytes)
     true_hv = hypervolume_2d(sc[pareto_mask(sc, mem)], mem[pareto_mask(sc, mem)], *ref)
-    s = get_searcher("nsga2", c, pop_size=12, hv_window=0)
-    asks = _run(s, f, 12)
-    best = [max(f(a) for a in batch) for batch in asks]
-    assert max(best) > best[0]  # the best score improves over the generations...
-    assert max(best) >= np.unique(sc)[-2] - 1e-9  # ...to within one ladder step of the feasible optimum
+    top = np.unique(sc)  # feasible scores, ascending: top[-2] is one ladder step below the optimum
 
     def hv(batches):
         pts = [a for b in batches for a in b]
         return hypervolume_2d([f(a) for a in pts], [c.bytes_of(a) for a in pts], *ref)
 
-    assert hv(asks[:1]) < 0.6 * true_hv and hv(asks[:1]) < hv(asks[:6]) < hv(asks)
-    assert hv(asks) >= 0.95 * true_hv  # 144 of 2542 feasible points evaluated
-    rnd = _run(get_searcher("random", c), f, 12, n=12)  # same number of evaluations
-    assert hv(rnd) < hv(asks) - 0.05 * true_hv
+    # a stochastic search: judged over 4 seeds (default warm start), not on one lucky or unlucky seed
+    fracs, near = [], 0
+    for seed in range(4):
+        cs = attrs.evolve(c, seed=seed)
+        asks = _run(get_searcher("nsga2", cs, pop_size=12, hv_window=0), f, 12)
+        best = [max(f(a) for a in batch) for batch in asks]
+        assert max(best) > best[0]  # the best score improves over the generations
+        near += max(best) >= top[-2] - 1e-9  # within one ladder step of the feasible optimum
+        assert hv(asks[:1]) < hv(asks[:6]) < hv(asks)
+        fracs.append(hv(asks) / true_hv)  # 144 of 2542 feasible points evaluated
+        rnd = _run(get_searcher("random", cs), f, 12, n=12)  # same number of evaluations
+        assert hv(rnd) < hv(asks), seed
+    assert near >= 3 and min(fracs) >= 0.85 and np.mean(fracs) >= 0.92, (near, fracs)
 
 
 def test_same_seed_same_asks_and_different_seed_differs(ctx):
@@ -212,8 +217,10 @@ def _one_step_up_fits(c, x, budget):
 def test_anchored_seed_stays_at_or_above_the_affordable_uniform_level_and_fills_the_budget(tiny, level):
     c = _ctx(tiny, budget=(4, 8))
     mm, space = c.memory, c.space
-    lo, hi = mm.predict(space.uniform(level, 8)).model_bytes, mm.predict(space.uniform(level + 1 if level < 4 else 8, 8)).model_bytes
-    budget = (lo + hi) // 2 if level == 3 else c.budget_bytes
+    # half-way between uniform `level` and the next rung, both without adapters: `level` is the highest
+    # uniform bit-width the budget affords
+    lo, hi = (mm.predict(space.uniform(b, 0)).model_bytes for b in (level, {3: 4, 4: 8}[level]))
+    budget = (lo + hi) // 2
     iq = np.zeros(space.n_units)
     iq[: space.n_units // 2] = 1.0  # half the units look unimportant: Eq. 6 sends them to 2 bits
     ir = np.full(space.n_units, 0.5)
@@ -223,9 +230,38 @@ def test_anchored_seed_stays_at_or_above_the_affordable_uniform_level_and_fills_
     assert _bytes_of(c)(x) <= budget
     assert min(a.bits) == level  # nobody below the uniform level the budget affords
     assert not _one_step_up_fits(c, x, budget)  # the greedy fill is maximal
-    if level == 3:  # the slack (half-way to uniform 4-bit) goes to the important half, exactly
-        half = space.n_units // 2
-        assert set(a.bits[:half]) == {4} and set(a.bits[half:]) == {3}
+    half = space.n_units // 2  # bit upgrades go to the units with high I_q first
+    assert sum(b > level for b in a.bits[:half]) > sum(b > level for b in a.bits[half:])
+
+
+def test_anchored_seed_puts_the_bit_width_before_the_eq6_ranks(tiny):
+    """When Eq. 6 ranks fit only at 3 bits but 4 bits fit with lower ranks, the seed starts at 4 bits.
+
+    (The case that sent a SmolLM2 search at the mid 3/4-bit budget to 20 blocks at 3 bits.)
+    """
+    c = _ctx(tiny, ranks=(0, 4), budget=(4, 0))
+    space, f = c.space, _bytes_of(c)
+    top = space.ranks[-1]
+    iq, ir = np.full(space.n_units, 0.5), np.ones(space.n_units)  # Eq. 6 ranks: the top rung everywhere
+    assert set(ops.warm_start_seed(space, iq, ir).ranks) == {top}
+
+    def uni(b, r):
+        return f(space.encode(space.uniform(b, r)))
+
+    budget = max(uni(4, 0), uni(3, top))
+    assert uni(4, top) > budget and uni(8, 0) > budget  # Eq. 6 ranks fit at 3 bits, not at 4; 4 bits fit
+    a = space.decode(ops.anchored_seed(space, iq, ir, f, budget))
+    assert min(a.bits) == 4 and f(space.encode(a)) <= budget
+    # the start that keeps the Eq. 6 ranks (3 bits here) is the second seed; the first generation holds both
+    seeds = [space.decode(x) for x in ops.anchored_seeds(space, iq, ir, f, budget)]
+    assert len(seeds) == 2 and seeds[0] == a and min(seeds[1].bits) == 3 and set(seeds[1].ranks) == {top}
+    assert f(space.encode(seeds[1])) <= budget
+    ctx = SearchContext(space, c.memory, budget, importance_q=iq, importance_r=ir,
+                        repair=make_repair(c.memory, budget, iq, ir), seed=0)
+    first = get_searcher("nsga2", ctx, pop_size=8).ask(100)
+    assert first[:2] == seeds
+    # with a budget where the Eq. 6 ranks fit at the highest bit-width, there is one start only
+    assert len(ops.anchored_seeds(space, iq, ir, f, uni(4, top))) == 1
 
 
 def test_anchored_seed_below_the_ladder_minimum_returns_the_minimum(tiny):
