@@ -72,9 +72,9 @@ def carry_rows(bench: Any, path: Path, running: set[str]) -> dict[str, Any]:
     rows = {r["id"]: {**r, "label": specs[r["id"]].label, "parent": specs[r["id"]].parent,
                       "repeat": specs[r["id"]].repeat, "carried": True}
             for r in old.get("rows", []) if r.get("id") in specs and r["id"] not in running}
-    return {"rows": rows, "path": path.name, "finished": old.get("finished"),
-            "compute_seconds": float(old.get("compute_seconds") or 0.0) + float(
-                (old.get("carried") or {}).get("compute_seconds") or 0.0)}
+    # compute per work folder: the stores only grow, so this invocation's own folder replaces its old entry
+    by_work = dict(old.get("compute_by_work") or {"earlier invocations": float(old.get("compute_seconds") or 0.0)})
+    return {"rows": rows, "path": path.name, "finished": old.get("finished"), "compute_by_work": by_work}
 
 
 def build_report(bench: Any, rows: dict[str, dict[str, Any]], started: str, wall: float, partial: bool,
@@ -89,9 +89,11 @@ def build_report(bench: Any, rows: dict[str, dict[str, Any]], started: str, wall
         "format": FORMAT, "name": bench.name, "partial": partial, "started": started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_seconds": wall,
         "compute_seconds": compute, "n_run": bench.n_run, **recipe(bench), "rows": out_rows,
+        "compute_by_work": {**carried.get("compute_by_work", {}), str(bench.work): compute},
     }
     if carried.get("rows"):
+        others = {k: v for k, v in rep["compute_by_work"].items() if k != str(bench.work)}
         rep["carried"] = {"from": carried["path"], "finished": carried["finished"],
-                          "compute_seconds": carried["compute_seconds"], "rows": sorted(carried["rows"])}
+                          "compute_seconds": sum(others.values()), "rows": sorted(carried["rows"])}
     rep["findings"] = findings(rep)
     return rep

@@ -92,6 +92,7 @@ def findings(rep: dict[str, Any]) -> list[str]:
         worst = max(ovh)
         out.append(f"Optimizer overhead outside the evaluator: at most {worst[0]:.2%} ({worst[1]}); goal ≤ 2 %: "
                    f"{'met' if worst[0] <= 0.02 else 'NOT met'}.")
+    out.extend(_seed_winners(rep))
     out.extend(_efficiency(rep))
     return out
 
@@ -112,6 +113,21 @@ def curve(records: list[dict], budget: int) -> tuple[list[int], list[int], list[
         steps.append(tot)
         best.append(cur)
     return evals, steps, best
+
+
+def _seed_winners(rep: dict[str, Any]) -> list[str]:
+    """Searches whose chosen point is their first Phase I candidate (the warm-start seed)."""
+    won = []
+    for r in rep["rows"]:
+        recs = (r.get("search") or {}).get("records") or []
+        first = next((t for t in recs if t["phase"] == "phase1"), None)
+        feas = [t for t in recs if t["fidelity"] == "high" and t["ok"] and t["model_bytes"] <= r["search"]["budget_bytes"]]
+        if r["kind"] == "search" and first and feas and max(feas, key=lambda t: t["score"])["assignment"] == first["assignment"]:
+            won.append(r["label"])
+    if not won:
+        return []
+    return [f"The chosen point is the search's first Phase I candidate (its warm-start seed; no later trial scored "
+            f"higher at search fidelity) for: {'; '.join(won)}."]
 
 
 def _efficiency(rep: dict[str, Any]) -> list[str]:
@@ -191,7 +207,8 @@ def markdown(rep: dict[str, Any]) -> str:
         f"{_secs(rep['compute_seconds'])}; evaluations run now {rep['n_run']}; torch threads "
         f"{rep['torch_threads'] or 'default'}; finished {rep['finished']}",
         *([f"* rows noted *carried over* come from `{c['from']}` as finished {c['finished']} (same recipe, checked; "
-           f"not re-run now); compute of the invocations behind them {_secs(c['compute_seconds'])}"]
+           f"not re-run now); compute in other work folders (earlier invocations) {_secs(c['compute_seconds'])}; "
+           f"all compute behind this table {_secs(sum(rep['compute_by_work'].values()))}"]
           if (c := rep.get("carried")) else []),
         "",
         "| configuration | bits · ranks (units) | test loss ↓ | model MB pred / meas | train MB pred / meas | fits "

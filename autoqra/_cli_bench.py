@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 def add_arguments(b: argparse.ArgumentParser) -> None:
     """The options of ``autoqra bench`` (also used by ``benchmarks/compare.py``)."""
     b.add_argument("--preset", default="quick", choices=["quick", "full"],
-                   help="quick: tiny model, minutes (harness check); full: SmolLM2 + pydoc, ~4 h on 2 cores")
+                   help="quick: tiny model, minutes (harness check); full: SmolLM2 + pydoc, 4-5 h on 2 cores")
     b.add_argument("--out", default="benchmarks/results", help="folder of compare_<preset>.md/.json/.png")
     b.add_argument("--work", help="folder of the resumable trial stores (default benchmarks/runs/<preset>)")
     b.add_argument("--seeds", type=int, help="number of final-training seeds (default: the preset's)")
@@ -35,7 +35,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from autoqra.bench import run_bench
 
-    for name in ("autoqra.bench", "autoqra.progress"):  # per-row / per-trial progress lines
+    for name in ("autoqra.bench", "autoqra._bench_search", "autoqra.progress"):  # per-row / per-trial progress
         logging.getLogger(name).setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -95,10 +95,19 @@ def test_merge_adds_rows_to_an_existing_table(quick, tmp_path):
     assert [r["id"] for r in again["rows"]] == [r.id for r in ROWS]  # carried rows keep the benchmark's order
     carried = {r["id"] for r in again["rows"] if r.get("carried")}
     assert carried == {r.id for r in ROWS} - {"hqq4-r8", "autoqra-anchored"}
-    assert again["carried"]["rows"] == sorted(carried) and again["carried"]["compute_seconds"] > 0
+    assert again["carried"]["rows"] == sorted(carried)
+    # the same work folder's stores are counted once, not once per merge
+    assert again["compute_by_work"] == {str(work): again["compute_seconds"]} and again["carried"]["compute_seconds"] == 0
     assert [r["losses"] for r in again["rows"]] == [r["losses"] for r in rep["rows"]]
     md = (tmp_path / "compare_quick.md").read_text()
     assert md.count("carried over") == len(carried) + 1  # each carried row + the header line
+    # a report from before compute_by_work existed counts as other work
+    old = json.loads((out / "compare_quick.json").read_text())
+    del old["compute_by_work"]
+    (tmp_path / "compare_quick.json").write_text(json.dumps(old))
+    twice = run_bench("quick", out=tmp_path, work=work, rows=["hqq4-r8"], merge=True)
+    assert twice["compute_by_work"] == {"earlier invocations": old["compute_seconds"], str(work): twice["compute_seconds"]}
+    assert twice["carried"]["compute_seconds"] == old["compute_seconds"] > 0
     # without merge only the rows run are written; a report of another recipe is refused
     assert len(run_bench("quick", out=tmp_path, work=work, rows=["hqq4-r8"])["rows"]) == 1
     other = {**rep, "seeds": [0], "rows": rep["rows"]}
@@ -158,3 +167,14 @@ def test_curve_and_findings_follow_the_numbers():
     assert "AB did not beat" not in text and "; AB (3.4000)" not in text
     assert "AQ seed 1 (3.0000)" not in text and "; AQ seed 1 (2.9000) beats it by 0.1000 nats" in text
     assert "AQ seed 1 (≤ B4) (2.9000) is better than AQ (3.2000) by 0.3000 nats" in text
+    assert "first Phase I candidate" not in text  # no search records here
+    rec = dict(fidelity="high", ok=True, model_bytes=100, steps=10)
+    rep["rows"][1]["search"] = {"budget_bytes": 100, "records": [
+        {**rec, "phase": "baseline", "score": -3.0, "assignment": "u"},
+        {**rec, "phase": "phase1", "fidelity": "low", "score": -4.0, "assignment": "s"},
+        {**rec, "phase": "phase1", "score": -2.0, "assignment": "s"},
+        {**rec, "phase": "phase2", "score": -2.5, "assignment": "t"}]}
+    assert "first Phase I candidate (its warm-start seed; no later trial scored higher at search fidelity) for: AQ." \
+        in " ".join(findings(rep))
+    rep["rows"][1]["search"]["records"][3]["score"] = -1.0  # Phase II found better
+    assert "first Phase I candidate" not in " ".join(findings(rep))
