@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from autoqra._bench_table import curve
+from autoqra._bench_table import curve, feasible_high
 
 #: id -> (label, colour, line style, width); AutoQRA wide underneath so the shared baseline prefix stays visible
 _STYLE = {"autoqra": ("AutoQRA, paper Eq. 6 warm start", "#1f77b4", "-", 4.0),
@@ -34,7 +34,7 @@ def curve_figure(rep: dict[str, Any]):
         ys = [b if math.isfinite(b) else math.nan for b in best]
         finite += [y for y in ys if math.isfinite(y)]
         hi = [(i, s, t["score"]) for i, s, t in zip(ev, st, recs)
-              if t["fidelity"] == "high" and t["ok"] and t["model_bytes"] <= budget]
+              if feasible_high(t, budget)]
         for ax, xs, k in ((axes[0], ev, 0), (axes[1], st, 1), (zoom, st, 1)):
             ax.step(xs, ys, where="post", color=color, ls=ls, lw=lw, alpha=0.85 if lw > 2 else 1.0,
                     label=f"{label} ({len(recs)} evals)" if ax is axes[0] else None, zorder=4 if lw < 3 else 2)

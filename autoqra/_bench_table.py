@@ -102,12 +102,17 @@ def _short(row: dict) -> str:
     return row["label"].split(" (≤")[0]
 
 
+def feasible_high(t: dict, budget: int) -> bool:
+    """Whether a search record is an ok high-fidelity trial within ``budget`` bytes."""
+    return t["fidelity"] == "high" and t["ok"] and t["model_bytes"] <= budget
+
+
 def curve(records: list[dict], budget: int) -> tuple[list[int], list[int], list[float]]:
     """(evaluations, cumulative training steps, best feasible high-fidelity score so far) per evaluation."""
     evals, steps, best, cur, tot = [], [], [], -math.inf, 0
     for i, t in enumerate(records, 1):
         tot += int(t["steps"])
-        if t["fidelity"] == "high" and t["ok"] and t["model_bytes"] <= budget:
+        if feasible_high(t, budget):
             cur = max(cur, float(t["score"]))
         evals.append(i)
         steps.append(tot)
@@ -121,7 +126,7 @@ def _seed_winners(rep: dict[str, Any]) -> list[str]:
     for r in rep["rows"]:
         recs = (r.get("search") or {}).get("records") or []
         first = next((t for t in recs if t["phase"] == "phase1"), None)
-        feas = [t for t in recs if t["fidelity"] == "high" and t["ok"] and t["model_bytes"] <= r["search"]["budget_bytes"]]
+        feas = [t for t in recs if feasible_high(t, r["search"]["budget_bytes"])]
         if r["kind"] == "search" and first and feas and max(feas, key=lambda t: t["score"])["assignment"] == first["assignment"]:
             won.append(r["label"])
     if not won:

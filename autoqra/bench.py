@@ -130,8 +130,7 @@ class Bench:
 
     def close(self) -> None:
         for st in self.stores():
-            if st is not None:
-                st.close()
+            st.close()
 
     # ----------------------------------------------------------------- search
     def search_config(self, row: RowSpec) -> dict[str, Any]:

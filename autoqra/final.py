@@ -70,6 +70,7 @@ class Checkpointer(FitHooks):
         self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
         self.total, self.every, self.on_step = total_steps, every, on_step
         self.resumed_from = 0
+        self.last_loss = float("nan")  # training loss of the last step checkpointed (read back or saved)
 
     # ------------------------------------------------------------------ resume
     def start(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> int:
@@ -99,6 +100,7 @@ class Checkpointer(FitHooks):
         if "cuda" in rng and torch.cuda.is_available():  # pragma: no cover - needs a GPU
             torch.cuda.set_rng_state(rng["cuda"])
         self.resumed_from = step
+        self.last_loss = float(st.get("last_loss", float("nan")))
         log.info("resuming final training at step %d/%d from %s", step, self.total, folder)
         return step
 
@@ -127,6 +129,7 @@ class Checkpointer(FitHooks):
         if torch.cuda.is_available() and any(p.is_cuda for p in lora.values()):  # pragma: no cover - GPU only
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, tmp / "rng.safetensors")
+        self.last_loss = float(loss)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         sch = {k: (None if k == "lr_lambdas" else v) for k, v in sched.state_dict().items()}
@@ -220,7 +223,7 @@ def run_final(evaluator: FinetuneEvaluator, trial: Any, steps: int, directory: s
     test = evaluator.score(model)[1]
     last = float(stats.get("train_loss_last", float("nan")))
     if ck is not None and not math.isfinite(last):  # nothing left to train: the last step's loss is in the checkpoint
-        last = float((read_state(ck.dir) or {}).get("last_loss", float("nan")))
+        last = ck.last_loss
     metrics = {"test_loss": test["loss"], "test_ppl": test["ppl"], "test_accuracy": test["accuracy"],
                "train_loss_last": last}
     if ck is not None:

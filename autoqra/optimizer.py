@@ -89,8 +89,8 @@ class AutoQRA:
         self.hv_ref: float | None = None
         self.evaluator_spec = evaluator.spec()
         self.baseline_keys: dict[str, str] = {}
-        self.run_keys: list[str] = []  # this run's trials in candidate order (the store may hold more)
-        self.run_phase: dict[str, str] = {}  # key -> the phase that first asked for it in this run
+        # this run's trials in candidate order (the store may hold more) -> the phase that first asked for each
+        self.run_phase: dict[str, str] = {}
         self.executor = executor or LocalExecutor(evaluator)
         self.phase2_batch = int(phase2_batch or self.executor.n_workers)
         self.trial_seconds = 0.0  # sum of the trials' own seconds (> wall time with parallel workers)
@@ -154,9 +154,7 @@ class AutoQRA:
             if res is None:  # cannot happen: every item before the cut finished
                 raise RuntimeError(f"trial {i} of a batch did not finish")
             results[i] = res
-            if keys[i] not in self.run_phase:
-                self.run_keys.append(keys[i])
-                self.run_phase[keys[i]] = phase
+            self.run_phase.setdefault(keys[i], phase)
             self.n_evals += 1
             if i not in ran:
                 self.progress.trial(phase, res, cached=True)
@@ -198,6 +196,11 @@ class AutoQRA:
             self.progress.trial(phase, res, cached=False)
         return stopped[0] if stopped else None
 
+    @property
+    def run_keys(self) -> list[str]:
+        """This run's trial keys in candidate order."""
+        return list(self.run_phase)
+
     def trials(self) -> list[dict]:
         """This run's trials in candidate order (read back from the store), whatever order workers finished in.
 
@@ -206,8 +209,7 @@ class AutoQRA:
         trial's ``phase`` is this run's (a trial read back may have been stored by another search,
         in another phase).
         """
-        return [{**t, "phase": self.run_phase[k]} for k, t in ((k, self.store.get(k)) for k in self.run_keys)
-                if t is not None]
+        return [{**t, "phase": phase} for k, phase in self.run_phase.items() if (t := self.store.get(k)) is not None]
 
     def high_trials(self) -> list[dict]:
         """This run's ok high-fidelity trials (baselines included), feasible or not."""
@@ -359,7 +361,7 @@ class AutoQRA:
             log.info("search stopped: %s", e)
         wall = time.perf_counter() - self.t0
         return {
-            "baselines": self.baseline_keys, "run_keys": list(self.run_keys), "best": self.choose(),
+            "baselines": self.baseline_keys, "run_keys": self.run_keys, "best": self.choose(),
             "best_utility_key": (self.choose(self.alpha) or {}).get("key"), "front": self.front(), "stopped": stopped,
             "stop_reasons": self.stop_reasons, "hv_history": self.hv_history, "wall_seconds": wall,
             "eval_seconds": self.eval_seconds, "n_evals": self.n_evals, "n_run": self.n_run,
