@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from autoqra.quant_backends._gptq_pack import n_words, pack_rows, unpack_rows
+from autoqra.quant_backends._matmul import dequant_linear
 
 log = logging.getLogger(__name__)
 
@@ -144,23 +145,6 @@ def gptq_solve(
     return Q.to(torch.int32), scales, zeros.to(torch.int32), g_idx
 
 
-class _DequantMatmul(torch.autograd.Function):
-    """``x @ W^T`` with ``W`` dequantized on the fly in forward *and again* in backward.
-
-    Nothing but the (already resident) packed buffers is saved, so training does not keep a
-    dequantized copy of every layer alive between forward and backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: GPTQLinear) -> torch.Tensor:  # type: ignore[override]
-        ctx.layer = layer
-        return x @ layer.dequantize_t()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad @ ctx.layer.dequantize_t().t(), None
-
-
 class GPTQLinear(nn.Module):
     """A linear layer stored in the packed GPTQ format (see the module docstring).
 
@@ -272,15 +256,7 @@ class GPTQLinear(nn.Module):
         return self.dequantize_t().t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        x = x.to(self.scales.dtype)
-        if torch.is_grad_enabled() and x.requires_grad:
-            y = _DequantMatmul.apply(x, self)
-        else:
-            y = x @ self.dequantize_t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(in_dtype)
+        return dequant_linear(x, self.dequantize_t, self.scales.dtype, self.bias)
 
     def extra_repr(self) -> str:
         return (

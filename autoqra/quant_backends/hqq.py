@@ -171,8 +171,9 @@ class HQQBackend(QuantBackend):
     def quantize(self, linear: nn.Linear, bits: int, calib: torch.Tensor | None = None) -> nn.Module:
         """Return an ``HQQLinear`` computing ``linear`` at ``bits`` (``linear`` is not modified).
 
-        The layer lives on ``linear``'s device; bits ``16`` returns ``linear`` itself. hqq's global
-        forward backend is set to ``HQQBackend.PYTORCH`` (autograd-capable, no CUDA extension needed).
+        The layer lives on ``linear``'s device; bits ``16`` returns ``linear`` itself. It is an
+        :class:`~autoqra.quant_backends._hqq_layer.AutocastHQQLinear`: hqq's storage, with a forward
+        that trains under fp32, bf16 and fp16 autocast (pure PyTorch, no CUDA extension needed).
 
         Raises:
             ValueError: unsupported bits, or a shape hqq cannot group/pack.
@@ -183,10 +184,10 @@ class HQQBackend(QuantBackend):
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"backend 'hqq' quantizes nn.Linear modules, got {type(linear).__name__}")
         self._layout(linear.out_features, linear.in_features, bits)
-        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-        from hqq.core.quantize import HQQBackend as _Kernels
+        from hqq.core.quantize import BaseQuantizeConfig
 
-        HQQLinear.set_backend(_Kernels.PYTORCH)
+        from autoqra.quant_backends._hqq_layer import AutocastHQQLinear
+
         # HQQLinear deletes its source's parameters (del_orig): hand it a throw-away shell that
         # points at the same (read-only used) tensors, so the caller's linear keeps its weights.
         shell = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
@@ -194,7 +195,7 @@ class HQQBackend(QuantBackend):
         if linear.bias is not None:
             shell.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         cfg = BaseQuantizeConfig(nbits=bits, group_size=self.group_size, axis=self.axis)
-        q = HQQLinear(
+        q = AutocastHQQLinear(
             shell, cfg, del_orig=True, compute_dtype=self.compute_dtype, device=str(linear.weight.device)
         )
         q.W_q.data = _compact(q.W_q.data)
@@ -232,14 +233,12 @@ class HQQBackend(QuantBackend):
         return tensors, {"compute_dtype": str(module.compute_dtype).removeprefix("torch.")}
 
     def load_module(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: str = "cpu") -> nn.Module:
-        from hqq.core.quantize import HQQBackend as _Kernels
-        from hqq.core.quantize import HQQLinear
+        from autoqra.quant_backends._hqq_layer import AutocastHQQLinear
 
-        HQQLinear.set_backend(_Kernels.PYTORCH)
         dtype = getattr(torch, str(meta.get("compute_dtype", "float32")))
         if dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"unsupported hqq compute dtype {meta.get('compute_dtype')!r}")
-        q = HQQLinear(None, quant_config=None, compute_dtype=dtype, device=str(device), initialize=False)
+        q = AutocastHQQLinear(None, quant_config=None, compute_dtype=dtype, device=str(device), initialize=False)
         state = {k: v.to(device) for k, v in tensors.items()}
         q.load_state_dict(state)
         q.W_q = nn.Parameter(_compact(q.W_q.data), requires_grad=False)
