@@ -166,8 +166,13 @@ class GPTQBackend(QuantBackend):
             module_names: full names of ``nn.Linear`` modules.
             calib_ids: ``(n_seq, seq_len)`` token ids (no padding).
 
+        Sums are accumulated on the activations' device (fast), and each finished ``H`` is moved to
+        the CPU: all Hessians of an 8B model are ~33 GB, too much to keep on a GPU next to it.
+        :meth:`quantize` moves one ``H`` at a time to the linear's device while solving.
+
         Returns:
-            ``{name: H}``; ``H`` is fp32 ``(in_features, in_features)`` on the model's device.
+            ``{name: H}``; ``H`` is fp32 ``(in_features, in_features)`` on the **CPU** (aliased
+            linears share one tensor).
         """
         mods = dict(model.named_modules())
         for name in module_names:
@@ -221,8 +226,10 @@ class GPTQBackend(QuantBackend):
             for m, t in modes.items():
                 m.training = t
         out: dict[str, torch.Tensor] = {}
-        for name, S in sums.items():
-            out[name] = S.mul_(2.0 / rows[name])
+        for name in list(sums):
+            S = sums.pop(name)  # freed on the device as soon as its CPU copy exists
+            out[name] = S.mul_(2.0 / rows[name]).cpu()
+            del S
         for name, leader in alias.items():
             out[name] = out[leader]
         missing = [n for n in module_names if n not in out]
@@ -238,8 +245,9 @@ class GPTQBackend(QuantBackend):
         Args:
             linear: a frozen ``nn.Linear``.
             bits: 2, 3, 4 or 8 (16 returns ``linear`` itself, unquantized).
-            calib: this module's Hessian from :meth:`calibrate`. ``torch.eye(in_features)`` gives
-                exactly round-to-nearest with the same grouping.
+            calib: this module's Hessian from :meth:`calibrate` (on the CPU, or any device: it is
+                copied to ``linear.weight``'s device for the solve and not modified).
+                ``torch.eye(in_features)`` gives exactly round-to-nearest with the same grouping.
         """
         self.check_bits([bits])
         if bits == UNQUANTIZED_BITS:
@@ -284,7 +292,7 @@ class GPTQBackend(QuantBackend):
         lin = copy.deepcopy(linear).float()
         cfg = QuantizeConfig(bits=bits, group_size=self.group_size, sym=self.sym, desc_act=self.act_order)
         g = GPTQ(lin, qcfg=cfg)
-        g.H, g.nsamples = H.detach().float().clone(), 1
+        g.H, g.nsamples = H.detach().to(device=lin.weight.device, dtype=torch.float32, copy=True), 1
         scale, zero, g_idx, *_ = g.hf_quantize(
             blocksize=self.block_size, percdamp=self.damp, group_size=self.group_size, actorder=self.act_order
         )
