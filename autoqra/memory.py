@@ -89,6 +89,7 @@ class MemoryModel:
         backend: quantization backend (name or instance); its bits are checked against the ladder.
         train: batch shape and optimizer setup for the training-time terms.
         lora_dtype: dtype peft gives LoRA weights (fp32: peft upcasts 16-bit adapters by default).
+        precision: training precision of the activation estimate, ``"fp32"``, ``"bf16"`` or ``"fp16"``.
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class MemoryModel:
         backend: str | QuantBackend = "hqq",
         train: TrainSpec | None = None,
         lora_dtype: torch.dtype = torch.float32,
+        precision: str = "fp32",
     ) -> None:
         self.model = model
         self.space = space
@@ -107,7 +109,7 @@ class MemoryModel:
         self.backend.check_bits(space.bits)
         self.train = train or TrainSpec()
         self.lora_elem = torch.empty((), dtype=lora_dtype).element_size()
-        self._activation = ActivationEstimator(model, space, self.backend, self.train)
+        self._activation = ActivationEstimator(model, space, self.backend, self.train, precision=precision)
         mods = dict(model.named_modules())
         in_space = set(space.module_names)
         # Unquantized tensors outside the searched linears' weights: dedup by object (tied embeddings).
@@ -199,10 +201,14 @@ class MemoryModel:
 class ActivationEstimator:
     """Estimate of the activation peak of one training step; see :mod:`autoqra._activations`."""
 
-    def __init__(self, model: nn.Module, space: SearchSpace, backend: QuantBackend, train: TrainSpec) -> None:
+    def __init__(
+        self, model: nn.Module, space: SearchSpace, backend: QuantBackend, train: TrainSpec, precision: str = "fp32"
+    ) -> None:
         from autoqra._activations import activation_table
 
-        self.fixed, self.per_rank_idx, self.per_bits_idx = activation_table(model, space, backend, train)
+        self.fixed, self.per_rank_idx, self.per_bits_idx = activation_table(
+            model, space, backend, train, precision=precision
+        )
         self._rows = np.arange(space.n_units)
 
     def estimate(self, bi: np.ndarray, ri: np.ndarray) -> int:
