@@ -16,8 +16,10 @@ In bytes, with N = batch · seq tokens:
   dropout > 0 (the dropped copy, fp32, and its 1-byte mask)
 * per quantized module: ``backend.activation_delta[bits] · N · in_features`` (negative: a quantized
   layer's custom backward keeps less than ``nn.Linear``'s autograd; measured per backend against
-  the unquantized path: HQQ −3.4, bnb nf4 −4.85 on SmolLM2; bnb 8-bit −2.0, GPTQ −4.75 from tiny
-  Llamas scaled by the SmolLM2/tiny ratio of the first two)
+  the unquantized path on SmolLM2, batch 4×128, dropout 0: HQQ −7.27 and GPTQ −6.48 with autoqra's
+  dequantize-matmul (it keeps no input for backward), bnb nf4 −6.57, bnb 8-bit −5.87 (tiny Llamas need
+  −5.8 / −5.1 / −5.2 / −4.6, so they are estimated up to ~12 % low); with dropout 0.05 these were
+  −3.4 (hqq's own backward) / −4.75 / −4.85 / −2.0)
 * transients: ``4 · vocab · hidden`` (tied-weight copy) + ``32 · blocks · hidden²``
 
 **bf16 / fp16** (``torch.autocast`` in that dtype, frozen weights and quantization compute dtype

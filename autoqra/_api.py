@@ -12,13 +12,17 @@ import attrs
 from torch import nn
 
 from autoqra.config import OptimizeConfig
+from autoqra.costmodel import CostModel, measure_cost_model
 from autoqra.evaluators.base import Evaluator, Fidelity, evaluator_class
+from autoqra.evaluators.data import ByteTokenizer, build_task_data
 from autoqra.executors import EXECUTORS, Executor, make_executor
 from autoqra.importance import Importance, compute_importance
 from autoqra.memory import MemoryModel
+from autoqra.models import tokenizer_for
 from autoqra.optimizer import AutoQRA
+from autoqra.precision import describe, model_device, resolve_device, resolve_precision
 from autoqra.progress import Progress
-from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend, get_backend
+from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend, backend_for_precision
 from autoqra.result import Result, Trial
 from autoqra.space import SearchSpace
 from autoqra.store import TrialStore, model_fingerprint
@@ -76,7 +80,9 @@ def optimize(
         model: an unquantized HF causal LM (never modified).
         budget: bytes, a size string (``"3.1GB"``) or a reference (``"4bit"`` = uniform-4-bit footprint
             at rank ≈ 8). Default ``"4bit"``.
-        tokenizer: the model's tokenizer (a byte-level one is used when None, e.g. for tiny test models).
+        tokenizer: the model's tokenizer. When None it is loaded from where the model came from
+            (``autoqra.models.load_model`` / ``name_or_path`` when that is a local directory); a tiny
+            test model uses byte tokens; otherwise a ``ValueError`` asks for it.
         backend: ``"hqq"`` (default), ``"bnb"``, ``"gptq"``, ``"none"`` or a ``QuantBackend`` instance.
         evaluator: ``"finetune"`` (default), ``"lm_eval"`` or an ``Evaluator`` instance (built on the
             space with 16-bit added, so the 16-bit reference can be evaluated).
@@ -90,7 +96,9 @@ def optimize(
         **options: any other :class:`OptimizeConfig` field (``bits``, ``ranks``, ``preset``, ``alpha``...),
             e.g. ``executor="ray", workers=8, ray_address="auto"`` to run trials in parallel on Ray;
             ``executor`` may also be an :class:`~autoqra.executors.Executor` instance, which is bound to
-            this search's evaluator and left open (one pool of workers for several searches).
+            this search's evaluator and left open (one pool of workers for several searches);
+            ``device="cuda"`` moves the model to the GPU first; ``precision="bf16"`` trains under
+            bf16 autocast (default ``"auto"``: :mod:`autoqra.precision`).
 
     Returns:
         :class:`Result` with the Pareto front, the chosen point, baselines and the full history.
@@ -112,24 +120,17 @@ def optimize(
         from autoqra.executors.ray import require_ray
 
         require_ray()
-    be = be_obj or get_backend(cfg.backend, **cfg.backend_options)
-    space = SearchSpace.from_model(model, cfg.bits, cfg.ranks, cfg.granularity, cfg.target_modules, backend=be)
-    memory = MemoryModel(model, space, be, train=cfg.train)
-    budget_bytes = memory.budget_bytes(cfg.budget, target=cfg.target)
-    eval_space = space.with_unquantized()
-    if ev_obj is None:
-        from autoqra.evaluators.data import ByteTokenizer, build_task_data
-
-        tok = tokenizer or ByteTokenizer(model.config.vocab_size)
-        data = build_task_data(cfg.data, tok, block_size=cfg.train.seq_len, seed=cfg.seed)
-        kw = dict(data=data, tokenizer=tokenizer, train=cfg.train, eval_blocks=cfg.resolved("eval_blocks"),
-                  seed=cfg.seed, **cfg.evaluator_options)
-        ev_obj = evaluator_class(cfg.evaluator)(model, eval_space, be, **kw)
+    su = prepare(model, cfg, be_obj, ev_obj, tokenizer)
+    device, precision, be, space, memory, budget_bytes, ev_obj = (
+        su.device, su.precision, su.backend, su.space, su.memory, su.budget_bytes, su.evaluator)
     st = store if isinstance(store, TrialStore) else TrialStore(store)
     fp = model_fingerprint(model)
     st.check_compatible({"model": fp, "backend": be.spec(), "evaluator": ev_obj.spec()})
-    importance = _importance(model, space, be, ev_obj, cfg, st)
+    cost_model = _cost_model(space, be, ev_obj, cfg, st) if cfg.guidance == "cost" else None
+    importance = (Importance.from_cost_model(cost_model, space) if cost_model is not None
+                  else _importance(model, space, be, ev_obj, cfg, st))
     low, high = Fidelity(cfg.resolved("low_steps"), "low"), Fidelity(cfg.resolved("high_steps"), "high")
+    mid = Fidelity(cfg.resolved("mid_steps"), "mid") if cfg.resolved("mid_steps") is not None else None
     n_base = len([b for b in space.bits if b != UNQUANTIZED_BITS]) + 1
     gens, pop, k = cfg.resolved("max_generations"), cfg.resolved("pop_size"), cfg.resolved("promote_k")
     total = n_base + gens * (pop + (k if cfg.use_surrogate else pop)) + (cfg.resolved("phase2_iterations") if cfg.phase2 else 0)
@@ -145,14 +146,66 @@ def optimize(
         max_trials=cfg.max_trials, time_limit=cfg.time_limit, seed=cfg.seed,
         progress=Progress(total=total, enabled=progress),
         executor=_executor(ex_obj, ev_obj, cfg),
-        phase2_batch=cfg.phase2_batch,
+        phase2_batch=cfg.phase2_batch, cost_model=cost_model, mid=mid,
+        phase1_options=_phase1_options(cfg, cost_model is not None),
     )
     try:
         out = run.run()
     finally:  # workers go (and Ray, if started here) even on Ctrl-C; finished trials are in the store
         if ex_obj is None:
             run.executor.close()
-    return _result(run, out, cfg, importance, st)
+    res = _result(run, out, cfg, importance, st)
+    res.info.update(tokenizer=su.tokenizer_name, device=str(device),
+                    model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                    precision=getattr(ev_obj, "precision", precision))
+    return res
+
+
+@attrs.frozen
+class Setup:
+    """What :func:`optimize` builds before it searches (also what benchmarks use to evaluate alike).
+
+    Attributes:
+        device / precision: where and how trials train (resolved).
+        backend / space / memory: the backend (compute dtype of the precision), the search space, the
+            memory model; budget_bytes: the resolved hard budget (bytes on ``cfg.target``).
+        evaluator: the evaluator (built on the space with 16 bits added); tokenizer_name: which
+            tokenizer the task data was built with.
+    """
+
+    device: Any
+    precision: str
+    backend: QuantBackend
+    space: SearchSpace
+    memory: MemoryModel
+    budget_bytes: int
+    evaluator: Evaluator
+    tokenizer_name: str
+
+
+def prepare(model: nn.Module, cfg: OptimizeConfig, backend: QuantBackend | None = None,
+            evaluator: Evaluator | None = None, tokenizer: Any = None) -> Setup:
+    """Resolve device and precision (moving the model if asked), build backend, space, memory model,
+    budget and evaluator exactly as :func:`optimize` does."""
+    device = resolve_device(cfg.device, model)
+    if device != model_device(model):
+        log.info("moving the model to %s", device)
+        model.to(device)
+    precision = resolve_precision(cfg.precision, device)
+    be = backend or backend_for_precision(cfg.backend, precision, cfg.backend_options)
+    space = SearchSpace.from_model(model, cfg.bits, cfg.ranks, cfg.granularity, cfg.target_modules, backend=be)
+    memory = MemoryModel(model, space, be, train=cfg.train, precision=precision)
+    budget_bytes = memory.budget_bytes(cfg.budget, target=cfg.target)
+    tok_name = "given" if tokenizer is not None else "the evaluator's"
+    if evaluator is None:
+        if tokenizer is None:
+            tokenizer, tok_name = tokenizer_for(model)
+        tok = tokenizer or ByteTokenizer(model.config.vocab_size)
+        data = build_task_data(cfg.data, tok, block_size=cfg.train.seq_len, seed=cfg.seed)
+        kw = dict(data=data, tokenizer=tokenizer, train=cfg.train, eval_blocks=cfg.resolved("eval_blocks"),
+                  seed=cfg.seed, precision=precision, rungs=cfg.guidance == "cost", **cfg.evaluator_options)
+        evaluator = evaluator_class(cfg.evaluator)(model, space.with_unquantized(), be, **kw)
+    return Setup(device, precision, be, space, memory, budget_bytes, evaluator, tok_name)
 
 
 def _executor(ex_obj: Executor | None, ev: Evaluator, cfg: OptimizeConfig) -> Executor:
@@ -173,13 +226,40 @@ def _importance(model, space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg:
         log.warning("the evaluator has no training data: importance priors are uniform")
         return Importance.uniform(space.n_units)
     blocks = data.train[:n]
-    name = "importance:" + _digest([space.spec(), be.spec(), data.fingerprint(), n, cfg.seed])
+    name = "importance:" + _digest([space.spec(), be.spec(), data.fingerprint(), n, cfg.seed,
+                                    describe(model_device(model), getattr(ev, "precision", "fp32"))])
     cached = st.get_blob(name)
     if cached is not None:
         return Importance.from_dict(cached)
-    imp = compute_importance(model, space, be, blocks, seed=cfg.seed)
+    imp = compute_importance(model, space, be, blocks, seed=cfg.seed, precision=getattr(ev, "precision", "fp32"))
     st.put_blob(name, imp.to_dict())
     return imp
+
+
+def _phase1_options(cfg: OptimizeConfig, guided: bool) -> dict[str, Any]:
+    """NSGA-II settings of the guidance: score selection + swap moves + knapsack seeds, or the paper's."""
+    if guided:
+        return {"objectives": "score", "mutation": "swap", "knapsack_k": cfg.knapsack_k}
+    return {"objectives": "pareto", "mutation": "paper", "knapsack_k": 0}
+
+
+def _cost_model(space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg: OptimizeConfig, st: TrialStore):
+    """The calibrated cost model (read back from the store when it was measured before), or None
+    when the evaluator cannot train (no ``build``/``fit``) or priors are switched off."""
+    n = cfg.resolved("importance_blocks")
+    data = getattr(ev, "data", None)
+    if n == 0 or data is None or not all(hasattr(ev, k) for k in ("build", "fit", "score")):
+        if n:
+            log.warning("the evaluator cannot train a probe: guidance falls back to the importance priors")
+        return None
+    steps = cfg.resolved("high_steps")
+    name = "costmodel:" + _digest([space.spec(), be.spec(), ev.spec(), data.fingerprint(), n, steps])
+    cached = st.get_blob(name)
+    if cached is not None:
+        return CostModel.from_dict(cached)
+    cm = measure_cost_model(ev, space, data.train[:n], steps)
+    st.put_blob(name, cm.to_dict())
+    return cm
 
 
 def _result(run: AutoQRA, out: dict[str, Any], cfg: OptimizeConfig, imp: Importance, st: TrialStore) -> Result:

@@ -75,9 +75,9 @@ def random_search(bench: Any, ref_id: str) -> tuple[Any, dict[str, Any], int]:
     their cost is not charged here), deduplicated, and evaluated at the search's high fidelity with
     the search's evaluator, through the shared search store (phase ``"random"``).
     """
+    from autoqra._api import prepare
     from autoqra.config import OptimizeConfig
     from autoqra.evaluators.base import Fidelity
-    from autoqra.evaluators.finetune import FinetuneEvaluator
     from autoqra.importance import Importance
     from autoqra.repair import make_repair
     from autoqra.result import Trial
@@ -85,10 +85,10 @@ def random_search(bench: Any, ref_id: str) -> tuple[Any, dict[str, Any], int]:
 
     ref = bench.search(ref_id)
     cfg = OptimizeConfig.from_dict(ref.config)
+    row = {r.id: r for r in bench.rows}.get(ref_id)
     n = sum(t.fidelity.name == "high" and t.phase in ("phase1", "phase2") for t in ref.history)
-    be, store = bench.backends["hqq"], bench.search_store
-    ev = FinetuneEvaluator(bench.model, bench.spaces["hqq"], be, data=bench.data, tokenizer=bench.tok,
-                           train=bench.p.train, eval_blocks=cfg.resolved("eval_blocks"), seed=bench.p.search_seed)
+    ev = prepare(bench.model, cfg, tokenizer=bench.tok).evaluator  # the reference search's evaluator, exactly
+    be, store = ev.backend, bench.store_for(ref.config, row.budget if row else "4bit")
     store.check_compatible({"model": bench.fp, "backend": be.spec(), "evaluator": ev.spec()})
     imp = Importance.from_dict(ref.info["importance"])
     repair = make_repair(bench.memory["hqq"].with_space(bench.space), ref.budget_bytes, imp.q, imp.r, "model")

@@ -16,6 +16,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--checkpoint-every", type=int, default=25, help="optimizer steps between checkpoints")
     t.add_argument("--seed", type=int, help="training seed (default: the search's)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--device", help="where to train (default: the search's device when available, else cpu)")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="training precision (default: the search's)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="write the trained model (quantized base + adapter) as a loadable folder")
@@ -40,7 +43,7 @@ def _load(args: argparse.Namespace):
     if args.model:
         from autoqra.models import load_model
 
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, dtype=res.info.get("model_dtype") or "float32")
     return res, model, tok
 
 
@@ -56,7 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = _ckpt_dir(res, args.index)
     console.print(f"[bold]autoqra train[/bold] · run {args.run} · checkpoints in {out} (re-run to resume)")
     res.train(model, tokenizer=tok, index=args.index, steps=args.steps, epochs=args.epochs, out=out,
-              checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress)
+              checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
+              device=args.device, precision=args.precision)
     fm = res.final
     console.print(f"trained {fm.trial.assignment.short()} for {fm.steps} steps"
                   f"{f' (resumed at step {fm.resumed_from})' if fm.resumed_from else ''}: "

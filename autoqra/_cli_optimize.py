@@ -29,8 +29,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--seed", type=int)
     o.add_argument("--no-phase2", action="store_true", help="skip Phase II (TuRBO)")
     o.add_argument("--warm-start", choices=["eq6", "anchored", "none"],
-                   help="Phase I seed: eq6 (paper, from the priors; default) | anchored (highest uniform "
-                        "bit-width that fits, slack filled by importance per byte) | none (random)")
+                   help="Phase I seed: anchored (default: highest uniform bit-width that fits, slack filled "
+                        "by importance per byte) | eq6 (the paper's, from the priors) | none (random)")
+    add_device_options(o)
     o.add_argument("--executor", choices=["local", "ray"], help="local (default: one trial at a time) | ray")
     o.add_argument("--ray-address", help="existing Ray cluster: 'auto' (after `ray start --head`) or ray://host:10001")
     o.add_argument("--workers", type=int, help="Ray workers = trials at once (default: as many as fit)")
@@ -42,6 +43,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--no-progress", action="store_true", help="no live progress line")
     o.add_argument("--no-report", action="store_true", help="do not write <out>/report (PNG plots + report.html)")
     o.set_defaults(func=cmd_optimize)
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision`` (shared by the commands that train)."""
+    p.add_argument("--device", help="where to train: auto (a GPU when visible; default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="training precision (default auto: bf16 where the GPU/CPU computes it natively, "
+                        "fp16 on older GPUs, else fp32); the model is loaded in it")
+
+
+def load_for_training(name: str, device: str | None, precision: str | None):
+    """``(model, tokenizer, device, precision)``: the model loaded in the precision's dtype on the device."""
+    from autoqra import models
+    from autoqra.precision import compute_dtype, resolve_device, resolve_precision
+
+    dev = resolve_device(device or "auto")
+    prec = resolve_precision(precision or "auto", dev)
+    model, tok = models.load_model(name, dtype=compute_dtype(prec), device=dev)
+    return model, tok, str(dev), prec
 
 
 def _executor_options(args: argparse.Namespace) -> dict:
@@ -57,10 +77,13 @@ def _executor_options(args: argparse.Namespace) -> dict:
 def cmd_optimize(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from autoqra import models, optimize
+    from autoqra import optimize
+    from autoqra.config import OptimizeConfig
 
     console = Console(soft_wrap=True)
-    model, tok = models.load_model(args.model)
+    file_cfg = OptimizeConfig.from_file(args.config) if args.config else OptimizeConfig()
+    model, tok, device, precision = load_for_training(args.model, args.device or file_cfg.device,
+                                                      args.precision or file_cfg.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = {
@@ -71,7 +94,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.no_phase2:
         options["phase2"] = None
     options.update(_executor_options(args))
-    console.print(f"[bold]autoqra optimize[/bold] · model {args.model} · run dir {out} (re-run to resume)")
+    options.update(device=device, precision=precision)
+    console.print(f"[bold]autoqra optimize[/bold] · model {args.model} ({precision} on {device}) · run dir {out} "
+                  "(re-run to resume)")
     res = optimize(
         model, tokenizer=tok, backend=args.backend, max_trials=args.max_trials, time_limit=args.time_limit,
         store=out / "trials.db", seed=args.seed, config=args.config, progress=not args.no_progress, **options,

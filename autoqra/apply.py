@@ -300,7 +300,8 @@ def apply_assignment(
     *,
     space: SearchSpace | None = None,
     alpha_ratio: float = 2.0,
-    dropout: float = 0.05,
+    alpha: float | None = None,
+    dropout: float = 0.0,
     calib_ids: torch.Tensor | None = None,
 ) -> nn.Module:
     """Quantize every unit at its bits and add LoRA at its rank; return a new PEFT model.
@@ -312,7 +313,8 @@ def apply_assignment(
         seed: torch seed set right before the LoRA weights are created.
         space: the search space ``assignment`` belongs to (rebuilt at module granularity if
             omitted and the assignment names modules, else at block granularity).
-        alpha_ratio: LoRA α = ratio · r.
+        alpha_ratio: LoRA α = ratio · r (when ``alpha`` is None).
+        alpha: one LoRA α for every module (scaling α/r), see :meth:`SearchSpace.lora_config`.
         dropout: LoRA dropout.
         calib_ids: ``(n_seq, seq_len)`` token ids for backends that need calibration (GPTQ).
 
@@ -331,7 +333,7 @@ def apply_assignment(
     from peft import get_peft_model
 
     be.prepare_for_peft(qmodel)
-    cfg = space.lora_config(assignment, alpha_ratio=alpha_ratio, dropout=dropout)
+    cfg = space.lora_config(assignment, alpha_ratio=alpha_ratio, dropout=dropout, alpha=alpha)
     custom = be.lora_custom_modules()
     if custom:
         cfg._register_custom_module(custom)

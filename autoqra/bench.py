@@ -89,44 +89,46 @@ class Bench:
         from autoqra.evaluators.data import ByteTokenizer, build_task_data
         from autoqra.memory import MemoryModel
         from autoqra.models import load_model
-        from autoqra.quant_backends import get_backend
+        from autoqra.precision import compute_dtype, resolve_precision
+        from autoqra.quant_backends import backend_for_precision
         from autoqra.space import SearchSpace
         from autoqra.store import TrialStore, model_fingerprint
 
         p = self.p
-        if p.seed_store and copy_store(Path(p.seed_store), self.work / "search.db"):
-            log.info("copied the search store %s into %s", p.seed_store, self.work / "search.db")
-        self.model, self.tok = load_model(p.model)
+        for name, src in p.seed_stores.items():
+            if copy_store(Path(src), self.work / name):
+                log.info("copied the search store %s into %s", src, self.work / name)
+        self.precision = resolve_precision(p.precision, "cpu")
+        self.model, self.tok = load_model(p.model, dtype=compute_dtype(self.precision))
         self.fp = model_fingerprint(self.model)
         tok = self.tok or ByteTokenizer(self.model.config.vocab_size)
         self.data = build_task_data("pydoc", tok, block_size=p.train.seq_len, seed=p.search_seed)
         self.space = SearchSpace.from_model(self.model, p.bits, p.ranks, "block")
-        self.backends = {"hqq": get_backend("hqq"), "bnb": get_backend("bnb")}
+        self.backends = {k: backend_for_precision(k, self.precision) for k in ("hqq", "bnb")}
         self.spaces = {"hqq": attrs.evolve(self.space, bits=tuple(sorted({*p.bits, 16}))),
                        "bnb": attrs.evolve(self.space, bits=(4, 8, 16))}
-        self.memory = {k: MemoryModel(self.model, s, self.backends[k], train=p.train) for k, s in self.spaces.items()}
+        self.memory = {k: MemoryModel(self.model, s, self.backends[k], train=p.train, precision=self.precision)
+                       for k, s in self.spaces.items()}
         mm = self.memory["hqq"]
         b3, b4 = (mm.predict(self.space.uniform(b, 8)).model_bytes for b in (3, 4))
         self.budgets = {"4bit": b4, "mid": (b3 + b4) // 2}
-        self.search_store = TrialStore(self.work / "search.db")
+        self.search_stores: dict[str, Any] = {}  # one per (search seed, guidance, budget): a store pins its recipe
         self.final_store = TrialStore(self.work / "final.db")
-        self.seed_stores: dict[int, Any] = {}  # searches with another seed (a store pins its evaluator's seed)
         self.evaluators: dict[tuple, Any] = {}
 
     def stores(self) -> list[Any]:
-        """Every trial store of this benchmark (searches of each seed, final trainings)."""
-        return [st for st in (getattr(self, "search_store", None), *getattr(self, "seed_stores", {}).values(),
-                              getattr(self, "final_store", None)) if st is not None]
+        """Every trial store of this benchmark (searches, final trainings)."""
+        return [st for st in (*getattr(self, "search_stores", {}).values(), getattr(self, "final_store", None))
+                if st is not None]
 
-    def store_for(self, seed: int):
-        """The search store of search seed ``seed`` (``search.db`` for the preset's, else ``search-seed<N>.db``)."""
+    def store_for(self, cfg: dict[str, Any], budget: str):
+        """The search store of a search configuration: ``search-s<seed>-<guidance>-<budget>.db``."""
         from autoqra.store import TrialStore
 
-        if seed == self.p.search_seed:
-            return self.search_store
-        if seed not in self.seed_stores:
-            self.seed_stores[seed] = TrialStore(self.work / f"search-seed{seed}.db")
-        return self.seed_stores[seed]
+        name = f"search-s{int(cfg['seed'])}-{cfg.get('guidance', 'cost')}-{budget}.db"
+        if name not in self.search_stores:
+            self.search_stores[name] = TrialStore(self.work / name)
+        return self.search_stores[name]
 
     def close(self) -> None:
         for st in self.stores():
@@ -137,7 +139,8 @@ class Bench:
         """OptimizeConfig fields of a search row (passed as ``config=`` so ``phase2=None`` survives)."""
         p = self.p
         cfg = {"preset": p.search_preset, "bits": list(p.bits), "ranks": list(p.ranks), "train": p.train.to_dict(),
-               "backend": "hqq", "seed": p.search_seed, **p.search_options, **row.options}
+               "backend": "hqq", "seed": p.search_seed, "precision": self.precision, **p.search_options,
+               **row.options}
         if row.match_evals:
             cfg["max_trials"] = int(self.search(row.match_evals).info["n_evals"])
         return cfg
@@ -151,7 +154,7 @@ class Bench:
             log.info("search %s: budget %s bytes", row.label, f"{self.budgets[row.budget]:,}")
             cfg = self.search_config(row)
             self.searches[row_id] = optimize(self.model, self.budgets[row.budget], tokenizer=self.tok,
-                                             store=self.store_for(int(cfg["seed"])), progress=self.progress,
+                                             store=self.store_for(cfg, row.budget), progress=self.progress,
                                              config=cfg)
             self.n_run += int(self.searches[row_id].info.get("n_run", 0))
         return self.searches[row_id]
@@ -166,7 +169,7 @@ class Bench:
         """See :func:`autoqra._bench_search.random_search` (matched to the row's parent search)."""
         from autoqra._bench_search import random_search
 
-        best, summary, n_run = random_search(self, row.parent or "autoqra-anchored")
+        best, summary, n_run = random_search(self, row.parent or "guided")
         self.n_run += n_run
         return best, summary
 
@@ -177,7 +180,8 @@ class Bench:
         if (backend, seed) not in self.evaluators:
             self.evaluators[backend, seed] = FinetuneEvaluator(
                 self.model, self.spaces[backend], self.backends[backend], data=self.data, tokenizer=self.tok,
-                train=self.p.train, eval_split="test", eval_blocks=self.p.final_eval_blocks, seed=seed)
+                train=self.p.train, eval_split="test", eval_blocks=self.p.final_eval_blocks, seed=seed,
+                precision=self.precision)
         return self.evaluators[backend, seed]
 
     def final(self, row: RowSpec, a, backend: str, seed: int) -> dict[str, Any]:
@@ -278,6 +282,7 @@ def run_bench(preset: str = "quick", out: str | Path = "benchmarks/results", wor
     unknown = sorted(set(rows or ()) - set(ids))
     if unknown:
         raise ValueError(f"unknown row ids {unknown}; the rows are {ids}")
-    chosen = tuple(r for r in ROWS if rows is None or r.id in rows)
+    preset_rows = BENCH_PRESETS[preset].rows
+    chosen = tuple(r for r in ROWS if (rows is None or r.id in rows) and (preset_rows is None or r.id in preset_rows))
     return Bench(preset, out=out, work=work, seeds=seeds, progress=progress, threads=threads, rows=chosen,
                  merge=merge).run()

@@ -45,8 +45,8 @@ def _load_for_memory(args: argparse.Namespace):
     from autoqra import models
 
     if args.model_config:
-        return models.from_config(args.model_config)
-    return models.load_model(args.model)[0]
+        return models.from_config(args.model_config, dtype=args.dtype)
+    return models.load_model(args.model, dtype=args.dtype or "float32")[0]
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
@@ -60,17 +60,22 @@ def cmd_memory(args: argparse.Namespace) -> int:
     space = SearchSpace.from_model(
         model, bits=bits_list, ranks=sorted({0, args.rank}), granularity=args.granularity
     )
-    mm = MemoryModel(model, space, args.backend, train=train)
+    from autoqra.precision import precision_of
+    from autoqra.quant_backends import backend_for_precision
+
+    precision = precision_of(next(model.parameters()).dtype)
+    be = backend_for_precision(args.backend, precision)  # quantization metadata in the model's dtype
+    mm = MemoryModel(model, space, be, train=train, precision=precision)
     cols = {f"{b}-bit r{args.rank}": mm.predict(space.uniform(b, args.rank)) for b in bits_list}
     if args.json:
-        out = {"backend": mm.backend.spec(), "train": train.to_dict(), "granularity": args.granularity,
+        out = {"backend": mm.backend.spec(), "precision": precision, "train": train.to_dict(), "granularity": args.granularity,
                "n_units": space.n_units, "breakdowns": {k: v.to_dict() for k, v in cols.items()}}
         json.dump(out, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         from rich.console import Console
 
-        title = f"{args.model_config or args.model} · backend {args.backend} · {space.n_units} units · batch {train.batch_size}×{train.seq_len}"
+        title = f"{args.model_config or args.model} · {precision} · backend {args.backend} · {space.n_units} units · batch {train.batch_size}×{train.seq_len}"
         Console().print(breakdown_table(cols, title))
     return 0
 
@@ -91,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=4)
     m.add_argument("--seq-len", type=int, default=128)
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    m.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+                   help="dtype the model is loaded in (default: the config's torch_dtype for --model-config, "
+                        "else fp32); quantization metadata and activations are planned in it too")
     m.set_defaults(func=cmd_memory)
 
     from autoqra import _cli_artifact, _cli_bench, _cli_optimize, _cli_report
@@ -100,9 +108,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Library messages a command-line user cannot act on (each checked against the library that prints it).
+_NOISE = (
+    r".*is_gradient_checkpointing.*",  # transformers 5 deprecation inside its own code
+    r"Converting a tensor with requires_grad=True to a scalar",
+    r"Unsupported layer type",  # peft, for layers it wraps through a custom mapping
+)
+
+
+def quiet_libraries() -> None:
+    """Silence third-party warnings and progress bars that say nothing to a user (``-v`` keeps them)."""
+    import os
+    import warnings
+
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    # bitsandbytes logs (not warns) its missing optional kernel when it is imported, on AVX512-BF16 CPUs
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, ImportError) as e:

@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
+
+from autoqra.precision import PRECISIONS
 
 
 def _positive(inst: Any, att: attrs.Attribute, value: Any) -> None:
@@ -40,11 +43,23 @@ class TrainSpec:
         batch_size: sequences per micro-batch.
         seq_len: tokens per sequence.
         grad_accum: micro-batches per optimizer step.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate (default 3e-3, measured on SmolLM2 at 60 steps, uniform HQQ 4-bit r8,
+            cosine: test loss 2.875 at 2e-4, 2.697 at 8e-4, 2.638 at 1.6e-3, 2.595 at 3.2e-3, 2.616 at
+            6.4e-3; the paper's 2e-4 is meant for thousands of steps — lower it for long trainings).
         weight_decay: AdamW weight decay.
-        lora_alpha_ratio: α = ratio · r per module (the paper uses 2).
-        lora_dropout: dropout on the LoRA input.
-        schedule: ``"cosine"`` (to 0 over the run, after ``warmup_steps``) or ``"constant"``.
+        lora_alpha: one LoRA α for every module (default 16, i.e. scaling 16/r): the size of an Adam
+            update of ``scale·B·A`` then does not grow with the rank. With the paper's α = 2r a rank
+            doubling acted as a learning-rate doubling (measured on SmolLM2, 60 steps: rank 4, 8 and 16
+            at scaling 16/r reached the same test loss within 1.4 mnat, while at α = 2r rank 16 beat
+            rank 8 by 73 mnat at lr 2e-4): the search would have been allocating learning rates.
+            ``None``: the paper's α = ``lora_alpha_ratio`` · r.
+        lora_alpha_ratio: α = ratio · r per module when ``lora_alpha`` is None (the paper uses 2).
+        lora_dropout: dropout on the LoRA input (default 0: trials of different candidates then see
+            the same random numbers — common LoRA init, same data order, no masks that shift with the
+            set of adapted modules — so their score differences are paired).
+        schedule: ``"cosine"`` (to 0 over the run, after ``warmup_steps``) or ``"constant"``; the
+            final training's schedule (search trials with ``guidance="cost"`` train at a constant rate so
+            their rungs continue each other).
         warmup_steps: linear warm-up optimizer steps.
         optimizer: ``"adamw"`` (fp32 moments) — the memory model counts its state exactly.
         max_grad_norm: gradient clipping (0 = off).
@@ -53,10 +68,11 @@ class TrainSpec:
     batch_size: int = attrs.field(default=4, validator=_positive)
     seq_len: int = attrs.field(default=128, validator=_positive)
     grad_accum: int = attrs.field(default=1, validator=_positive)
-    lr: float = attrs.field(default=2e-4, validator=_positive)
+    lr: float = attrs.field(default=3e-3, validator=_positive)
     weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
+    lora_alpha: float | None = attrs.field(default=16.0, validator=attrs.validators.optional(_positive))
     lora_alpha_ratio: float = attrs.field(default=2.0, validator=_positive)
-    lora_dropout: float = attrs.field(default=0.05, validator=_probability)
+    lora_dropout: float = attrs.field(default=0.0, validator=_probability)
     schedule: str = attrs.field(default="cosine", validator=_one_of("cosine", "constant"))
     warmup_steps: int = attrs.field(default=0, validator=_non_negative)
     optimizer: str = attrs.field(default="adamw", validator=_one_of("adamw"))
@@ -71,6 +87,11 @@ class TrainSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainSpec:
+        """From :meth:`to_dict`. A dict from before ``lora_alpha`` existed (it has ``lora_alpha_ratio``
+        but no ``lora_alpha``) keeps the α = ratio · r it was made with."""
+        d = dict(d)
+        if "lora_alpha_ratio" in d and "lora_alpha" not in d:
+            d["lora_alpha"] = None
         return cls(**_known(cls, d, "TrainSpec"))
 
 
@@ -102,6 +123,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def _opt_positive_int(inst: Any, att: attrs.Attribute, value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{att.name}={value!r} is not allowed; it must be a positive integer or None")
+
+
+def _opt_non_negative_int(inst: Any, att: attrs.Attribute, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{att.name}={value!r} is not allowed; it must be an integer >= 0 or None")
 
 
 def _opt_positive(inst: Any, att: attrs.Attribute, value: Any) -> None:
@@ -141,14 +167,16 @@ def _check_executor(cfg: Any) -> None:
 #: Named settings: fidelities in optimizer steps, search sizes, evaluation blocks.
 PRESETS: dict[str, dict[str, Any]] = {
     # ~15 min on 2 CPU cores with SmolLM2 (README: demo table)
-    "demo": {"low_steps": 3, "high_steps": 10, "pop_size": 6, "promote_k": 2, "max_generations": 2,
-             "phase2_iterations": 3, "eval_blocks": 16, "importance_blocks": 8, "final_steps": 40},
+    "demo": {"low_steps": 0, "mid_steps": 10, "high_steps": 30, "pop_size": 10, "promote_k": 2,
+             "max_generations": 2, "phase2_iterations": 4, "eval_blocks": 16, "importance_blocks": 8,
+             "final_steps": 60},
     # seconds, for tests on the tiny model
-    "tiny": {"low_steps": 2, "high_steps": 4, "pop_size": 4, "promote_k": 2, "max_generations": 2,
+    "tiny": {"low_steps": 0, "mid_steps": 2, "high_steps": 4, "pop_size": 4, "promote_k": 1, "max_generations": 2,
              "phase2_iterations": 2, "eval_blocks": 4, "importance_blocks": 4, "final_steps": 6},
     # a real search (hours on CPU; minutes per candidate on a GPU)
-    "default": {"low_steps": 20, "high_steps": 60, "pop_size": 16, "promote_k": 4, "max_generations": 12,
-                "phase2_iterations": 20, "eval_blocks": 64, "importance_blocks": 16, "final_steps": 300},
+    "default": {"low_steps": 0, "mid_steps": 20, "high_steps": 60, "pop_size": 24, "promote_k": 4,
+                "max_generations": 12, "phase2_iterations": 20, "eval_blocks": 64, "importance_blocks": 16,
+                "final_steps": 300},
 }
 
 
@@ -168,10 +196,21 @@ class OptimizeConfig:
         data: "pydoc" (embedded) or a JSONL path / datasets name.
         preset: "demo", "tiny" or "default": fills fidelities and sizes not given explicitly.
         low_steps / high_steps: Phase I fidelities (optimizer steps); Phase II and baselines use high.
+            ``low_steps=0`` is a screen: apply + held-out loss, no training.
+        mid_steps: an optional rung between low and high (successive halving: the better half of the
+            mid-rung trials continue to high; with ``guidance="cost"`` rungs continue each other).
+        guidance: ``"cost"`` (default: the calibrated cost model in nats per byte drives repair, the
+            anchored warm start, byte-neutral mutations, knapsack seeds, promotion from the screen,
+            score-aligned selection and stop, and Phase II's prior; :mod:`autoqra.costmodel`) or
+            ``"priors"`` (the landed search: min–max normalised importance priors, the paper's
+            operators, Pareto selection and hypervolume stop; use it with ``phase2="turbo"``).
+        knapsack_k: with ``guidance="cost"``, the k best distinct assignments of the additive
+            prediction (exact knapsack) join Phase I's first generation after the warm-start seed.
         pop_size / promote_k / max_generations: Phase I sizes.
         phase2_iterations: Phase II evaluations at most.
         eval_blocks: held-out blocks scored per evaluation.
-        importance_blocks: calibration blocks for the priors; 0 = no priors (uniform 0.5).
+        importance_blocks: calibration blocks for the priors / the cost model's KL table; 0 = no
+            priors (uniform 0.5; with ``guidance="cost"`` it falls back to ``"priors"``).
         warm_start: Phase I's first generation: "anchored" (default: the highest uniform bit-width
             the budget affords, slack filled by importance per byte), "eq6" (the paper's seed from the
             importance priors) or "none" (random + repair). The default departs from the paper
@@ -193,6 +232,11 @@ class OptimizeConfig:
             a cluster with GPUs) or ``{"num_cpus": 1}`` (the default otherwise).
         phase2_batch: Phase-II points per ask (q, batch acquisition); default = the number of workers
             (1 locally). Set it to compare a local run with a Ray run of the same batch size.
+        device: where trials train: ``None`` (default) = where the model is, ``"auto"`` (a GPU when
+            one is visible) or a torch device string; the model is moved there (its weights unchanged).
+        precision: ``"auto"`` (default), ``"fp32"``, ``"bf16"`` or ``"fp16"``: the autocast dtype of
+            training and scoring and the quantized layers' compute dtype (:mod:`autoqra.precision`;
+            ``auto`` = bf16 where the GPU/CPU computes it natively, fp16 on older GPUs, else fp32).
     """
 
     budget: Any = "4bit"
@@ -201,7 +245,7 @@ class OptimizeConfig:
     evaluator: str = attrs.field(default="finetune", validator=_one_of("finetune", "lm_eval"))
     evaluator_options: dict = attrs.Factory(dict)
     phase1: str = "nsga2"
-    phase2: str | None = "turbo"
+    phase2: str | None = "local"
     bits: tuple[int, ...] = attrs.field(default=(2, 3, 4, 8), converter=_int_tuple)
     ranks: tuple[int, ...] = attrs.field(default=(0, 4, 8, 16), converter=_int_tuple)
     granularity: str = attrs.field(default="block", validator=_one_of("block", "module"))
@@ -210,8 +254,9 @@ class OptimizeConfig:
     data: str = "pydoc"
     train: TrainSpec = attrs.field(factory=TrainSpec, converter=lambda v: TrainSpec.from_dict(v) if isinstance(v, dict) else v)
     preset: str = attrs.field(default="default", validator=_one_of(*PRESETS))
-    low_steps: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    low_steps: int | None = attrs.field(default=None, validator=_opt_non_negative_int)
     high_steps: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    mid_steps: int | None = attrs.field(default=None, validator=_opt_positive_int)
     pop_size: int | None = attrs.field(default=None, validator=_opt_positive_int)
     promote_k: int | None = attrs.field(default=None, validator=_opt_positive_int)
     max_generations: int | None = attrs.field(default=None, validator=_opt_positive_int)
@@ -220,6 +265,8 @@ class OptimizeConfig:
     importance_blocks: int | None = None
     warm_start: str = attrs.field(default="anchored", validator=_one_of("eq6", "anchored", "none"))
     use_surrogate: bool = True
+    guidance: str = attrs.field(default="cost", validator=_one_of("cost", "priors"))
+    knapsack_k: int = attrs.field(default=3, validator=_non_negative)
     final_steps: int | None = attrs.field(default=None, validator=_opt_positive_int)
     alpha: float = attrs.field(default=0.6)
     choose_alpha: float = attrs.field(default=1.0)
@@ -231,6 +278,17 @@ class OptimizeConfig:
     workers: int | None = attrs.field(default=None, validator=_opt_positive_int)
     worker_resources: dict = attrs.Factory(dict)
     phase2_batch: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    device: str | None = attrs.field(default=None)
+    precision: str = attrs.field(default="auto", validator=_one_of(*PRECISIONS))
+
+    @device.validator
+    def _device(self, att: attrs.Attribute, v: Any) -> None:
+        if v is None or v == "auto":
+            return
+        try:
+            torch.device(v)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device={v!r} is not allowed; use None, 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
 
     @alpha.validator
     @choose_alpha.validator
@@ -239,14 +297,26 @@ class OptimizeConfig:
             raise ValueError(f"{att.name}={v!r} is not allowed; it must be in [0, 1]")
 
     def resolved(self, name: str) -> Any:
-        """The explicit value of a preset-controlled field, else the preset's."""
+        """The explicit value of a preset-controlled field, else the preset's.
+
+        A preset's ``mid_steps`` applies only where it lies strictly between the resolved low and
+        high fidelities (an explicit ``low_steps=3, high_steps=10`` drops a preset mid rung of 10).
+        """
         v = getattr(self, name)
-        return PRESETS[self.preset][name] if v is None else v
+        if v is not None:
+            return v
+        v = PRESETS[self.preset].get(name)
+        if name == "mid_steps" and v is not None and not self.resolved("low_steps") < v < self.resolved("high_steps"):
+            return None
+        return v
 
     def __attrs_post_init__(self) -> None:
         lo, hi = self.resolved("low_steps"), self.resolved("high_steps")
         if lo > hi:
             raise ValueError(f"low_steps={lo} must not exceed high_steps={hi}")
+        if self.mid_steps is not None and not lo < self.mid_steps < hi:
+            raise ValueError(f"mid_steps={self.mid_steps} must lie strictly between low_steps={lo} and high_steps={hi}")
+
         if self.resolved("promote_k") > self.resolved("pop_size"):
             raise ValueError(f"promote_k={self.resolved('promote_k')} must not exceed pop_size={self.resolved('pop_size')}")
         _check_executor(self)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from autoqra.evaluators.finetune import FinetuneEvaluator, FitHooks
+from autoqra.precision import model_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +233,11 @@ def run_final(evaluator: FinetuneEvaluator, trial: Any, steps: int, directory: s
                       resumed_from=ck.resumed_from if ck is not None else 0)
 
 
-def model_for(result: Any, model: nn.Module | None, tokenizer: Any) -> tuple[nn.Module, Any]:
+def model_for(result: Any, model: nn.Module | None, tokenizer: Any,
+              device: str | torch.device | None = None) -> tuple[nn.Module, Any]:
     """The search's source model: ``model`` if given (checked against the run's fingerprint), else reloaded
-    from where the run recorded it came from (``autoqra.models.load_model`` source)."""
+    from where the run recorded it came from (``autoqra.models.load_model`` source), in the dtype the
+    search loaded it in, on ``device`` (default: the search's device when it is available, else CPU)."""
     from autoqra.store import model_fingerprint
 
     if model is None:
@@ -243,17 +246,25 @@ def model_for(result: Any, model: nn.Module | None, tokenizer: Any) -> tuple[nn.
             raise ValueError("this result does not record where its model came from: pass model= (and tokenizer=)")
         from autoqra.models import load_model
 
-        model, tok = load_model(src)
+        if device is None:
+            ran_on = str(result.info.get("device") or "cpu")
+            device = ran_on if not ran_on.startswith("cuda") or torch.cuda.is_available() else "cpu"
+        model, tok = load_model(src, dtype=result.info.get("model_dtype") or "float32", device=device)
         tokenizer = tokenizer if tokenizer is not None else tok
     want = result.info.get("model_fingerprint")
     if want and model_fingerprint(model) != want:
-        raise ValueError("this model is not the one the search ran on (its fingerprint differs)")
+        raise ValueError("this model is not the one the search ran on (its fingerprint differs; "
+                         f"the search loaded it as {result.info.get('model_dtype') or 'float32'})")
+    if device is not None and model_device(model) != resolve_device(device, model):
+        model.to(resolve_device(device, model))
     return model, tokenizer
 
 
 def evaluator_for(result: Any, model: nn.Module, tokenizer: Any, seed: int | None = None,
-                  eval_split: str = "test", eval_blocks: int | None = None) -> FinetuneEvaluator:
-    """The search's fine-tuning recipe (data, TrainSpec, backend) as an evaluator for final training."""
+                  eval_split: str = "test", eval_blocks: int | None = None,
+                  precision: str | None = None) -> FinetuneEvaluator:
+    """The search's fine-tuning recipe (data, TrainSpec, backend, precision) as an evaluator for final
+    training; ``precision`` overrides the search's (``"auto"`` resolves on the model's device)."""
     from autoqra.config import OptimizeConfig
     from autoqra.evaluators.data import ByteTokenizer, build_task_data
     from autoqra.quant_backends import backend_from_spec, get_backend
@@ -265,7 +276,8 @@ def evaluator_for(result: Any, model: nn.Module, tokenizer: Any, seed: int | Non
     tok = tokenizer or ByteTokenizer(model.config.vocab_size)
     data = build_task_data(cfg.data, tok, block_size=cfg.train.seq_len, seed=cfg.seed)
     return FinetuneEvaluator(model, result.space.with_unquantized(), backend, data=data, tokenizer=tokenizer, train=cfg.train,
-                             eval_blocks=eval_blocks, eval_split=eval_split, seed=seed, track_peak=False)
+                             eval_blocks=eval_blocks, eval_split=eval_split, seed=seed, track_peak=False,
+                             precision=precision or result.info.get("precision") or cfg.precision)
 
 
 def pick_trial(result: Any, index: int | None) -> Any:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from autoqra.apply import apply_assignment, quantize_model
+from autoqra.precision import autocast, model_device
 from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend, get_backend
 from autoqra.space import Assignment, SearchSpace
 
@@ -51,6 +52,15 @@ class Importance:
         return cls(**{k: (np.asarray(v, dtype=float) if k != "seconds" else v) for k, v in d.items()})
 
     @classmethod
+    def from_cost_model(cls, cm: Any, space: SearchSpace) -> Importance:
+        """Priors read off a cost model: I_q = damage at the lowest quantized bit-width (the same KL
+        the priors measure), I_r = the leave-one-out gain of the largest rank."""
+        quant = [i for i, b in enumerate(cm.bits) if b != UNQUANTIZED_BITS]
+        raw_q = cm.quant[:, quant[0]] if quant else np.zeros(space.n_units)
+        raw_r = cm.rank_gain[:, -1]
+        return cls(minmax(raw_q), minmax(raw_r), np.asarray(raw_q, float), np.asarray(raw_r, float), cm.seconds)
+
+    @classmethod
     def uniform(cls, n: int) -> Importance:
         half = np.full(n, 0.5)
         return cls(half, half.copy(), half.copy(), half.copy())
@@ -70,19 +80,26 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def _logprobs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+def _logprobs(model: nn.Module, batches: list[torch.Tensor], precision: str = "fp32") -> list[torch.Tensor]:
+    """Next-token log-probabilities (fp32) of each batch, on the model's device, under ``precision``'s autocast."""
     model.eval()
-    return [torch.log_softmax(model(input_ids=b).logits.float(), -1) for b in batches]
+    dev = model_device(model)
+    out = []
+    for b in batches:
+        with autocast(dev, precision):
+            logits = model(input_ids=b.to(dev)).logits
+        out.append(torch.log_softmax(logits.float(), -1))
+    return out
 
 
 @torch.no_grad()
 def quant_sensitivity(
     model: nn.Module, space: SearchSpace, backend: QuantBackend, batches: list[torch.Tensor],
-    calib_ids: torch.Tensor | None = None,
+    calib_ids: torch.Tensor | None = None, precision: str = "fp32",
 ) -> np.ndarray:
     """Raw I_q: mean next-token KL(unquantized ‖ only-unit-u-at-lowest-bits), nats per token."""
     low = min(b for b in space.bits if b != UNQUANTIZED_BITS)
-    ref = _logprobs(model, batches)
+    ref = _logprobs(model, batches, precision)
     out = np.zeros(space.n_units)
     for u in range(space.n_units):
         bits = [UNQUANTIZED_BITS] * space.n_units
@@ -91,7 +108,7 @@ def quant_sensitivity(
         qm = quantize_model(model, _with_16(space), a, backend, calib_ids=calib_ids)
         kl = [
             torch.sum(p.exp() * (p - q), -1).mean().item()
-            for p, q in zip(ref, _logprobs(qm, batches))
+            for p, q in zip(ref, _logprobs(qm, batches, precision))
         ]
         out[u] = float(np.mean(kl))
     return out
@@ -99,7 +116,7 @@ def quant_sensitivity(
 
 def adaptation_demand(
     model: nn.Module, space: SearchSpace, backend: QuantBackend, batches: list[torch.Tensor],
-    ref_bits: int, ref_rank: int, seed: int = 0, calib_ids: torch.Tensor | None = None,
+    ref_bits: int, ref_rank: int, seed: int = 0, calib_ids: torch.Tensor | None = None, precision: str = "fp32",
 ) -> np.ndarray:
     """Raw I_r: mean over batches of ‖∂loss/∂B_u‖² summed over unit u's LoRA B matrices."""
     sp = _with_16(space, extra_ranks=(ref_rank,))
@@ -113,9 +130,13 @@ def adaptation_demand(
             mod = name.split(".lora_B")[0].removeprefix("base_model.model.")
             b_params.append((mod_to_unit[mod], p))
     out = np.zeros(space.n_units)
+    dev = model_device(pm)
     for ids in batches:
         pm.zero_grad(set_to_none=True)
-        pm(input_ids=ids, labels=ids).loss.backward()
+        ids = ids.to(dev)
+        with autocast(dev, precision):
+            loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
         for u, p in b_params:
             out[u] += float(p.grad.pow(2).sum()) / len(batches)
     return out
@@ -134,12 +155,16 @@ def compute_importance(
     ref_bits: int | None = None,
     ref_rank: int = 8,
     seed: int = 0,
+    precision: str = "fp32",
 ) -> Importance:
     """Measure I_q and I_r on ``calib_blocks`` (``(n, seq_len)`` token ids from the training split).
+
+    Forward and backward passes run on the model's device under ``precision``'s autocast.
 
     Args:
         ref_bits: quantization of the model I_r is measured on (default: the median quantized bits).
         ref_rank: LoRA rank used for the I_r gradient probe.
+        precision: a resolved precision (``"fp32" | "bf16" | "fp16"``).
     """
     be = get_backend(backend)
     quant = [b for b in space.bits if b != UNQUANTIZED_BITS]
@@ -149,9 +174,9 @@ def compute_importance(
     batches = [calib_blocks[i : i + batch_size] for i in range(0, calib_blocks.shape[0], batch_size)]
     calib = calib_blocks if be.needs_calibration else None
     t0 = time.perf_counter()
-    raw_q = (quant_sensitivity(model, space, be, batches, calib) if quant != [UNQUANTIZED_BITS]
+    raw_q = (quant_sensitivity(model, space, be, batches, calib, precision) if quant != [UNQUANTIZED_BITS]
              else np.zeros(space.n_units))
-    raw_r = adaptation_demand(model, space, be, batches, ref_bits, ref_rank, seed, calib)
+    raw_r = adaptation_demand(model, space, be, batches, ref_bits, ref_rank, seed, calib, precision)
     imp = Importance(minmax(raw_q), minmax(raw_r), raw_q, raw_r, time.perf_counter() - t0)
     log.info("importance priors in %.1f s; Spearman(I_q, I_r) = %.2f", imp.seconds, imp.spearman)
     return imp

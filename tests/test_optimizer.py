@@ -34,7 +34,7 @@ def test_end_to_end_within_budget_and_both_phases(tiny, run):
     assert seconds < 90
     phases = {t.phase for t in res.history}
     assert {"baseline", "phase1", "phase2"} <= phases
-    assert {t.fidelity.name for t in res.history if t.phase == "phase1"} == {"low", "high"}
+    assert {t.fidelity.name for t in res.history if t.phase == "phase1"} == {"low", "mid", "high"}
     assert res.best is not None and res.pareto
     for t in [res.best, *res.pareto]:
         assert t.memory.model_bytes <= res.budget_bytes  # by the memory model
@@ -157,24 +157,36 @@ def test_without_surrogate_every_ok_offspring_is_promoted(tiny, run):
 
 
 def test_anchored_warm_start_reaches_phase1(tiny, run):
-    """warm_start="anchored" (the default): Phase I's first candidate is the budget-anchored seed, not Eq. 6's."""
+    """warm_start="anchored" (the default): Phase I's first candidate is the budget-anchored seed (filled
+    by the cost model by default, by the priors with guidance="priors"), not Eq. 6's."""
     import numpy as np
 
+    from autoqra.costmodel import CostModel
+    from autoqra.memory import MemoryModel
+    from autoqra.quant_backends import backend_from_spec
     from autoqra.repair import make_repair
     from autoqra.searchers import nsga2_ops as ops
+    from autoqra.seeds import anchored_cost_seed
 
     res, path, _ = run
-    anc = res
-    eq6_run = autoqra.optimize(tiny, "4bit", store=path, seed=0, phase2=None, warm_start="eq6", max_trials=5, **FAST)
-    assert anc.config["warm_start"] == "anchored"
-    first = next(t for t in anc.history if t.phase == "phase1")
-    space, imp = anc.space, anc.info["importance"]
+    assert res.config["warm_start"] == "anchored" and res.config["guidance"] == "cost"
+    space, budget = res.space, res.budget_bytes
+    mm = MemoryModel(tiny, space, backend_from_spec(res.info["backend_spec"]), train=FAST["train"])
+    bytes_of = make_repair(mm, budget).bytes_encoded
+    table = CostModel.from_dict({k: res.info["cost_model"][k] for k in
+                                 ("bits", "ranks", "quant", "rank_gain", "steps", "ref_bits", "seconds")}).table(space)
+    first = next(t for t in res.history if t.phase == "phase1")
+    assert first.assignment == space.decode(anchored_cost_seed(space, table, bytes_of, budget))
+    assert res.info["seed_key"] == [t for t in res.history if t.assignment == first.assignment
+                                    and t.fidelity.name == "high"][0].key  # the seed reached high fidelity
+    other = path.with_name("priors.db")  # another recipe (cosine schedule): the store refuses to mix them
+    pri = autoqra.optimize(tiny, "4bit", store=other, seed=0, phase2=None, guidance="priors", max_trials=6, **FAST)
+    eq6_run = autoqra.optimize(tiny, "4bit", store=other, seed=0, phase2=None, warm_start="eq6", guidance="priors",
+                               max_trials=6, **FAST)
+    first = next(t for t in pri.history if t.phase == "phase1")
+    imp = pri.info["importance"]
     iq, ir = np.asarray(imp["q"], float), np.asarray(imp["r"], float)
-    from autoqra.memory import MemoryModel
-
-    mm = MemoryModel(tiny, space, "hqq", train=FAST["train"])
-    budget = anc.budget_bytes
-    want = space.decode(ops.anchored_seed(space, iq, ir, make_repair(mm, budget).bytes_encoded, budget))
+    want = space.decode(ops.anchored_seed(space, iq, ir, bytes_of, budget))
     assert first.assignment == want
     eq6 = next(t for t in eq6_run.history if t.phase == "phase1")
     assert eq6.assignment != want and min(want.bits) >= 4 and min(eq6.assignment.bits) == 2

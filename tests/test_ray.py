@@ -187,3 +187,29 @@ def test_ctrl_c_mid_batch_and_the_store_resumes(pool, tiny, ray_run, tmp_path, m
     res = autoqra.optimize(tiny, "4bit", store=path, seed=0, executor=pool, **SMALL)
     assert res.info["n_run"] == len(res.history) - len(before)  # nothing finished was re-run
     assert [t.key for t in res.history] == [t.key for t in ray_run[0].history]
+
+
+@pytest.mark.parametrize("gpu_ids", [[], [0]])
+def test_worker_moves_to_gpu_only_when_ray_assigned_one(monkeypatch, gpu_ids):
+    """A zero-GPU worker stays on the CPU even where CUDA is visible (never crowds onto cuda:0)."""
+    import ray
+    import torch
+
+    from autoqra.executors.ray import _to_worker_device
+
+    moved = []
+
+    class Model:
+        def to(self, dev):
+            moved.append(dev)
+            return self
+
+    class Ev:
+        model, device = Model(), torch.device("cpu")
+
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: gpu_ids)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
+    ev = _to_worker_device(Ev())
+    assert moved == (["cuda"] if gpu_ids else [])
+    assert ev.device.type == ("cuda" if gpu_ids else "cpu")

@@ -2,13 +2,13 @@ r"""The ``finetune`` evaluator: quantize + LoRA-wrap a candidate, really train i
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
@@ -16,8 +16,10 @@ from autoqra.apply import apply_assignment
 from autoqra.config import TrainSpec
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity, register_evaluator
 from autoqra.evaluators.data import ByteTokenizer, TaskData, build_task_data, iter_steps
+from autoqra.evaluators.rungs import RungStates, common_lora_init
 from autoqra.memory import measure_memory
 from autoqra.memory_trace import measure_peak
+from autoqra.precision import autocast, describe, grad_scaler, model_device, resolve_precision
 from autoqra.quant_backends import QuantBackend, get_backend
 from autoqra.space import Assignment, SearchSpace
 
@@ -26,14 +28,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     """Raised inside an evaluation when a loss becomes NaN/inf (reported as status ``"nan"``)."""
-
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """fp32 on CPU (bf16 backward is ~20× slower on AVX2); bf16 (or fp16) autocast on CUDA."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def is_oom(err: BaseException) -> bool:
@@ -59,15 +53,19 @@ def lr_lambda(train: TrainSpec, total_steps: int):
 
 
 @torch.no_grad()
-def heldout_metrics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
-    """Mean next-token loss (nats/token), perplexity and next-token accuracy over ``blocks``."""
+def heldout_metrics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8,
+                    precision: str = "fp32") -> dict[str, float]:
+    """Mean next-token loss (nats/token), perplexity and next-token accuracy over ``blocks``.
+
+    The forward runs under ``precision``'s autocast; the loss is computed in fp32 from the logits.
+    """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     tot_loss, tot_correct, tot_tok = 0.0, 0, 0
     for i in range(0, blocks.shape[0], batch_size):
         ids = blocks[i : i + batch_size].to(device)
-        with autocast_for(device):
+        with autocast(device, precision):
             logits = model(input_ids=ids).logits.float()
         lg, tgt = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
         tot_loss += torch.nn.functional.cross_entropy(lg, tgt, reduction="sum").item()
@@ -88,6 +86,9 @@ class FitHooks:
     def step_end(self, step: int, loss: float, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> None:
         """Called after optimizer step ``step`` (0-based)."""
 
+    def note_peak(self, peak_bytes: int) -> None:
+        """The measured peak bytes of the first training step (when it is measured)."""
+
 
 @register_evaluator("finetune")
 class FinetuneEvaluator(Evaluator):
@@ -105,6 +106,16 @@ class FinetuneEvaluator(Evaluator):
         seed: drives LoRA init and data order.
         calib_blocks: training blocks used to calibrate backends that need it (GPTQ).
         track_peak: measure the peak bytes of the first training step (slower step on CPU).
+        eval_batch_size: sequences per forward when scoring.
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (:mod:`autoqra.precision`),
+            resolved on the model's device; training and scoring run under its autocast (fp16 with a
+            ``GradScaler``). The model's device is where training runs (move the model first).
+        rungs: search mode (:mod:`autoqra.evaluators.rungs`): train under a constant learning rate
+            (after ``warmup_steps``) so that fidelities continue each other, and keep training states
+            so a promoted candidate continues instead of restarting. Final training uses ``False``
+            (the recipe's own schedule, e.g. cosine).
+        common_init: draw every LoRA ``A`` from a per-module generator (paired comparisons across
+            candidates; :func:`~autoqra.evaluators.rungs.common_lora_init`).
     """
 
     def __init__(
@@ -121,6 +132,9 @@ class FinetuneEvaluator(Evaluator):
         calib_blocks: int = 16,
         track_peak: bool = True,
         eval_batch_size: int = 8,
+        precision: str = "auto",
+        rungs: bool = False,
+        common_init: bool = True,
     ) -> None:
         if eval_split not in ("validation", "test"):
             raise ValueError(f"eval_split={eval_split!r} is not allowed; use 'validation' or 'test'")
@@ -142,7 +156,10 @@ class FinetuneEvaluator(Evaluator):
         self.calib_blocks = calib_blocks
         self.track_peak = track_peak
         self.eval_batch_size = eval_batch_size
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
+        self.precision = resolve_precision(precision, self.device)
+        self.rungs, self.common_init = bool(rungs), bool(common_init)
+        self.rung_states = RungStates()
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -153,7 +170,15 @@ class FinetuneEvaluator(Evaluator):
             "eval_split": self.eval_split,
             "seed": self.seed,
             "calib_blocks": self.calib_blocks if self.backend.needs_calibration else 0,
+            **describe(self.device, self.precision),
+            "schedule": self.schedule,
+            "lora_init": "common" if self.common_init else "peft",
         }
+
+    @property
+    def schedule(self) -> str:
+        """The learning-rate schedule trials train under (constant in rung mode)."""
+        return "constant" if self.rungs else self.train.schedule
 
     # -------------------------------------------------------------- building
     def calib_ids(self) -> torch.Tensor | None:
@@ -161,10 +186,15 @@ class FinetuneEvaluator(Evaluator):
 
     def build(self, assignment: Assignment, seed: int | None = None) -> nn.Module:
         """The quantized, LoRA-wrapped (untrained) model of ``assignment``."""
-        return apply_assignment(
-            self.model, assignment, self.backend, seed=self.seed if seed is None else seed, space=self.space,
-            alpha_ratio=self.train.lora_alpha_ratio, dropout=self.train.lora_dropout, calib_ids=self.calib_ids(),
+        seed = self.seed if seed is None else seed
+        pm = apply_assignment(
+            self.model, assignment, self.backend, seed=seed, space=self.space,
+            alpha_ratio=self.train.lora_alpha_ratio, alpha=self.train.lora_alpha, dropout=self.train.lora_dropout,
+            calib_ids=self.calib_ids(),
         )
+        if self.common_init:
+            common_lora_init(pm, seed)
+        return pm
 
     def eval_data(self) -> torch.Tensor:
         blocks = getattr(self.data, self.eval_split)
@@ -191,7 +221,9 @@ class FinetuneEvaluator(Evaluator):
             return stats
         torch.manual_seed(self.seed)  # dropout masks
         opt = torch.optim.AdamW(params, lr=self.train.lr, weight_decay=self.train.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.train, steps))
+        recipe = attrs.evolve(self.train, schedule=self.schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe, steps))
+        scaler = grad_scaler(self.device, self.precision)  # fp16 only
         model.train()
         start = hooks.start(model, opt, sched) if hooks is not None else 0
         it = self.batches(steps)
@@ -205,21 +237,30 @@ class FinetuneEvaluator(Evaluator):
                 ids = next(it).to(self.device)
 
                 def fwd_bwd(ids=ids) -> float:
-                    with autocast_for(self.device):
+                    with autocast(self.device, self.precision):
                         loss = model(input_ids=ids, labels=ids).loss
-                    (loss / self.train.grad_accum).backward()
+                    scaled = loss / self.train.grad_accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     return loss.item()
 
                 if step == 0 and micro == 0 and self.track_peak:
                     val, stats["peak_bytes"] = measure_peak(fwd_bwd, self.device)
+                    if hooks is not None:
+                        hooks.note_peak(stats["peak_bytes"])
                 else:
                     val = fwd_bwd()
                 if not math.isfinite(val):
                     raise NonFiniteLoss(f"loss became {val} at step {step}")
                 step_loss += val / self.train.grad_accum
+            if scaler is not None:
+                scaler.unscale_(opt)
             if self.train.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.train.max_grad_norm)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)  # skips the step when the scaled gradients overflowed
+                scaler.update()
+            else:
+                opt.step()
             sched.step()
             losses.append(step_loss)
             if on_step is not None:
@@ -234,14 +275,19 @@ class FinetuneEvaluator(Evaluator):
     # ------------------------------------------------------------ evaluation
     def score(self, model: nn.Module) -> tuple[float, dict[str, float]]:
         """``(score, metrics)`` of a trained model; score = −held-out loss."""
-        m = heldout_metrics(model, self.eval_data(), self.eval_batch_size)
+        m = heldout_metrics(model, self.eval_data(), self.eval_batch_size, self.precision)
         return -m["loss"], m
 
     def evaluate(self, assignment: Assignment, fidelity: Fidelity) -> EvalResult:
         t0 = time.perf_counter()
         try:
             model = self.build(assignment)
-            stats = self.fit(model, fidelity.steps)
+            hooks = self.rung_states.hooks(assignment.to_json(), fidelity.steps) if self.rungs else None
+            stats = self.fit(model, fidelity.steps, hooks=hooks)
+            if hooks is not None and hooks.resumed_from:  # continued: the earlier rung's first loss and peak
+                stats.update(train_loss_first=hooks.first_loss, peak_bytes=hooks.peak_bytes)
+                if hooks.resumed_from == fidelity.steps:
+                    stats["train_loss_last"] = hooks.last_loss
             opt = stats.pop("optimizer", None)
             score, metrics = self.score(model)
             if not math.isfinite(score):

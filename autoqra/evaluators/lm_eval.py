@@ -11,6 +11,7 @@ from torch import nn
 
 from autoqra.evaluators.base import register_evaluator
 from autoqra.evaluators.finetune import FinetuneEvaluator
+from autoqra.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,12 @@ class LMEvalEvaluator(FinetuneEvaluator):
 
         model.eval()
         lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.lm_batch_size, device=str(self.device))
-        out = simple_evaluate(
-            model=lm, tasks=[self.task], task_manager=self.task_manager(), limit=self.limit,
-            num_fewshot=self.num_fewshot, log_samples=False, random_seed=self.seed, numpy_random_seed=self.seed,
-            torch_random_seed=self.seed, fewshot_random_seed=self.seed,
-        )
+        with autocast(self.device, self.precision):
+            out = simple_evaluate(
+                model=lm, tasks=[self.task], task_manager=self.task_manager(), limit=self.limit,
+                num_fewshot=self.num_fewshot, log_samples=False, random_seed=self.seed, numpy_random_seed=self.seed,
+                torch_random_seed=self.seed, fewshot_random_seed=self.seed,
+            )
         res = out["results"][self.task]
         metrics = {k.split(",")[0]: float(v) for k, v in res.items() if isinstance(v, (int, float)) and "stderr" not in k}
         name = self.metric or next((m for m in ("acc_norm", "acc", "exact_match", "f1") if m in metrics), None)

@@ -39,11 +39,16 @@ def require_ray() -> Any:
 
 
 def _to_worker_device(evaluator: Evaluator) -> Evaluator:
-    """Move a CPU-held model to this worker's GPU when Ray gave it one (models shipped from a CPU driver)."""
+    """Move a CPU-held model to this worker's GPU when Ray assigned it one (models shipped from a CPU
+    driver). A worker without an assigned GPU (``num_gpus=0``) stays on the CPU even where CUDA is
+    visible: it must not crowd onto cuda:0 beside the workers Ray gave that GPU to."""
+    import ray
     import torch
 
     model, device = getattr(evaluator, "model", None), getattr(evaluator, "device", None)
-    if not torch.cuda.is_available() or model is None or not isinstance(device, torch.device) or device.type != "cpu":
+    if model is None or not isinstance(device, torch.device) or device.type != "cpu":
+        return evaluator
+    if not ray.get_gpu_ids() or not torch.cuda.is_available():
         return evaluator
     evaluator.model = model.to("cuda")
     evaluator.device = torch.device("cuda")

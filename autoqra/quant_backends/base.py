@@ -57,6 +57,24 @@ def get_backend(backend: str | QuantBackend, **kwargs: Any) -> QuantBackend:
     return inst
 
 
+def backend_for_precision(name: str | QuantBackend, precision: str, options: dict[str, Any] | None = None) -> QuantBackend:
+    """The backend ``name`` computing in ``precision``'s dtype, unless ``options`` set its dtype explicitly.
+
+    An instance is passed through unchanged (its own compute dtype stands).
+
+    Raises:
+        ValueError / ImportError: as :func:`get_backend`.
+    """
+    if isinstance(name, QuantBackend):
+        return name
+    if not isinstance(name, str) or name not in _BACKENDS:
+        raise ValueError(f"backend={name!r} is not registered; registered backends: {available_backends()}")
+    from autoqra.precision import compute_dtype
+
+    kw = {**_BACKENDS[name].dtype_kwargs(compute_dtype(precision)), **(options or {})}
+    return get_backend(name, **kw)
+
+
 def backend_from_spec(spec: dict[str, Any]) -> QuantBackend:
     """Rebuild a backend from its :meth:`QuantBackend.spec` (library versions are ignored here).
 
@@ -129,6 +147,13 @@ class QuantBackend(abc.ABC):
     #: Activation bytes per token per input feature that one quantized layer saves (negative) or adds
     #: relative to an unquantized ``nn.Linear`` in a LoRA training step, by bits (see ``_activations``).
     activation_delta: dict[int, float] = {}
+    #: the constructor option that sets the compute dtype (``None``: the backend has none)
+    dtype_option: str | None = None
+
+    @classmethod
+    def dtype_kwargs(cls, dtype: torch.dtype) -> dict[str, Any]:
+        """Constructor options that make this backend compute in ``dtype`` (``{}`` without such an option)."""
+        return {} if cls.dtype_option is None else {cls.dtype_option: dtype}
 
     def is_available(self) -> bool:
         """Whether the backend's library imports on this machine."""

@@ -79,8 +79,11 @@ class SearchContext:
         target: ``"model"`` (``model_bytes``) or ``"train"`` (``train_bytes``).
         importance_q: per-unit quantization sensitivity in [0, 1] (length = n_units).
         importance_r: per-unit adaptation demand in [0, 1].
-        repair: ``repair(a) -> Assignment`` making ``a`` feasible (least importance lost per byte).
+        repair: ``repair(a) -> Assignment`` making ``a`` feasible (least predicted damage per byte).
         seed: the run's seed.
+        cost_table: ``(n_units, len(bits), len(ranks))`` predicted score (nats) of each unit's option
+            from the calibrated cost model (:meth:`autoqra.costmodel.CostModel.table`), or None
+            (priors-guided search).
     """
 
     space: SearchSpace
@@ -91,6 +94,15 @@ class SearchContext:
     importance_r: np.ndarray | None = None
     repair: Callable[[Assignment], Assignment] | None = None
     seed: int = 0
+    cost_table: np.ndarray | None = None
+
+    def predict(self, a: Assignment) -> float:
+        """Additive predicted score of ``a`` from ``cost_table`` (nats; 0 without one)."""
+        if self.cost_table is None:
+            return 0.0
+        x = self.space.encode(a)
+        n = self.space.n_units
+        return float(self.cost_table[np.arange(n), x[:n], x[n:]].sum())
 
     def bytes_of(self, a: Assignment) -> int:
         bd = self.memory.predict(a)

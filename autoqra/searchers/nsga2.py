@@ -34,6 +34,7 @@ from autoqra.pareto import HVStagnation, hypervolume_2d
 from autoqra.repair import Repairer, make_repair
 from autoqra.searchers import nsga2_ops as ops
 from autoqra.searchers.base import SearchContext, Searcher, register_searcher
+from autoqra.seeds import anchored_cost_seed, knapsack_seeds
 from autoqra.space import Assignment
 
 if TYPE_CHECKING:
@@ -82,6 +83,16 @@ class NSGA2Searcher(Searcher):
         hv_window: hypervolume stagnation window in generations (``done`` rule); 0 disables it.
         hv_rel_eps: relative hypervolume gain below which the search is ``done``.
         max_generations: optional cap on told generations (``done`` afterwards).
+        objectives: ``"score"`` (default: selection on the score alone, as the final choice is the best
+            score under the hard budget; every candidate is repaired to fit, so a bytes objective only
+            keeps cheaper, worse points alive) or ``"pareto"`` (the paper: score and bytes).
+        mutation: ``"swap"`` (byte-neutral moves on the context's cost table; default when it has
+            one) or ``"paper"`` (importance-guided single step + coupled edit).
+        knapsack_k: with a cost table, the first generation also holds the k best distinct
+            assignments of the additive prediction under the budget (exact knapsack), after the
+            warm-start seed.
+        stop_eps: in ``"score"`` mode, ``done`` once the best score has not risen by more than this
+            (nats) for ``hv_window`` generations.
     """
 
     def __init__(
@@ -96,7 +107,19 @@ class NSGA2Searcher(Searcher):
         hv_window: int = 3,
         hv_rel_eps: float = 1e-3,
         max_generations: int | None = None,
+        objectives: str = "score",
+        mutation: str = "swap",
+        knapsack_k: int = 3,
+        stop_eps: float = 2e-3,
     ) -> None:
+        if objectives not in ("score", "pareto"):
+            raise ValueError(f"objectives={objectives!r} is not allowed; choose 'score' or 'pareto'")
+        if mutation not in ("swap", "paper"):
+            raise ValueError(f"mutation={mutation!r} is not allowed; choose 'swap' or 'paper'")
+        if int(knapsack_k) < 0 or stop_eps < 0:
+            raise ValueError(f"knapsack_k={knapsack_k!r} and stop_eps={stop_eps!r} must be >= 0")
+        self.objectives, self.mutation = objectives, mutation
+        self.knapsack_k, self.stop_eps = int(knapsack_k), float(stop_eps)
         if int(pop_size) < 2:
             raise ValueError(f"pop_size={pop_size!r} must be >= 2")
         for field, v in (("crossover_prob", crossover_prob), ("coupled_prob", coupled_prob)):
@@ -132,20 +155,33 @@ class NSGA2Searcher(Searcher):
         else:
             self._repair_x = lambda x: space.encode(rep(space.decode(x)))
         has_priors = ctx.importance_q is not None or ctx.importance_r is not None
-        seed_x = None
+        bytes_of = rep.bytes_encoded if isinstance(rep, Repairer) else _bytes_fn(ctx)
+        table = getattr(ctx, "cost_table", None)
+        seed_x: list[np.ndarray] | None = None
         if self.warm_start == "eq6" and has_priors:
-            seed_x = space.encode(ops.warm_start_seed(space, self.iq, self.ir, self.tau))
+            seed_x = [space.encode(ops.warm_start_seed(space, self.iq, self.ir, self.tau))]
         elif self.warm_start == "anchored":
-            bytes_of = rep.bytes_encoded if isinstance(rep, Repairer) else _bytes_fn(ctx)
-            seed_x = ops.anchored_seeds(space, self.iq, self.ir, bytes_of, ctx.budget_bytes, self.tau)
+            seed_x = ([anchored_cost_seed(space, table, bytes_of, ctx.budget_bytes)] if table is not None
+                      else ops.anchored_seeds(space, self.iq, self.ir, bytes_of, ctx.budget_bytes, self.tau))
+        if table is not None and self.knapsack_k:
+            extra = knapsack_seeds(space, table, bytes_of, ctx.budget_bytes, self.knapsack_k, ctx.memory)
+            seed_x = list(seed_x or []) + [x for x in extra if not any(np.array_equal(x, y) for y in seed_x or [])]
+        self.seeds = [space.decode(x) for x in seed_x or []]
         self._archive: set[tuple[int, ...]] = set()
-        self.problem = Problem(n_var=2 * n, n_obj=2, xl=np.zeros(2 * n), xu=space.upper.astype(float), vtype=int)
+        n_obj = 2 if self.objectives == "pareto" else 1
+        self.problem = Problem(n_var=2 * n, n_obj=n_obj, xl=np.zeros(2 * n), xu=space.upper.astype(float), vtype=int)
+        jitter = None
+        if self.mutation == "swap" and table is not None:
+            mutation = ops.SwapMutation(table, bytes_of, ctx.budget_bytes, self._repair_x)
+            jitter = mutation.move
+        else:
+            mutation = ops.ImportanceMutation(self.iq, self.ir, self.gamma, self.coupled_prob, self._repair_x)
         self.algorithm = NSGA2(
             pop_size=self.pop_size,
-            sampling=ops.WarmStartSampling(seed_x, self._repair_x, self.jitter_resets),
+            sampling=ops.WarmStartSampling(seed_x, self._repair_x, self.jitter_resets, jitter),
             selection=TournamentSelection(func_comp=binary_tournament),
             crossover=ops.UnitUniformCrossover(n, self.crossover_prob),
-            mutation=ops.ImportanceMutation(self.iq, self.ir, self.gamma, self.coupled_prob, self._repair_x),
+            mutation=mutation,
             survival=RankAndCrowding(),
             repair=ops.BudgetRepair(self._repair_x),
             eliminate_duplicates=ops.ArchiveDuplicateElimination(self._archive),
@@ -161,14 +197,19 @@ class NSGA2Searcher(Searcher):
         self._exhausted = False
         self._hv_ref: tuple[float, float] | None = None
         self.stagnation = HVStagnation(max(self.hv_window, 1), self.hv_rel_eps)
+        self._best_history: list[float] = []
 
     @property
     def done(self) -> bool:
-        """True once the space is exhausted, ``max_generations`` is reached or HV stagnates."""
+        """True once the space is exhausted, ``max_generations`` is reached, or the search stagnates
+        (HV in ``"pareto"`` mode, the best score in ``"score"`` mode)."""
         if self._exhausted:
             return True
         if self.max_generations is not None and self.generation >= self.max_generations:
             return True
+        if self.objectives == "score":
+            h, w = self._best_history, self.hv_window
+            return w > 0 and len(h) > w and h[-1] <= h[-1 - w] + self.stop_eps
         return self.hv_window > 0 and self.stagnation.stopped
 
     # ------------------------------------------------------------------ ask
@@ -221,7 +262,7 @@ class NSGA2Searcher(Searcher):
     def _finish_generation(self) -> None:
         fail = self._fail_score()
         told = [self._told[k] for k in self._pending_keys]
-        F = np.array([[-(s if s is not None else fail), m] for s, m in told])
+        F = np.array([[-(s if s is not None else fail), m][: self.problem.n_obj] for s, m in told])
         ok = [s is not None for s, _ in told]
         self._record(self._pending, self._pending_keys, F, ok)
 
@@ -234,6 +275,10 @@ class NSGA2Searcher(Searcher):
         self._update_hv()
 
     def _update_hv(self) -> None:
+        oks = [-f[0] for g in self._history for f, ok in zip(g["F"], g["ok"]) if ok]
+        self._best_history.append(max(oks) if oks else -np.inf)
+        if self.problem.n_obj == 1:
+            return
         pts = [(-f[0], f[1]) for g in self._history for f, ok in zip(g["F"], g["ok"]) if ok]
         if not pts:
             self.stagnation.update(0.0)

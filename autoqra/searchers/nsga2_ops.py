@@ -194,13 +194,16 @@ def coupled_mutation(
 
 class WarmStartSampling(Sampling):
     """Initial population: the repaired seed(s) first, then jittered copies (``jitter_resets``
-    random single-variable resets each, repaired), taken from the seeds in turn. ``seed`` is one
+    random single-variable resets each, repaired; or ``jitter(x, rng)``, e.g. byte-neutral moves),
+    taken from the seeds in turn. ``seed`` is one
     encoding, a list of them, or None (uniform random + repair). Rows are kept unique when
     possible (up to 20 tries per row)."""
 
     def __init__(self, seed: np.ndarray | list[np.ndarray] | None, repair: EncodedRepair,
-                 jitter_resets: int = 4) -> None:
+                 jitter_resets: int = 4, jitter: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None
+                 ) -> None:
         super().__init__()
+        self.jitter = jitter
         seeds = [] if seed is None else [seed] if isinstance(seed, np.ndarray) and seed.ndim == 1 else list(seed)
         self.seeds = [np.asarray(x, dtype=np.int64) for x in seeds]
         self.repair_fn = repair
@@ -216,6 +219,8 @@ class WarmStartSampling(Sampling):
             if not self.seeds:
                 return rng.integers(0, upper + 1)
             y = self.seeds[i % len(self.seeds)].copy()
+            if self.jitter is not None:
+                return self.jitter(y, rng)
             for _ in range(self.jitter_resets):
                 j = int(rng.integers(len(y)))
                 y[j] = rng.integers(0, upper[j] + 1)
@@ -270,6 +275,35 @@ class ImportanceMutation(Mutation):
                 out[i] = coupled_mutation(out[i], upper, self.iq, self.ir, self.gamma, random_state, self.repair_fn)
             else:
                 out[i] = importance_mutation(out[i], upper, self.iq, self.ir, self.gamma, random_state)
+        return out
+
+
+class SwapMutation(Mutation):
+    """Byte-neutral mutation on the cost table (:mod:`autoqra.moves`): per individual, with probability
+    1/2 a :func:`~autoqra.moves.swap_down` (cheap downgrade, freed bytes spent by fill), else a
+    :func:`~autoqra.moves.swap_up` (valuable upgrade, paid by repair). A move that changes nothing is
+    redrawn, never reflected."""
+
+    def __init__(self, table: np.ndarray, bytes_of: Callable[[np.ndarray], int], budget: int,
+                 repair: EncodedRepair, top: int = 6) -> None:
+        super().__init__(prob=1.0)
+        self.table, self.bytes_of, self.budget, self.repair_fn, self.top = table, bytes_of, int(budget), repair, top
+
+    def move(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One byte-neutral move of a (repaired) encoding."""
+        from autoqra.moves import swap_down, swap_up
+
+        upper = np.asarray(self.table.shape[1:], dtype=np.int64) - 1
+        upper = np.concatenate([np.full(self.table.shape[0], upper[0]), np.full(self.table.shape[0], upper[1])])
+        x = self.repair_fn(np.asarray(x, dtype=np.int64))
+        if rng.random() < 0.5:
+            return swap_down(x, upper, self.table, self.bytes_of, self.budget, rng, self.top)
+        return swap_up(x, upper, self.table, self.bytes_of, self.repair_fn, rng, self.top)
+
+    def _do(self, problem, X, *args, random_state=None, **kwargs):
+        out = np.asarray(X, dtype=np.int64).copy()
+        for i in range(out.shape[0]):
+            out[i] = self.move(out[i], random_state)
         return out
 
 

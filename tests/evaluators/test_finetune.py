@@ -84,20 +84,25 @@ def test_faults_become_statuses(setup, monkeypatch, exc, status):
 
 
 def test_cuda_branch_uses_autocast_mocked(monkeypatch):
+    """auto on a GPU: bf16 with native bf16 (capability >= 8), else fp16; autocast gets the device type."""
+    import autoqra.precision as pr
+
     calls = {}
 
     def fake_autocast(device_type, dtype):
         calls["args"] = (device_type, dtype)
         return "ctx"
 
-    monkeypatch.setattr(ft.torch, "autocast", fake_autocast)
-    monkeypatch.setattr(ft.torch.cuda, "is_bf16_supported", lambda: True)
-    assert ft.autocast_for(torch.device("cuda")) == "ctx"
-    assert calls["args"] == ("cuda", torch.bfloat16)
-    monkeypatch.setattr(ft.torch.cuda, "is_bf16_supported", lambda: False)
-    ft.autocast_for(torch.device("cuda"))
+    monkeypatch.setattr(pr.torch, "autocast", fake_autocast)
+    monkeypatch.setattr(pr.torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    p = pr.resolve_precision("auto", torch.device("cuda"))
+    assert pr.autocast(torch.device("cuda"), p) == "ctx" and calls["args"] == ("cuda", torch.bfloat16)
+    monkeypatch.setattr(pr.torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    p = pr.resolve_precision("auto", torch.device("cuda"))
+    assert p == "fp16" and pr.grad_scaler("cpu", p) is not None
+    pr.autocast(torch.device("cuda"), p)
     assert calls["args"] == ("cuda", torch.float16)
-    assert not isinstance(ft.autocast_for(torch.device("cpu")), str)
+    assert not isinstance(pr.autocast(torch.device("cpu"), "fp32"), str)
 
 
 def test_lr_schedule():
@@ -118,12 +123,25 @@ def test_bad_options(tiny, setup):
 
 
 @pytest.mark.cuda
-def test_real_cuda_evaluation(tiny):
-    model = tiny.to("cuda")
-    space = SearchSpace.from_model(model, bits=(4, 16), ranks=(8,))
-    ev = FinetuneEvaluator(model, space, "hqq", train=TRAIN, eval_blocks=4)
-    r = ev.evaluate(space.uniform(4, 8), Fidelity(3))
-    assert r.ok and r.memory["peak_bytes"] > 0
+@pytest.mark.parametrize("backend", ["hqq", "bnb", "gptq", "none"])
+def test_real_cuda_evaluation(backend):
+    """A real GPU trial on its own model (the session's CPU model is never moved): ok, every
+    tensor on the GPU, measured bytes = predicted bytes."""
+    from autoqra.memory import MemoryModel
+    from autoqra.models import tiny_llama
+
+    model = tiny_llama(seed=0).to("cuda")
+    bits = {"hqq": 4, "bnb": 4, "gptq": 4, "none": 16}[backend]
+    space = SearchSpace.from_model(model, bits=(bits,), ranks=(8,))
+    ev = FinetuneEvaluator(model, space, backend, train=TRAIN, eval_blocks=4, precision="auto")
+    a = space.uniform(bits, 8)
+    r = ev.evaluate(a, Fidelity(3))
+    assert r.ok, r.error
+    assert r.memory["peak_bytes"] > 0 and ev.spec()["device"] == "cuda"
+    pm = ev.build(a)
+    assert all(p.device.type == "cuda" for p in pm.parameters())
+    mm = MemoryModel(model, space, ev.backend, train=TRAIN)
+    assert r.memory["model_bytes"] == mm.predict(a).model_bytes
 
 
 @pytest.mark.slow
