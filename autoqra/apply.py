@@ -246,21 +246,29 @@ def calibration_key(calib_ids: torch.Tensor) -> str:
     return hashlib.sha1(calib_ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def quantize_model(
+def quantized_layers(
     model: nn.Module,
-    space: SearchSpace,
-    assignment: Assignment,
+    module_bits: dict[str, int],
     backend: str | QuantBackend = "hqq",
     calib_ids: torch.Tensor | None = None,
-) -> nn.Module:
-    """Return a copy of ``model`` with each unit's linears quantized at the assigned bits (no LoRA)."""
+    module_names: list[str] | None = None,
+) -> dict[str, nn.Module]:
+    """The quantized layer of each ``{module name: bits}`` (16 bits are skipped), from the cache.
+
+    Args:
+        model: the unquantized source model (layers are quantized from its linears).
+        module_bits: bits per module; modules at 16 bits are left out of the result.
+        backend: quantization backend name or instance.
+        calib_ids: calibration token ids for backends that need them.
+        module_names: every module calibration covers (default: the keys of ``module_bits``); the
+            calibration statistics are cached under this list's model placement.
+    """
     be = get_backend(backend)
-    be.check_bits(assignment.bits)
-    mm = space.module_map(assignment)
+    be.check_bits(module_bits.values())
     cache = quant_cache(model)
     spec = _spec_key(be)
     stats: dict[str, Any] = {}
-    to_quant = [m for m, (b, _) in mm.items() if b != UNQUANTIZED_BITS]
+    to_quant = [m for m, b in module_bits.items() if b != UNQUANTIZED_BITS]
     if be.needs_calibration and to_quant:
         if calib_ids is None:
             raise ValueError(
@@ -272,13 +280,14 @@ def quantize_model(
         ckey = f"{spec}|{calibration_key(calib_ids)}|{where}"
         if ckey not in cache.calib:
             t0 = time.perf_counter()
-            cache.calib[ckey] = be.calibrate(model, space.module_names, calib_ids)
-            log.info("calibrated %d modules for %s in %.1f s", len(space.module_names), be.name, time.perf_counter() - t0)
+            names = module_names or list(module_bits)
+            cache.calib[ckey] = be.calibrate(model, names, calib_ids)
+            log.info("calibrated %d modules for %s in %.1f s", len(names), be.name, time.perf_counter() - t0)
         stats = cache.calib[ckey]
-    new = shared_copy(model)
     src_mods = dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
     for name in to_quant:
-        bits = mm[name][0]
+        bits = module_bits[name]
         lin = src_mods[name]
         key = (name, bits, spec, *_placement(lin.weight))
         q = cache.get(key)
@@ -287,8 +296,29 @@ def quantize_model(
                 q = be.quantize(lin, bits, calib=stats.get(name))
             q.requires_grad_(False)
             cache.put(key, q, be)
-        parent_name, child = name.rsplit(".", 1)
-        setattr(new.get_submodule(parent_name), child, q)
+        out[name] = q
+    return out
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` of ``model`` with ``module``."""
+    parent_name, child = name.rsplit(".", 1)
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def quantize_model(
+    model: nn.Module,
+    space: SearchSpace,
+    assignment: Assignment,
+    backend: str | QuantBackend = "hqq",
+    calib_ids: torch.Tensor | None = None,
+) -> nn.Module:
+    """Return a copy of ``model`` with each unit's linears quantized at the assigned bits (no LoRA)."""
+    mm = space.module_map(assignment)
+    layers = quantized_layers(model, {m: b for m, (b, _) in mm.items()}, backend, calib_ids, space.module_names)
+    new = shared_copy(model)
+    for name, q in layers.items():
+        set_module(new, name, q)
     return new
 
 

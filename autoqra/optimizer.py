@@ -32,6 +32,7 @@ import math
 import time
 from typing import Any
 
+import attrs
 import numpy as np
 
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
@@ -88,6 +89,7 @@ class AutoQRA:
         self.phase1_options = dict(phase1_options or {})
         table = cost_model.table(space) if cost_model is not None else None
         self.repair = make_repair(memory, budget_bytes, importance.q, importance.r, target, cost_table=table)
+        self.quant_hedge = (0.5, 2.0)  # knapsack seeds under these multiples of the calibrated quant_scale
         self.ctx = SearchContext(space=space, memory=memory, budget_bytes=budget_bytes, target=target,
                                  importance_q=importance.q, importance_r=importance.r, repair=self.repair, seed=seed,
                                  cost_table=table)
@@ -283,6 +285,25 @@ class AutoQRA:
         return hypervolume_2d([t["score"] for t in trials], [self.bytes_of(t["assignment"]) for t in trials],
                               self.hv_ref, float(self.budget_bytes) * 1.0001)
 
+    def calibrate(self) -> None:
+        """Fit the cost model's ``quant_scale`` on the baselines' real high-fidelity scores (how much of a
+        0-step KL a trained candidate still pays), then rebuild the table repair and searchers use;
+        the hedged tables (``quant_hedge`` multiples) give Phase I extra knapsack seeds."""
+        if self.cost_model is None:
+            return
+        from autoqra.costmodel import calibrate_quant_scale
+
+        trials = self.high_trials()
+        c = calibrate_quant_scale(self.cost_model, [t["assignment"] for t in trials], [t["score"] for t in trials])
+        if c is not None:
+            self.cost_model = attrs.evolve(self.cost_model, quant_scale=c)
+            log.info("cost model: quant_scale %.3f from %d baselines", c, len(trials))
+        table = self.cost_model.table(self.space)
+        self.repair.cost_table = table
+        self.ctx.cost_table = table
+        self.ctx.seed_tables = [self.cost_model.table(self.space, m * self.cost_model.quant_scale)
+                                for m in self.quant_hedge]
+
     def rank_gain(self, a: Assignment) -> float:
         """The cost model's predicted rank gain of ``a`` at the high fidelity (nats; 0 without a model)."""
         cm = self.cost_model
@@ -293,13 +314,14 @@ class AutoQRA:
     def _promote(self, cands: list[Assignment], lows: list[EvalResult], recs: list[PairRecord]) -> list[int]:
         """Indices of ok low-fidelity candidates, best predicted high-fidelity score first.
 
-        With a cost model: screen score + predicted rank gain (a 0-step screen cannot see rank);
+        With a cost model: calibrated screen score + predicted rank gain (a 0-step screen cannot see rank);
         otherwise the MLP surrogate's ranking (its fallback before it is fitted: the low score).
         """
         if not any(r.ok for r in lows):
             return []
-        if self.cost_model is not None:
-            pred = np.array([r.score + self.rank_gain(a) if r.ok else -np.inf for a, r in zip(cands, lows)])
+        if self.cost_model is not None:  # the screen pays the full 0-step damage; training recovers 1 - c of it
+            c = self.cost_model.quant_scale
+            pred = np.array([c * r.score + self.rank_gain(a) if r.ok else -np.inf for a, r in zip(cands, lows)])
             order = np.argsort(-pred, kind="stable")
         else:
             order = self.surrogate.rank(recs)
@@ -417,6 +439,7 @@ class AutoQRA:
             with self.progress:
                 self.progress.phase("baselines", 0)
                 self.baseline_keys = self.baselines()
+                self.calibrate()
                 self.phase1()
                 self.phase2()
         except LimitReached as e:

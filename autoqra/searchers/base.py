@@ -84,6 +84,9 @@ class SearchContext:
         cost_table: ``(n_units, len(bits), len(ranks))`` predicted score (nats) of each unit's option
             from the calibrated cost model (:meth:`autoqra.costmodel.CostModel.table`), or None
             (priors-guided search).
+        seed_tables: further tables (the same cost model under other calibrations) whose exact
+            knapsack optima join the first generation as seeds: the calibration is uncertain, real
+            trials decide between bits and adapters.
     """
 
     space: SearchSpace
@@ -95,6 +98,7 @@ class SearchContext:
     repair: Callable[[Assignment], Assignment] | None = None
     seed: int = 0
     cost_table: np.ndarray | None = None
+    seed_tables: list = attrs.Factory(list)
 
     def predict(self, a: Assignment) -> float:
         """Additive predicted score of ``a`` from ``cost_table`` (nats; 0 without one)."""

@@ -88,9 +88,9 @@ class NSGA2Searcher(Searcher):
             keeps cheaper, worse points alive) or ``"pareto"`` (the paper: score and bytes).
         mutation: ``"swap"`` (byte-neutral moves on the context's cost table; default when it has
             one) or ``"paper"`` (importance-guided single step + coupled edit).
-        knapsack_k: with a cost table, the first generation also holds the k best distinct
-            assignments of the additive prediction under the budget (exact knapsack), after the
-            warm-start seed.
+        knapsack_k: with a cost table, the first generation also holds up to k knapsack seeds after
+            the warm-start seed: the exact optimum of each of the context's ``seed_tables`` (other
+            calibrations), then the best distinct assignments of ``cost_table`` itself.
         stop_eps: in ``"score"`` mode, ``done`` once the best score has not risen by more than this
             (nats) for ``hv_window`` generations.
     """
@@ -165,7 +165,12 @@ class NSGA2Searcher(Searcher):
                       else ops.anchored_seeds(space, self.iq, self.ir, bytes_of, ctx.budget_bytes, self.tau))
         if table is not None and self.knapsack_k:
             extra = knapsack_seeds(space, table, bytes_of, ctx.budget_bytes, self.knapsack_k, ctx.memory)
-            seed_x = list(seed_x or []) + [x for x in extra if not any(np.array_equal(x, y) for y in seed_x or [])]
+            for t in getattr(ctx, "seed_tables", []):  # the optimum under each hedged calibration first
+                extra = knapsack_seeds(space, t, bytes_of, ctx.budget_bytes, 1, ctx.memory)[:1] + extra
+            seed_x = list(seed_x or [])
+            for x in extra:
+                if len(seed_x) < 1 + self.knapsack_k and not any(np.array_equal(x, y) for y in seed_x):
+                    seed_x.append(x)
         self.seeds = [space.decode(x) for x in seed_x or []]
         self._archive: set[tuple[int, ...]] = set()
         n_obj = 2 if self.objectives == "pareto" else 1

@@ -1,0 +1,49 @@
+"""The calibrated cost model: measured damage per bit-width, leave-one-out adapter gains, calibration."""
+
+import numpy as np
+import pytest
+
+from autoqra.config import TrainSpec
+from autoqra.costmodel import CostModel, calibrate_quant_scale, measure_cost_model
+from autoqra.evaluators.finetune import FinetuneEvaluator
+from autoqra.space import SearchSpace
+
+
+@pytest.fixture(scope="module")
+def cm_and_space(tiny):
+    space = SearchSpace.from_model(tiny, bits=(2, 4, 8), ranks=(0, 4, 8))
+    ev = FinetuneEvaluator(tiny, space.with_unquantized(), "hqq", train=TrainSpec(batch_size=2, seq_len=32, lr=2e-3),
+                           eval_blocks=4, precision="fp32", rungs=True)
+    cm = measure_cost_model(ev, space, ev.data.train[:4], steps=4)
+    return cm, space
+
+
+def test_damage_falls_with_bits_and_no_unit_is_free(cm_and_space):
+    cm, space = cm_and_space
+    assert cm.quant.shape == (space.n_units, 3) and cm.rank_gain.shape == (space.n_units, 3)
+    assert (cm.quant[:, 0] > cm.quant[:, 1]).all() and (cm.quant[:, 1] >= cm.quant[:, 2]).all()
+    assert (cm.quant[:, 0] > 0).all()  # measured, not min-max normalised: the least sensitive unit pays too
+    assert (cm.rank_gain[:, 0] == 0).all()  # rank 0 buys nothing
+    assert (cm.rank_gain[:, 1] == cm.rank_gain[:, 2]).all()  # one probe: every positive rank alike
+    assert np.abs(cm.rank_gain[:, 1]).max() > 0
+
+
+def test_table_predict_and_round_trip(cm_and_space):
+    cm, space = cm_and_space
+    t = cm.table(space)
+    a = space.make([2, 8], [4, 0])
+    assert t.shape == (space.n_units, 3, 3)
+    assert cm.predict(a) == pytest.approx(t[0, 0, 1] + t[1, 2, 0])
+    back = CostModel.from_dict(cm.to_dict())
+    assert back.predict(a) == pytest.approx(cm.predict(a)) and back.steps == 4
+
+
+def test_calibration_recovers_the_scale_and_skips_collapsed_points(cm_and_space):
+    cm, space = cm_and_space
+    pts = [space.uniform(b, r) for b in (2, 4, 8) for r in (0, 4)]
+    true_c = 0.3
+    scores = [-3.0 + cm.gain(a) - true_c * cm.damage(a) for a in pts]
+    assert calibrate_quant_scale(cm, pts, scores) == pytest.approx(true_c)
+    scores[0] -= 5.0  # uniform 2-bit collapses: off the line, left out
+    assert calibrate_quant_scale(cm, pts, scores) == pytest.approx(true_c)
+    assert calibrate_quant_scale(cm, pts[:1], scores[:1]) is None  # one point says nothing
