@@ -21,9 +21,10 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+from peft import get_peft_model
 from torch import nn
 
-from autoqra.budget import parse_size
+from autoqra.memory.budget import parse_size
 from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend, get_backend
 from autoqra.space import Assignment, SearchSpace
 
@@ -360,8 +361,6 @@ def apply_assignment(
         p.requires_grad_(False)
     if not any(r > 0 for r in assignment.ranks):
         return qmodel
-    from peft import get_peft_model
-
     be.prepare_for_peft(qmodel)
     cfg = space.lora_config(assignment, alpha_ratio=alpha_ratio, dropout=dropout, alpha=alpha)
     custom = be.lora_custom_modules()

@@ -8,6 +8,7 @@ from typing import Any
 
 import attrs
 import torch
+import yaml
 
 from autoqra.precision import PRECISIONS
 
@@ -112,8 +113,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if p.suffix.lower() == ".json":
         data = json.loads(text)
     else:
-        import yaml
-
         data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise ValueError(f"config file {p} must hold a mapping at top level, got {type(data).__name__}")
@@ -201,7 +200,7 @@ class OptimizeConfig:
             mid-rung trials continue to high; with ``guidance="cost"`` rungs continue each other).
         guidance: ``"cost"`` (default: the calibrated cost model in nats per byte drives repair, the
             anchored warm start, byte-neutral mutations, knapsack seeds, promotion from the screen,
-            score-aligned selection and stop, and Phase II's prior; :mod:`autoqra.costmodel`) or
+            score-aligned selection and stop, and Phase II's prior; :mod:`autoqra.guidance.costmodel`) or
             ``"priors"`` (the landed search: min–max normalised importance priors, the paper's
             operators, Pareto selection and hypervolume stop; use it with ``phase2="turbo"``).
         knapsack_k: with ``guidance="cost"``, the k best distinct assignments of the additive

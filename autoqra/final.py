@@ -20,10 +20,17 @@ from typing import Any
 
 import attrs
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from autoqra.config import OptimizeConfig
+from autoqra.evaluators.data import ByteTokenizer, build_task_data
 from autoqra.evaluators.finetune import FinetuneEvaluator, FitHooks
+from autoqra.fingerprint import model_fingerprint
+from autoqra.models import load_model
 from autoqra.precision import model_device, resolve_device
+from autoqra.progress import step_bar
+from autoqra.quant_backends import backend_from_spec, get_backend
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +90,6 @@ class Checkpointer(FitHooks):
                 f"the checkpoint in {self.dir} belongs to another training (different assignment, steps, seed or "
                 "recipe); pass another output directory or delete it"
             )
-        from safetensors.torch import load_file
-
         step = int(st["step"])
         folder = self.dir / st["folder"]
         lora = load_file(folder / "lora.safetensors")
@@ -114,8 +119,6 @@ class Checkpointer(FitHooks):
             self.save(done, model, opt, sched, loss)
 
     def save(self, done: int, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, loss: float) -> None:
-        from safetensors.torch import save_file
-
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{done:06d}"
         folder = self.dir / name
@@ -213,8 +216,6 @@ def resolve_steps(evaluator: FinetuneEvaluator, steps: int | None, epochs: float
 def run_final(evaluator: FinetuneEvaluator, trial: Any, steps: int, directory: str | Path | None,
               checkpoint_every: int, progress: bool, identity: dict[str, Any]) -> FinalModel:
     """Build, train (resuming from ``directory``) and score ``trial.assignment``."""
-    from autoqra.progress import step_bar
-
     model = evaluator.build(trial.assignment)
     with step_bar(steps, enabled=progress, label=f"final training · {trial.assignment.short()}") as bar:
         ck = Checkpointer(directory, identity, steps, checkpoint_every, on_step=bar.update) if directory else None
@@ -238,14 +239,10 @@ def model_for(result: Any, model: nn.Module | None, tokenizer: Any,
     """The search's source model: ``model`` if given (checked against the run's fingerprint), else reloaded
     from where the run recorded it came from (``autoqra.models.load_model`` source), in the dtype the
     search loaded it in, on ``device`` (default: the search's device when it is available, else CPU)."""
-    from autoqra.store import model_fingerprint
-
     if model is None:
         src = result.info.get("model_source")
         if not src:
             raise ValueError("this result does not record where its model came from: pass model= (and tokenizer=)")
-        from autoqra.models import load_model
-
         if device is None:
             ran_on = str(result.info.get("device") or "cpu")
             device = ran_on if not ran_on.startswith("cuda") or torch.cuda.is_available() else "cpu"
@@ -265,10 +262,6 @@ def evaluator_for(result: Any, model: nn.Module, tokenizer: Any, seed: int | Non
                   precision: str | None = None) -> FinetuneEvaluator:
     """The search's fine-tuning recipe (data, TrainSpec, backend, precision) as an evaluator for final
     training; ``precision`` overrides the search's (``"auto"`` resolves on the model's device)."""
-    from autoqra.config import OptimizeConfig
-    from autoqra.evaluators.data import ByteTokenizer, build_task_data
-    from autoqra.quant_backends import backend_from_spec, get_backend
-
     cfg = OptimizeConfig.from_dict(result.config)
     spec = result.info.get("backend_spec")
     backend = backend_from_spec(spec) if spec else get_backend(cfg.backend, **cfg.backend_options)

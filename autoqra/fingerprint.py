@@ -6,6 +6,8 @@ import hashlib
 import json
 from typing import Any
 
+import torch
+
 _INT_VIEW = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 _VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "_commit_hash", "use_cache", "_attn_implementation_autoset")
 
@@ -23,8 +25,6 @@ def model_fingerprint(model: Any, n_edge: int = 3, n_values: int = 64) -> str:
     Returns:
         Hex SHA-256 string.
     """
-    import torch
-
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_json_string"):

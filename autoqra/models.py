@@ -6,11 +6,15 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from autoqra.precision import DTYPES, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,6 @@ def default_model_dir() -> Path:
     out = cache_dir() / DEFAULT_NAME
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = _gguf_path()
     t0 = time.perf_counter()
     log.info("converting %s to fp32 safetensors (once, ~25 s) into %s", gguf.name, out)
@@ -65,8 +67,6 @@ def default_model_dir() -> Path:
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    import shutil
-
     shutil.rmtree(dst)
     src.replace(dst)
 
@@ -87,8 +87,6 @@ def load_default(dtype: torch.dtype | str = torch.float32, device: str | torch.d
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    from autoqra.precision import DTYPES
-
     if dtype in DTYPES:
         return DTYPES[dtype]
     named = getattr(torch, str(dtype), None)
@@ -108,8 +106,6 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     The model remembers where it came from (``model._autoqra_source``) so a saved search result can
     reload it later (``autoqra train --run``).
     """
-    from autoqra.precision import resolve_device
-
     dt = _dtype(dtype)
     dev = resolve_device(device)
     model, tok = _load_model(name_or_path, dt)
@@ -138,8 +134,6 @@ def tokenizer_for(model: nn.Module) -> tuple[object | None, str]:
         name = src or getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "")
         path = Path(name) if name and Path(name).is_dir() else None
     if path is not None and ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()):
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(path), str(path)
     raise ValueError(
         f"no tokenizer for {type(model).__name__}: pass tokenizer= (autoqra.models.load_model returns it); the "
@@ -163,8 +157,6 @@ def _load_model(name_or_path: str, dtype: torch.dtype):
 
 
 def _load_dir(p: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
     model.eval()
     tok = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").exists() or (p / "tokenizer.json").exists() else None
@@ -180,8 +172,6 @@ def tiny_llama(
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """A tiny randomly initialised Llama (dims multiples of 128 so every backend groups cleanly)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -209,8 +199,6 @@ def from_config(path_or_config, dtype: torch.dtype | str | None = None) -> nn.Mo
         dtype: the weights' dtype; default the config's ``torch_dtype`` (or ``dtype``), else fp32 —
             the dtype users load the model in, so memory is planned in it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if isinstance(path_or_config, dict):
         cfg_d = dict(path_or_config)
     else:

@@ -15,7 +15,7 @@ Order of work: baselines (uniform bits at the largest feasible rank, 16-bit refe
 Phase I (multi-fidelity NSGA-II) → Phase II (on high-fidelity trials only) → choice of the best
 feasible point.
 
-Guidance (``cost_model``): with the calibrated cost model (:mod:`autoqra.costmodel`, the default) the
+Guidance (``cost_model``): with the calibrated cost model (:mod:`autoqra.guidance.costmodel`, the default) the
 repair, the warm start, the mutations and Phase II's prior are in nats per byte; Phase I screens every
 offspring at the low fidelity (0 steps: apply + held-out loss), ranks them by the screen score plus
 the cost model's predicted rank gain, trains the best at the mid rung and continues the best of those
@@ -35,18 +35,20 @@ from typing import Any
 import attrs
 import numpy as np
 
+from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
 from autoqra.executors.base import Executor, LocalExecutor
-from autoqra.importance import spearman
-from autoqra.memory import MemoryModel
+from autoqra.guidance.costmodel import calibrate_quant_scale
+from autoqra.guidance.importance import spearman
 from autoqra.pareto import HVStagnation, hypervolume_2d, pareto_mask
+from autoqra.problem import Problem
 from autoqra.progress import Progress
 from autoqra.quant_backends import UNQUANTIZED_BITS
-from autoqra.repair import make_repair
-from autoqra.searchers.base import SearchContext, get_searcher
+from autoqra.searchers.base import get_searcher
 from autoqra.searchers.surrogate import PairRecord, Surrogate
-from autoqra.space import Assignment, SearchSpace
+from autoqra.space import Assignment
 from autoqra.store import TrialStore, trial_key
+from autoqra.trial import Trial
 
 log = logging.getLogger(__name__)
 
@@ -64,44 +66,101 @@ class LimitReached(Exception):
         self.results = results or []
 
 
-class AutoQRA:
-    """One search run. Build through :func:`autoqra.optimize`; call :meth:`run`."""
+@attrs.frozen
+class SearchSettings:
+    """How the optimizer searches (fidelities, sizes, limits), resolved from an :class:`OptimizeConfig`.
 
-    def __init__(
-        self, *, space: SearchSpace, memory: MemoryModel, evaluator: Evaluator, budget_bytes: int, target: str,
-        store: TrialStore, model_fingerprint: str, importance, low: Fidelity, high: Fidelity,
-        phase1: Any, phase2: Any, pop_size: int, promote_k: int, max_generations: int, phase2_iterations: int,
-        alpha: float, choose_alpha: float, use_surrogate: bool = True, warm_start: str = "anchored",
-        max_trials: int | None, time_limit: float | None, seed: int, progress: Progress | None = None,
-        executor: Executor | None = None, phase2_batch: int | None = None,
-        cost_model: Any = None, mid: Fidelity | None = None, phase1_options: dict[str, Any] | None = None,
-    ) -> None:
-        self.space, self.memory, self.evaluator = space, memory, evaluator
-        self.memory_eval = memory.with_space(evaluator.space) if evaluator.space.bits != space.bits else memory
-        self.budget_bytes, self.target, self.store = budget_bytes, target, store
-        self.fingerprint, self.importance = model_fingerprint, importance
-        self.low, self.high = low, high
-        self.pop_size, self.promote_k, self.max_generations = pop_size, promote_k, max_generations
-        self.phase2_iterations, self.alpha, self.choose_alpha = phase2_iterations, alpha, choose_alpha
-        self.max_trials, self.time_limit, self.seed = max_trials, time_limit, seed
+    Attributes:
+        low / mid / high: the fidelities (optimizer steps); ``mid`` None = no middle rung.
+        phase1 / phase2: searcher names or instances (``phase2`` None skips Phase II).
+        pop_size, promote_k, max_generations: Phase I sizes; phase2_iterations: Phase II evaluations.
+        alpha: Phase II utility weight (paper variants); choose_alpha: weight of the final choice (1.0 = best
+            score under the budget).
+        use_surrogate: promote by prediction (False promotes every offspring); warm_start: the seed rule.
+        max_trials / time_limit: limits (evaluations, seconds); phase2_batch: points per Phase II ask.
+        phase1_options: further Phase I searcher settings (objectives, mutation, knapsack_k).
+    """
+
+    low: Fidelity
+    high: Fidelity
+    mid: Fidelity | None = None
+    phase1: Any = "nsga2"
+    phase2: Any = "local"
+    pop_size: int = 10
+    promote_k: int = 2
+    max_generations: int = 2
+    phase2_iterations: int = 4
+    alpha: float = 0.6
+    choose_alpha: float = 1.0
+    use_surrogate: bool = True
+    warm_start: str = "anchored"
+    max_trials: int | None = None
+    time_limit: float | None = None
+    phase2_batch: int | None = None
+    phase1_options: dict[str, Any] = attrs.Factory(dict)
+
+    @classmethod
+    def from_config(cls, cfg: OptimizeConfig, *, guided: bool, phase1: Any = None, phase2: Any = None) -> SearchSettings:
+        """Settings of ``cfg`` (``phase1`` / ``phase2``: searcher instances that replace the config's names).
+
+        ``guided``: a cost model guides the search (score selection, swap moves, knapsack seeds in Phase I);
+        otherwise the paper's Pareto selection and mutation.
+        """
+        mid = cfg.resolved("mid_steps")
+        opts = ({"objectives": "score", "mutation": "swap", "knapsack_k": cfg.knapsack_k} if guided
+                else {"objectives": "pareto", "mutation": "paper", "knapsack_k": 0})
+        return cls(
+            low=Fidelity(cfg.resolved("low_steps"), "low"), high=Fidelity(cfg.resolved("high_steps"), "high"),
+            mid=Fidelity(mid, "mid") if mid is not None else None,
+            phase1=phase1 if phase1 is not None else cfg.phase1, phase2=phase2 if phase2 is not None else cfg.phase2,
+            pop_size=cfg.resolved("pop_size"), promote_k=cfg.resolved("promote_k"),
+            max_generations=cfg.resolved("max_generations"), phase2_iterations=cfg.resolved("phase2_iterations"),
+            alpha=cfg.alpha, choose_alpha=cfg.choose_alpha, use_surrogate=cfg.use_surrogate,
+            warm_start=cfg.warm_start, max_trials=cfg.max_trials, time_limit=cfg.time_limit,
+            phase2_batch=cfg.phase2_batch, phase1_options=opts)
+
+
+class AutoQRA:
+    """One search run. Build through :func:`autoqra.optimize`; call :meth:`run`.
+
+    Args:
+        problem: what is searched (space, memory model, budget, target, priors, repair, seed).
+        evaluator: scores assignments (on ``problem.space`` with 16 bits added, for the reference).
+        store: the trial store (finished trials are read back, never re-run).
+        settings: fidelities, sizes and limits.
+        fingerprint: the source model's fingerprint (part of every trial key).
+        cost_model: the calibrated cost model (None: priors guidance).
+        progress / executor: the live progress line; where trials run (default: this process).
+    """
+
+    def __init__(self, problem: Problem, evaluator: Evaluator, store: TrialStore, settings: SearchSettings, *,
+                 fingerprint: str, cost_model: Any = None, progress: Progress | None = None,
+                 executor: Executor | None = None) -> None:
+        self.problem, self.settings, self.evaluator, self.store = problem, settings, evaluator, store
+        self.space, self.memory = problem.space, problem.memory
+        self.memory_eval = self.memory.with_space(evaluator.space) if evaluator.space.bits != self.space.bits \
+            else self.memory
+        self.budget_bytes, self.target, self.seed = problem.budget_bytes, problem.target, problem.seed
+        self.fingerprint = fingerprint
+        st = settings
+        self.low, self.mid, self.high = st.low, st.mid, st.high
+        self.pop_size, self.promote_k, self.max_generations = st.pop_size, st.promote_k, st.max_generations
+        self.phase2_iterations, self.alpha, self.choose_alpha = st.phase2_iterations, st.alpha, st.choose_alpha
+        self.max_trials, self.time_limit = st.max_trials, st.time_limit
+        self.use_surrogate, self.warm_start = st.use_surrogate, st.warm_start
+        self.phase1_spec, self.phase2_spec, self.phase1_options = st.phase1, st.phase2, dict(st.phase1_options)
         self.progress = progress or Progress(enabled=False)
-        self.cost_model, self.mid = cost_model, mid
-        self.phase1_options = dict(phase1_options or {})
-        table = cost_model.table(space) if cost_model is not None else None
-        self.repair = make_repair(memory, budget_bytes, importance.q, importance.r, target, cost_table=table)
+        self.cost_model = cost_model
+        if cost_model is not None:
+            problem.set_cost_table(cost_model.table(self.space))
         self.quant_hedge = (0.5, 2.0)  # knapsack seeds under these multiples of the calibrated quant_scale
-        self.ctx = SearchContext(space=space, memory=memory, budget_bytes=budget_bytes, target=target,
-                                 importance_q=importance.q, importance_r=importance.r, repair=self.repair, seed=seed,
-                                 cost_table=table)
         self.seed_assignment: Assignment | None = None
-        self.phase1_spec, self.phase2_spec = phase1, phase2
         self.n_evals = 0  # evaluations run or read back in this process (limits count both)
         self.n_run = 0  # evaluations actually run in this process
         self.t0 = time.perf_counter()
         self.eval_seconds = 0.0
         self.hv_history: list[dict[str, float]] = []
-        self.surrogate = Surrogate(space, importance.q, importance.r, seed=seed)
-        self.use_surrogate, self.warm_start = use_surrogate, warm_start
+        self.surrogate = Surrogate(self.space, problem.importance_q, problem.importance_r, seed=self.seed)
         self.generations = 0
         self.stop_reasons: dict[str, str] = {}
         self.hv_ref: float | None = None
@@ -110,14 +169,13 @@ class AutoQRA:
         # this run's trials in candidate order (the store may hold more) -> the phase that first asked for each
         self.run_phase: dict[str, str] = {}
         self.executor = executor or LocalExecutor(evaluator)
-        self.phase2_batch = int(phase2_batch or self.executor.n_workers)
+        self.phase2_batch = int(st.phase2_batch or self.executor.n_workers)
         self.trial_seconds = 0.0  # sum of the trials' own seconds (> wall time with parallel workers)
 
     # ------------------------------------------------------------ evaluation
     def bytes_of(self, a: Assignment) -> int:
         """Budget-target bytes of ``a`` (works for the 16-bit reference too, even off the ladder)."""
-        bd = self.memory_eval.predict(a)
-        return bd.model_bytes if self.target == "model" else bd.train_bytes
+        return self.memory_eval.predict(a).bytes_for(self.target)
 
     def key_of(self, a: Assignment, fidelity: Fidelity) -> str:
         """Trial-store key of ``a`` at ``fidelity`` in this run."""
@@ -157,7 +215,7 @@ class AutoQRA:
             first[key] = i
             old = self.store.get(key)
             if old is not None:
-                cached[i] = old["result"]
+                cached[i] = old.result
                 n += 1
                 continue
             todo.append(i)
@@ -206,11 +264,9 @@ class AutoQRA:
             results[i] = res
             self.n_run += 1
             self.trial_seconds += res.seconds
-            self.store.put({
-                "key": keys[i], "assignment": assignments[i], "fidelity": fidelity, "phase": phase, "result": res,
-                "predicted_memory": self.memory_eval.predict(assignments[i]).to_dict(), "seed": self.seed,
-                "extra": {"generation": self.generations, "budget_bytes": self.budget_bytes, "worker": done.worker},
-            })
+            self.store.put(Trial(
+                assignments[i], fidelity, phase, res, self.memory_eval.predict(assignments[i]), keys[i], seed=self.seed,
+                extra={"generation": self.generations, "budget_bytes": self.budget_bytes, "worker": done.worker}))
             self.progress.trial(phase, res, cached=False)
         return stopped[0] if stopped else None
 
@@ -219,7 +275,7 @@ class AutoQRA:
         """This run's trial keys in candidate order."""
         return list(self.run_phase)
 
-    def trials(self) -> list[dict]:
+    def trials(self) -> list[Trial]:
         """This run's trials in candidate order (read back from the store), whatever order workers finished in.
 
         Only this run's own trials count, never others a shared store holds: that keeps a
@@ -227,19 +283,19 @@ class AutoQRA:
         trial's ``phase`` is this run's (a trial read back may have been stored by another search,
         in another phase).
         """
-        return [{**t, "phase": phase} for k, phase in self.run_phase.items() if (t := self.store.get(k)) is not None]
+        return [attrs.evolve(t, phase=phase) for k, phase in self.run_phase.items() if (t := self.store.get(k)) is not None]
 
-    def high_trials(self) -> list[dict]:
+    def high_trials(self) -> list[Trial]:
         """This run's ok high-fidelity trials (baselines included), feasible or not."""
-        return [t for t in self.trials() if t["status"] == "ok" and t["fidelity"].steps == self.high.steps]
+        return [t for t in self.trials() if t.status == "ok" and t.fidelity.steps == self.high.steps]
 
-    def front(self) -> list[dict]:
+    def front(self) -> list[Trial]:
         """Pareto front (score ↑, bytes ↓) of feasible high-fidelity trials."""
-        trials = [t for t in self.high_trials() if self.bytes_of(t["assignment"]) <= self.budget_bytes]
+        trials = [t for t in self.high_trials() if self.bytes_of(t.assignment) <= self.budget_bytes]
         if not trials:
             return []
-        mask = pareto_mask([t["score"] for t in trials], [self.bytes_of(t["assignment"]) for t in trials])
-        return sorted((t for t, m in zip(trials, mask) if m), key=lambda t: self.bytes_of(t["assignment"]))
+        mask = pareto_mask([t.score for t in trials], [self.bytes_of(t.assignment) for t in trials])
+        return sorted((t for t, m in zip(trials, mask) if m), key=lambda t: self.bytes_of(t.assignment))
 
     # ------------------------------------------------------------- baselines
     def baselines(self) -> dict[str, str]:
@@ -274,15 +330,15 @@ class AutoQRA:
     # --------------------------------------------------------------- phase I
     def _best_high(self) -> float:
         """Best feasible high-fidelity score so far (-inf before any)."""
-        return max((t["score"] for t in self.front()), default=-math.inf)
+        return max((t.score for t in self.front()), default=-math.inf)
 
     def _hv(self) -> float:
         trials = self.front()
         if not trials:
             return 0.0
         if self.hv_ref is None:  # fixed once (the worst high-fidelity score so far), so HV is monotone
-            self.hv_ref = min(t["score"] for t in self.high_trials()) - 1e-3
-        return hypervolume_2d([t["score"] for t in trials], [self.bytes_of(t["assignment"]) for t in trials],
+            self.hv_ref = min(t.score for t in self.high_trials()) - 1e-3
+        return hypervolume_2d([t.score for t in trials], [self.bytes_of(t.assignment) for t in trials],
                               self.hv_ref, float(self.budget_bytes) * 1.0001)
 
     def calibrate(self) -> None:
@@ -291,18 +347,14 @@ class AutoQRA:
         the hedged tables (``quant_hedge`` multiples) give Phase I extra knapsack seeds."""
         if self.cost_model is None:
             return
-        from autoqra.costmodel import calibrate_quant_scale
-
         trials = self.high_trials()
-        c = calibrate_quant_scale(self.cost_model, [t["assignment"] for t in trials], [t["score"] for t in trials])
+        c = calibrate_quant_scale(self.cost_model, [t.assignment for t in trials], [t.score for t in trials])
         if c is not None:
             self.cost_model = attrs.evolve(self.cost_model, quant_scale=c)
             log.info("cost model: quant_scale %.3f from %d baselines", c, len(trials))
-        table = self.cost_model.table(self.space)
-        self.repair.cost_table = table
-        self.ctx.cost_table = table
-        self.ctx.seed_tables = [self.cost_model.table(self.space, m * self.cost_model.quant_scale)
-                                for m in self.quant_hedge]
+        self.problem.set_cost_table(self.cost_model.table(self.space),
+                                    [self.cost_model.table(self.space, m * self.cost_model.quant_scale)
+                                     for m in self.quant_hedge])
 
     def rank_gain(self, a: Assignment) -> float:
         """The cost model's predicted rank gain of ``a`` at the high fidelity (nats; 0 without a model)."""
@@ -342,8 +394,8 @@ class AutoQRA:
     def phase1(self) -> None:
         kw = dict(pop_size=self.pop_size, max_generations=self.max_generations, warm_start=self.warm_start,
                   **self.phase1_options)
-        searcher = get_searcher(self.phase1_spec, self.ctx, **kw) \
-            if isinstance(self.phase1_spec, str) else get_searcher(self.phase1_spec, self.ctx)
+        searcher = get_searcher(self.phase1_spec, self.problem, **kw) \
+            if isinstance(self.phase1_spec, str) else get_searcher(self.phase1_spec, self.problem)
         stag = HVStagnation(window=3, rel_eps=1e-3)
         pairs: list[PairRecord] = []
         while not searcher.done and self.generations < self.max_generations:
@@ -392,14 +444,14 @@ class AutoQRA:
         if self.phase2_spec is None:
             self.stop_reasons["phase2"] = "skipped"
             return
-        warm = [t for t in self.high_trials() if self.bytes_of(t["assignment"]) <= self.budget_bytes]
+        warm = [t for t in self.high_trials() if self.bytes_of(t.assignment) <= self.budget_bytes]
         if len(warm) < 2:
             self.stop_reasons["phase2"] = f"skipped: {len(warm)} feasible high-fidelity trials (needs 2)"
             return
         q = self.phase2_batch  # q points per ask (batch acquisition), evaluated concurrently
-        searcher = get_searcher(self.phase2_spec, self.ctx, alpha=self.alpha, batch_size=q) \
-            if isinstance(self.phase2_spec, str) else get_searcher(self.phase2_spec, self.ctx)
-        searcher.tell([t["assignment"] for t in warm], [t["result"] for t in warm])
+        searcher = get_searcher(self.phase2_spec, self.problem, alpha=self.alpha, batch_size=q) \
+            if isinstance(self.phase2_spec, str) else get_searcher(self.phase2_spec, self.problem)
+        searcher.tell([t.assignment for t in warm], [t.result for t in warm])
         n_done, it = 0, 0  # phase2_iterations caps evaluations
         while n_done < self.phase2_iterations:
             if searcher.done:
@@ -416,7 +468,7 @@ class AutoQRA:
         self.phase2_history = getattr(searcher, "history", [])
 
     # ---------------------------------------------------------------- choice
-    def choose(self, alpha: float | None = None) -> dict | None:
+    def choose(self, alpha: float | None = None) -> Trial | None:
         """Best utility α·score − (1−α)·memory (min-max over the feasible front) among feasible trials.
 
         ``alpha`` defaults to ``choose_alpha`` (1.0 = the best score under the budget).
@@ -425,8 +477,8 @@ class AutoQRA:
         front = self.front()
         if not front:
             return None
-        s = np.array([t["score"] for t in front])
-        m = np.array([self.bytes_of(t["assignment"]) for t in front], dtype=float)
+        s = np.array([t.score for t in front])
+        m = np.array([self.bytes_of(t.assignment) for t in front], dtype=float)
         sn = (s - s.min()) / (s.max() - s.min()) if s.max() > s.min() else np.ones_like(s)
         mn = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else np.zeros_like(m)
         u = alpha * sn - (1 - alpha) * mn
@@ -448,7 +500,7 @@ class AutoQRA:
         wall = time.perf_counter() - self.t0
         return {
             "baselines": self.baseline_keys, "run_keys": self.run_keys, "best": self.choose(),
-            "best_utility_key": (self.choose(self.alpha) or {}).get("key"), "front": self.front(), "stopped": stopped,
+            "best_utility_key": getattr(self.choose(self.alpha), "key", None), "front": self.front(), "stopped": stopped,
             "stop_reasons": self.stop_reasons, "hv_history": self.hv_history, "wall_seconds": wall,
             "eval_seconds": self.eval_seconds, "n_evals": self.n_evals, "n_run": self.n_run,
             "trial_seconds": self.trial_seconds, "executor": self.executor.describe(), "phase2_batch": self.phase2_batch,
@@ -465,15 +517,15 @@ class AutoQRA:
         if cm is None:
             return {}
         out: dict[str, Any] = {**cm.to_dict()}
-        high = [t for t in self.high_trials() if t["assignment"].bits != (UNQUANTIZED_BITS,) * self.space.n_units]
-        pred = [cm.predict(t["assignment"]) for t in high if all(b in cm.bits for b in t["assignment"].bits)]
-        scores = [t["score"] for t in high if all(b in cm.bits for b in t["assignment"].bits)]
+        high = [t for t in self.high_trials() if t.assignment.bits != (UNQUANTIZED_BITS,) * self.space.n_units]
+        pred = [cm.predict(t.assignment) for t in high if all(b in cm.bits for b in t.assignment.bits)]
+        scores = [t.score for t in high if all(b in cm.bits for b in t.assignment.bits)]
         out["spearman_high"] = spearman(np.array(pred), np.array(scores)) if len(scores) >= 3 else math.nan
         out["n_high"] = len(scores)
-        lows = [t for t in self.trials() if t["status"] == "ok" and t["fidelity"].steps == self.low.steps
-                and t["phase"] == "phase1"]
+        lows = [t for t in self.trials() if t.status == "ok" and t.fidelity.steps == self.low.steps
+                and t.phase == "phase1"]
         if len(lows) >= 3:
-            pq = [-cm.quant[np.arange(self.space.n_units), [cm.bits.index(b) for b in t["assignment"].bits]].sum()
+            pq = [-cm.quant[np.arange(self.space.n_units), [cm.bits.index(b) for b in t.assignment.bits]].sum()
                   for t in lows]
-            out["spearman_screen"] = spearman(np.array(pq), np.array([t["score"] for t in lows]))
+            out["spearman_screen"] = spearman(np.array(pq), np.array([t.score for t in lows]))
         return out

@@ -7,6 +7,12 @@ import math
 import time
 from typing import Any
 
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+from rich.text import Text
+
 log = logging.getLogger(__name__)
 
 
@@ -33,9 +39,6 @@ class Progress:
     # -------------------------------------------------------------- context
     def __enter__(self) -> Progress:
         if self.enabled:
-            from rich.console import Console
-            from rich.live import Live
-
             console = Console(stderr=True)
             if console.is_terminal:
                 self._live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
@@ -92,9 +95,7 @@ class Progress:
         ]
         return " · ".join(parts)
 
-    def _render(self):
-        from rich.text import Text
-
+    def _render(self) -> Text:
         return Text(self.text() + (f"\n  running: {self.current}" if self.current else ""))
 
     def _refresh(self) -> None:
@@ -116,10 +117,6 @@ class StepBar:
 
     def __enter__(self) -> StepBar:
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
-
             console = Console(stderr=True)
             if console.is_terminal:
                 self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -9,54 +9,18 @@ from typing import Any
 
 import attrs
 
-from autoqra.evaluators.base import EvalResult, Fidelity
-from autoqra.memory import MemoryBreakdown
-from autoqra.space import Assignment, SearchSpace, Unit
+from autoqra.artifact.export import export_model, merge_adapter
+from autoqra.config import OptimizeConfig
+from autoqra.evaluators.data import ByteTokenizer
+from autoqra.final import evaluator_for, model_for, pick_trial, resolve_steps, run_final
+from autoqra.memory.model import MemoryModel
+from autoqra.space import SearchSpace, Unit
+from autoqra.trial import Trial
+
+__all__ = ["FORMAT", "RESULT_FILE", "Result", "Trial", "load_result", "space_from_spec"]
 
 RESULT_FILE = "result.json"
 FORMAT = "autoqra.result/1"
-
-
-@attrs.frozen
-class Trial:
-    """One evaluated candidate.
-
-    Attributes:
-        assignment: per-unit bits and ranks.
-        fidelity: training it got (optimizer steps).
-        phase: ``"baseline" | "phase1" | "phase2"``.
-        result: score, metrics, status, measured memory, seconds.
-        memory: predicted breakdown (bytes).
-        key: trial-store key.
-        name: label (baselines: ``"uniform-4bit-r16"``...).
-    """
-
-    assignment: Assignment
-    fidelity: Fidelity
-    phase: str
-    result: EvalResult
-    memory: MemoryBreakdown
-    key: str = ""
-    name: str = ""
-
-    @property
-    def score(self) -> float:
-        return self.result.score
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"assignment": self.assignment.to_dict(), "fidelity": self.fidelity.to_dict(), "phase": self.phase,
-                "result": self.result.to_dict(), "memory": self.memory.to_dict(), "key": self.key, "name": self.name}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Trial:
-        return cls(Assignment.from_dict(d["assignment"]), Fidelity.from_dict(d["fidelity"]), d["phase"],
-                   EvalResult.from_dict(d["result"]), MemoryBreakdown.from_dict(d["memory"]), d.get("key", ""),
-                   d.get("name", ""))
-
-    @classmethod
-    def from_store(cls, t: dict[str, Any], name: str = "") -> Trial:
-        return cls(t["assignment"], t["fidelity"], t["phase"], t["result"],
-                   MemoryBreakdown.from_dict(t.get("predicted_memory") or {}), t["key"], name)
 
 
 def space_from_spec(spec: dict[str, Any]) -> SearchSpace:
@@ -129,9 +93,6 @@ class Result:
 
         Also sets ``self.final`` (:class:`autoqra.final.FinalModel`: model, held-out test metrics).
         """
-        from autoqra.config import OptimizeConfig
-        from autoqra.final import evaluator_for, model_for, pick_trial, resolve_steps, run_final
-
         trial = pick_trial(self, index)
         model, tokenizer = model_for(self, model, tokenizer, device)
         ev = evaluator_for(self, model, tokenizer, seed, precision=precision)
@@ -152,15 +113,12 @@ class Result:
 
     # ------------------------------------------------------------------ export
     def export(self, path: str | Path, *, merge: bool = False) -> Path:
-        """Write the trained model of :meth:`train` as a deployable folder (see :mod:`autoqra.artifact`).
+        """Write the trained model of :meth:`train` as a deployable folder (see :mod:`autoqra.artifact.export`).
 
         ``merge=True`` folds the adapter into the base (16-bit layers exactly, HQQ layers by
         re-quantization) and records the held-out loss before and after in ``autoqra.json``.
         Returns the path of ``autoqra.json``.
         """
-        from autoqra.artifact import export_model, merge_adapter
-        from autoqra.memory import MemoryModel
-
         if self.final is None:
             raise ValueError("nothing to export yet: call result.train() first (or `autoqra train --run ...`)")
         fm = self.final
@@ -182,19 +140,18 @@ class Result:
         info["memory"] = {"predicted": mm.predict(a).to_dict()}
         tok = fm.tokenizer
         if tok is None:
-            from autoqra.evaluators.data import ByteTokenizer
-
             tok = ByteTokenizer(ev.model.config.vocab_size)
         return export_model(model, path, ev.backend, tokenizer=tok, info=info)
 
     def report(self, path: str | Path | None = None) -> Path:
         """Write PNG plots and a self-contained ``report.html`` (default ``<run_dir>/report``); returns its path."""
-        from autoqra.report import write_report
-
         if path is None:
             if self.run_dir is None:
                 raise ValueError("give a folder: this result was never saved")
             path = self.run_dir / "report"
+        # the one deferred internal import: reports need matplotlib (~0.9 s to import), searches do not
+        from autoqra.report.html import write_report
+
         return write_report(self, path)
 
     def to_peft_config(self, trial: Trial | None = None, **kw: Any):
@@ -251,7 +208,7 @@ class Result:
             rows += [(f"AutoQRA best utility (alpha={alpha})", t) for t in self.history if t.key == ukey][:1]
         rows += list(self.baselines.items())
         for name, t in rows:
-            mem = t.memory.model_bytes if self.target == "model" else t.memory.train_bytes
+            mem = t.memory.bytes_for(self.target)
             lines.append(f"  {name:<34} score {t.score:+.4f}  {mem / 1e6:9.2f} MB  "
                          f"({'within' if mem <= self.budget_bytes else 'OVER'} budget)")
         if self.best:

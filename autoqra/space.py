@@ -9,7 +9,10 @@ from typing import Any
 
 import attrs
 import numpy as np
+from peft import LoraConfig
 from torch import nn
+
+from autoqra.quant_backends import UNQUANTIZED_BITS, get_backend
 
 #: Linear-layer suffixes of a Llama-style decoder block (the paper's seven projections).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -132,8 +135,6 @@ class SearchSpace:
                 f"{type(model).__name__}; pass target_modules= with the suffixes of your model's linears"
             )
         if backend is not None:
-            from autoqra.quant_backends import get_backend
-
             get_backend(backend).check_bits(bits_t)
         if granularity == "module":
             units = tuple(Unit(n, (n,), (s,)) for n, s in lins)
@@ -179,8 +180,6 @@ class SearchSpace:
 
     def with_unquantized(self) -> SearchSpace:
         """This space with bits 16 (unquantized) added to the ladder (evaluators and priors need it)."""
-        from autoqra.quant_backends.base import UNQUANTIZED_BITS
-
         return attrs.evolve(self, bits=tuple(sorted(set(self.bits) | {UNQUANTIZED_BITS})))
 
     # ------------------------------------------------------------ construction
@@ -249,7 +248,7 @@ class SearchSpace:
         return {m: (b, r) for u, b, r in zip(self.units, a.bits, a.ranks) for m in u.modules}
 
     def lora_config(self, a: Assignment, alpha_ratio: float = 2.0, dropout: float = 0.0,  # noqa: D417
-                    alpha: float | None = None, **kw: Any):
+                    alpha: float | None = None, **kw: Any) -> LoraConfig:
         """A peft ``LoraConfig`` realising the ranks of ``a`` (rank 0 → ``exclude_modules``).
 
         α = ``alpha`` for every module when given (scaling α/r: the update size no longer grows with
@@ -259,8 +258,6 @@ class SearchSpace:
         Pattern keys are full dotted module names; peft matches them as ``(.*[.])?name$`` so
         ``layers.1.…`` never matches ``layers.11.…``.
         """
-        from peft import LoraConfig
-
         mm = self.module_map(a)
         adapted = {m: r for m, (_, r) in mm.items() if r > 0}
         if not adapted:

@@ -24,7 +24,9 @@ from typing import Any
 
 from autoqra.evaluators.base import EvalResult, Fidelity
 from autoqra.fingerprint import model_fingerprint
+from autoqra.memory.model import MemoryBreakdown
 from autoqra.space import Assignment
+from autoqra.trial import Trial
 
 __all__ = ["APP_ID", "SCHEMA_VERSION", "TrialStore", "model_fingerprint", "trial_key"]
 
@@ -102,10 +104,6 @@ def _diff(prefix: str, old: Any, new: Any) -> list[str]:
         return out
     o, n = (json.dumps(x, sort_keys=True, default=str) for x in (old, new))
     return [] if o == n else [f"{prefix}: stored {o[:120]} != new {n[:120]}"]
-
-
-def _as_dict(v: Any) -> Any:
-    return v.to_dict() if hasattr(v, "to_dict") else v
 
 
 class TrialStore:
@@ -241,47 +239,42 @@ class TrialStore:
                 if k not in stored:
                     self.set_meta(k, v)
 
-    def put(self, trial: dict[str, Any]) -> None:
+    def put(self, trial: Trial | dict[str, Any]) -> None:
         """Insert or update one trial, committed (fsync'd) before returning.
 
         Args:
-            trial: ``key`` (str, from :func:`trial_key`), ``assignment`` (Assignment or dict),
-                ``fidelity`` (Fidelity or dict), ``phase`` (str), ``result`` (EvalResult or dict);
-                optional ``predicted_memory`` / ``measured_memory`` (MemoryBreakdown or dict of
-                bytes; measured defaults to ``result.memory``), ``seconds`` (defaults to
-                ``result.seconds``), ``seed`` (int), ``extra`` (JSON-able dict).
-                Re-putting a key overwrites it but keeps its ``seq`` and ``created_at``.
+            trial: a :class:`~autoqra.trial.Trial` (``key`` from :func:`trial_key`; ``memory`` = the
+                predicted breakdown; ``measured_memory`` defaults to ``result.memory``, ``seconds`` to
+                ``result.seconds``). The dict form of earlier releases is accepted too
+                (:meth:`Trial.from_record`). Re-putting a key overwrites it but keeps its ``seq`` and
+                ``created_at``.
         """
-        for f in ("key", "assignment", "fidelity", "phase", "result"):
-            if trial.get(f) is None:
-                raise ValueError(f"TrialStore.put: trial[{f!r}] is required; got keys {sorted(trial)}")
-        a, fid, res = trial["assignment"], trial["fidelity"], trial["result"]
-        a = a if isinstance(a, Assignment) else Assignment.from_dict(a)
-        fid = fid if isinstance(fid, Fidelity) else Fidelity.from_dict(fid)
-        res = res if isinstance(res, EvalResult) else EvalResult.from_dict(res)
-        measured = _as_dict(trial.get("measured_memory", res.memory or None))
-        seed, now = trial.get("seed"), _now()
-        row = (str(trial["key"]), a.to_json(), _dumps(fid.to_dict()), fid.name, str(trial["phase"]), res.status,
-               float(res.score) if math.isfinite(res.score) else None, _dumps(res.to_dict()),
-               _dumps(_as_dict(trial.get("predicted_memory"))), _dumps(measured),
-               float(trial.get("seconds", res.seconds)), None if seed is None else int(seed), now, now,
-               _dumps(trial.get("extra") or {}))
+        if not isinstance(trial, Trial):
+            try:
+                trial = Trial.from_record(trial)
+            except ValueError as e:
+                raise ValueError(f"TrialStore.put: {e}") from None
+        if not trial.key:
+            raise ValueError("TrialStore.put: the trial has no key (use trial_key())")
+        res, now = trial.result, _now()
+        measured = trial.measured_memory if trial.measured_memory is not None else (res.memory or None)
+        predicted = None if trial.memory == MemoryBreakdown() else trial.memory.to_dict()
+        row = (trial.key, trial.assignment.to_json(), _dumps(trial.fidelity.to_dict()), trial.fidelity.name,
+               trial.phase, res.status, float(res.score) if math.isfinite(res.score) else None, _dumps(res.to_dict()),
+               _dumps(predicted), _dumps(measured), float(res.seconds if trial.seconds is None else trial.seconds),
+               None if trial.seed is None else int(trial.seed), now, now, _dumps(trial.extra or {}))
         self._exec(f"INSERT INTO trials ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))}) "
                    f"ON CONFLICT(key) DO UPDATE SET {_UPDATE}", row)
 
     @staticmethod
-    def _decode(r: sqlite3.Row) -> dict[str, Any]:
-        return {
-            "key": r["key"], "seq": r["seq"], "phase": r["phase"], "status": r["status"],
-            "assignment": Assignment.from_json(r["assignment_json"]),
-            "fidelity": Fidelity.from_dict(json.loads(r["fidelity_json"])),
-            "score": -math.inf if r["score"] is None else r["score"],
-            "result": EvalResult.from_dict(json.loads(r["result_json"])),
-            "predicted_memory": _loads(r["predicted_memory_json"]),
-            "measured_memory": _loads(r["measured_memory_json"]),
-            "seconds": r["seconds"], "seed": r["seed"], "created_at": r["created_at"],
-            "updated_at": r["updated_at"], "extra": json.loads(r["extra_json"]),
-        }
+    def _decode(r: sqlite3.Row) -> Trial:
+        pm = _loads(r["predicted_memory_json"])
+        return Trial(
+            Assignment.from_json(r["assignment_json"]), Fidelity.from_dict(json.loads(r["fidelity_json"])),
+            r["phase"], EvalResult.from_dict(json.loads(r["result_json"])), MemoryBreakdown.from_dict(pm or {}),
+            r["key"], seq=r["seq"], seed=r["seed"], seconds=r["seconds"],
+            measured_memory=_loads(r["measured_memory_json"]), extra=json.loads(r["extra_json"]),
+            created_at=r["created_at"], updated_at=r["updated_at"])
 
     @staticmethod
     def _where(**conds: str | None) -> tuple[str, tuple]:
@@ -295,8 +288,8 @@ class TrialStore:
             cur.row_factory = sqlite3.Row
             return cur.execute(f"SELECT * FROM trials{where} ORDER BY seq", args).fetchall()
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """The decoded trial of ``key``, or ``None``."""
+    def get(self, key: str) -> Trial | None:
+        """The stored trial of ``key``, or ``None``."""
         rows = self._select(key=key)
         return self._decode(rows[0]) if rows else None
 
@@ -305,8 +298,8 @@ class TrialStore:
         return bool(self._exec("SELECT 1 FROM trials WHERE key=?", (key,)))
 
     def trials(self, phase: str | None = None, fidelity_name: str | None = None,
-               status: str | None = None) -> list[dict[str, Any]]:
-        """Decoded trials in insertion order (``seq``), optionally filtered (all filters ANDed)."""
+               status: str | None = None) -> list[Trial]:
+        """Stored trials in insertion order (``seq``), optionally filtered (all filters ANDed)."""
         rows = self._select(phase=phase, fidelity_name=fidelity_name, status=status)
         return [self._decode(r) for r in rows]
 

@@ -1,9 +1,9 @@
-"""Measured activation peaks of one LoRA step under bf16/fp16 autocast vs the estimate (``autoqra._activations``).
+"""Measured activation peaks of one LoRA step under bf16/fp16 autocast vs the estimate (``autoqra.memory.activations``).
 
 Every run: build a tiny Llama (or SmolLM2-135M) with its frozen weights in the compute dtype, quantize
 and wrap it with ``apply_assignment`` (backend in the same compute dtype), run one
 ``pm(input_ids=ids, labels=ids).loss.backward()`` under ``torch.autocast("cpu", dtype)`` inside
-:func:`autoqra.memory_trace.measure_peak`, and compare ``peak - lora_grad_bytes`` with
+:func:`autoqra.memory.trace.measure_peak`, and compare ``peak - lora_grad_bytes`` with
 ``MemoryModel(..., precision=p).predict(a).activation_bytes``.
 
 Runs (per precision): five tiny shapes × batch 1×64 and 2×128 × backends none / HQQ 4 / bnb 4 and 8 /
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from autoqra import MemoryModel, SearchSpace, TrainSpec, apply_assignment
-from autoqra._activations import COEF16, _dims
-from autoqra.memory_trace import measure_peak
+from autoqra.memory.activations import COEF16, _dims
+from autoqra.memory.trace import measure_peak
 from autoqra.models import load_default, tiny_llama
 from autoqra.quant_backends import get_backend
 from autoqra.space import Assignment

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from autoqra._cli_bench import add_arguments, cmd_bench
+from autoqra.cli.bench import add_arguments, cmd_bench
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

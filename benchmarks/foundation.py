@@ -13,7 +13,7 @@ import torch
 import autoqra
 from autoqra.apply import quant_cache
 from autoqra.evaluators.data import build_task_data
-from autoqra.memory_trace import measure_peak
+from autoqra.memory.trace import measure_peak
 
 OUT = Path(__file__).parent / "results" / "foundation.json"
 

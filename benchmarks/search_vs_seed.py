@@ -4,7 +4,7 @@ For each budget and search seed: one `autoqra.optimize` at the demo preset (its 
 
 * seed_high / chosen_high: the warm-start seed's and the chosen point's high-fidelity scores (same run,
   same evaluator: common LoRA init and data order);
-* local_random_high: the best of N random byte-neutral edits of the same seed (`autoqra.moves.random_edit`,
+* local_random_high: the best of N random byte-neutral edits of the same seed (`autoqra.guidance.moves.random_edit`,
   no cost model), N = the search's Phase I+II high-fidelity evaluations other than the seed, evaluated
   by the same evaluator;
 * old_seed_high: today's anchored warm start (priors fill, `guidance="priors"`) under the same protocol;
@@ -33,17 +33,18 @@ import numpy as np
 import torch
 
 import autoqra
-from autoqra._api import prepare
+from autoqra.api import prepare
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Fidelity
 from autoqra.final import evaluator_for, run_final
-from autoqra.importance import compute_importance
-from autoqra.moves import random_edit
+from autoqra.guidance.importance import compute_importance
+from autoqra.guidance.moves import random_edit
+from autoqra.guidance.repair import make_repair
 from autoqra.precision import cpu_bf16_native
-from autoqra.repair import make_repair
 from autoqra.searchers import nsga2_ops as ops
 from autoqra.space import Assignment
 from autoqra.store import TrialStore, trial_key
+from autoqra.trial import Trial
 
 log = logging.getLogger("search_vs_seed")
 ROOT = Path(__file__).resolve().parent
@@ -80,10 +81,9 @@ def high_eval(store: TrialStore, su, a: Assignment, fidelity: Fidelity, phase: s
     t = store.get(key)
     if t is None:
         r = su.evaluator.evaluate(a, fidelity)
-        store.put({"key": key, "assignment": a, "fidelity": fidelity, "phase": phase, "result": r,
-                   "predicted_memory": su.memory.predict(a).to_dict(), "seed": su.evaluator.seed})
+        store.put(Trial(a, fidelity, phase, r, su.memory.predict(a), key, seed=su.evaluator.seed))
         t = store.get(key)
-    return float(t["score"])
+    return float(t.score)
 
 
 def run_search(model, tok, name: str, budget: int, seed: int, work: Path, cache: Cache) -> dict:

@@ -31,7 +31,7 @@ import autoqra
 from autoqra.config import TrainSpec
 from autoqra.evaluators.base import Fidelity
 from autoqra.evaluators.finetune import FinetuneEvaluator
-from autoqra.memory import MemoryModel
+from autoqra.memory.model import MemoryModel
 from autoqra.models import load_default, tiny_llama
 from autoqra.precision import compute_dtype, resolve_precision
 from autoqra.quant_backends import backend_for_precision

@@ -1,11 +1,11 @@
-"""Activation estimate per training precision (``autoqra._activations``): bf16/fp16 vs measured, fp32 unchanged."""
+"""Activation estimate per training precision (``autoqra.memory.activations``): bf16/fp16 vs measured, fp32 unchanged."""
 
 import pytest
 import torch
 from _helpers import LADDERS
 
 from autoqra import MemoryModel, SearchSpace, TrainSpec, apply_assignment
-from autoqra.memory_trace import measure_peak
+from autoqra.memory.trace import measure_peak
 from autoqra.models import tiny_llama
 from autoqra.quant_backends import get_backend
 

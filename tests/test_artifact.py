@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import autoqra
-from autoqra.artifact import ArtifactError, load, read_info
+from autoqra.artifact import ArtifactError, read_info
+from autoqra.artifact import load_artifact as load
 from autoqra.config import TrainSpec
 from autoqra.final import read_state
 from autoqra.models import load_model
@@ -278,7 +279,7 @@ def test_smollm2_export_load_round_trip(smollm2, tmp_path):
     """SmolLM2 with a mixed HQQ assignment (4/8/16 bits, ranks 0/8/16): train 2 steps, export, reload elsewhere."""
     from safetensors.torch import save_file
 
-    from autoqra.artifact import export_model
+    from autoqra.artifact.export import export_model
     from autoqra.evaluators.finetune import FinetuneEvaluator, heldout_metrics
     from autoqra.space import SearchSpace
 

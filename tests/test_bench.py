@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from autoqra._bench_table import curve, findings
-from autoqra.bench import BENCH_PRESETS, ROWS, run_bench
+from autoqra.bench.harness import BENCH_PRESETS, ROWS, run_bench
+from autoqra.bench.table import curve, findings
 
 
 @pytest.fixture(scope="module")

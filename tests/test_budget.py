@@ -1,7 +1,7 @@
 import pytest
 
-from autoqra.budget import parse_size, resolve_budget
-from autoqra.memory import MemoryModel
+from autoqra.memory.budget import parse_size, resolve_budget
+from autoqra.memory.model import MemoryModel
 from autoqra.space import SearchSpace
 
 

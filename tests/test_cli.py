@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from autoqra import MemoryModel, SearchSpace, load_result
-from autoqra.cli import main
+from autoqra.cli.main import main
 from autoqra.models import tiny_llama
 
 
@@ -71,7 +71,7 @@ def test_a_newcomers_run_prints_no_library_noise(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from autoqra.cli import main; sys.exit(main(['optimize', '--model', 'tiny', "
+    code = ("import sys; from autoqra.cli.main import main; sys.exit(main(['optimize', '--model', 'tiny', "
             "'--preset', 'tiny', '--backend', 'bnb', '--bits', '4', '8', '--ranks', '0', '8', '--max-trials', '2', "
             f"'--no-progress', '--no-report', '--out', {str(tmp_path / 'run')!r}]))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from autoqra.config import TrainSpec
-from autoqra.costmodel import CostModel, calibrate_quant_scale, measure_cost_model
 from autoqra.evaluators.finetune import FinetuneEvaluator
+from autoqra.guidance.costmodel import CostModel, calibrate_quant_scale, measure_cost_model
 from autoqra.space import SearchSpace
 
 

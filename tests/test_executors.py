@@ -12,10 +12,11 @@ import autoqra
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
 from autoqra.executors import Done, Executor, LocalExecutor, make_executor
-from autoqra.importance import Importance
-from autoqra.memory import MemoryModel
-from autoqra.optimizer import AutoQRA, LimitReached
-from autoqra.repair import make_repair
+from autoqra.guidance.importance import Importance
+from autoqra.guidance.repair import make_repair
+from autoqra.memory.model import MemoryModel
+from autoqra.optimizer import AutoQRA, LimitReached, SearchSettings
+from autoqra.problem import Problem
 from autoqra.searchers.base import SearchContext
 from autoqra.searchers.turbo import TurboSearcher
 from autoqra.space import SearchSpace
@@ -71,13 +72,12 @@ def parts(tiny):
 
 def make_run(parts, evaluator, executor=None, store=None, **kw):
     space, mm, _ = parts
-    opts = dict(space=space, memory=mm, evaluator=evaluator, budget_bytes=mm.predict(space.uniform(4, 8)).model_bytes,
-                target="model", store=TrialStore(None) if store is None else store, model_fingerprint="fp",
-                importance=Importance.uniform(space.n_units), low=LOW, high=HIGH, phase1="nsga2", phase2="turbo",
-                pop_size=4, promote_k=2, max_generations=1, phase2_iterations=2, alpha=0.6, choose_alpha=1.0,
-                max_trials=None, time_limit=None, seed=0, executor=executor)
-    opts.update(kw)
-    return AutoQRA(**opts)
+    budget = mm.predict(space.uniform(4, 8)).model_bytes
+    problem = Problem.build(space, mm, budget, importance=Importance.uniform(space.n_units), seed=0)
+    settings = SearchSettings(**{**dict(low=LOW, high=HIGH, phase1="nsga2", phase2="turbo", pop_size=4, promote_k=2,
+                                        max_generations=1, phase2_iterations=2, alpha=0.6, choose_alpha=1.0), **kw})
+    return AutoQRA(problem, evaluator, TrialStore(None) if store is None else store, settings, fingerprint="fp",
+                   executor=executor)
 
 
 def cands(parts):
@@ -211,8 +211,8 @@ def test_executor_options_are_validated():
 
 
 def test_cli_executor_flags():
-    from autoqra._cli_optimize import _executor_options
-    from autoqra.cli import build_parser
+    from autoqra.cli.main import build_parser
+    from autoqra.cli.optimize import _executor_options
 
     p = build_parser()
     args = p.parse_args(["optimize", "--executor", "ray", "--ray-address", "auto", "--workers", "8",

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from autoqra.knapsack import k_best
+from autoqra.guidance.knapsack import k_best
 
 
 def brute(values, costs, cap):

@@ -4,8 +4,8 @@ import torch
 from _helpers import BACKENDS, LADDERS, calib_for, train_step
 
 from autoqra import MemoryModel, SearchSpace, TrainSpec, apply_assignment, measure_memory
-from autoqra.memory import MemoryBreakdown
-from autoqra.memory_trace import measure_peak
+from autoqra.memory.model import MemoryBreakdown
+from autoqra.memory.trace import measure_peak
 
 
 def _check_exact(model, space, backend, assignments, vocab):

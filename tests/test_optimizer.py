@@ -11,7 +11,7 @@ import time
 import pytest
 
 import autoqra
-from autoqra.bench import copy_store
+from autoqra.bench.harness import copy_store
 from autoqra.config import TrainSpec
 from autoqra.store import TrialStore
 
@@ -161,12 +161,12 @@ def test_anchored_warm_start_reaches_phase1(tiny, run):
     by the cost model by default, by the priors with guidance="priors"), not Eq. 6's."""
     import numpy as np
 
-    from autoqra.costmodel import CostModel
-    from autoqra.memory import MemoryModel
+    from autoqra.guidance.costmodel import CostModel
+    from autoqra.guidance.repair import make_repair
+    from autoqra.guidance.seeds import anchored_cost_seed
+    from autoqra.memory.model import MemoryModel
     from autoqra.quant_backends import backend_from_spec
-    from autoqra.repair import make_repair
     from autoqra.searchers import nsga2_ops as ops
-    from autoqra.seeds import anchored_cost_seed
 
     res, path, _ = run
     assert res.config["warm_start"] == "anchored" and res.config["guidance"] == "cost"

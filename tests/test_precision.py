@@ -10,8 +10,8 @@ import autoqra.precision as pr
 from autoqra.config import OptimizeConfig, TrainSpec
 from autoqra.evaluators.base import Fidelity
 from autoqra.evaluators.finetune import FinetuneEvaluator
-from autoqra.importance import compute_importance
-from autoqra.memory import MemoryModel
+from autoqra.guidance.importance import compute_importance
+from autoqra.memory.model import MemoryModel
 from autoqra.models import tiny_llama
 from autoqra.quant_backends import backend_for_precision
 from autoqra.space import SearchSpace
@@ -111,7 +111,7 @@ def test_memory_is_planned_in_the_configs_dtype(tmp_path, capsys):
     and HQQ scale/zero take half the fp32 bytes; --dtype overrides it."""
     import json
 
-    from autoqra.cli import main
+    from autoqra.cli.main import main
 
     cfg = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 16384, "torch_dtype": "bfloat16"}

@@ -14,9 +14,10 @@ import autoqra
 from autoqra.config import TrainSpec
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
 from autoqra.evaluators.finetune import FinetuneEvaluator
-from autoqra.importance import Importance
-from autoqra.memory import MemoryModel
-from autoqra.optimizer import AutoQRA
+from autoqra.guidance.importance import Importance
+from autoqra.memory.model import MemoryModel
+from autoqra.optimizer import AutoQRA, SearchSettings
+from autoqra.problem import Problem
 from autoqra.space import SearchSpace
 from autoqra.store import TrialStore
 
@@ -132,11 +133,11 @@ def test_batch_runs_concurrently_and_is_stored_as_it_finishes(pool, tiny, tmp_pa
     ev = SleepEvaluator(attrs.evolve(space, bits=(2, 4, 8, 16)), seconds=1.0, store_path=str(path), slow_bits=2,
                         wait_for_rows=1)
     st = TrialStore(path)
-    run = AutoQRA(space=space, memory=mm, evaluator=ev, budget_bytes=mm.predict(space.uniform(8, 8)).model_bytes,
-                  target="model", store=st, model_fingerprint="fp", importance=Importance.uniform(space.n_units),
-                  low=Fidelity(1, "low"), high=Fidelity(2, "high"), phase1="nsga2", phase2=None, pop_size=4,
-                  promote_k=2, max_generations=1, phase2_iterations=1, alpha=0.6, choose_alpha=1.0, max_trials=None,
-                  time_limit=None, seed=0, executor=pool)
+    problem = Problem.build(space, mm, mm.predict(space.uniform(8, 8)).model_bytes,
+                            importance=Importance.uniform(space.n_units), seed=0)
+    settings = SearchSettings(low=Fidelity(1, "low"), high=Fidelity(2, "high"), phase1="nsga2", phase2=None, pop_size=4,
+                              promote_k=2, max_generations=1, phase2_iterations=1)
+    run = AutoQRA(problem, ev, st, settings, fingerprint="fp", executor=pool)
     pool.bind(ev)
     pool.workers_info()  # workers up before timing
     t0 = time.perf_counter()

@@ -4,8 +4,8 @@ import attrs
 import numpy as np
 import pytest
 
-from autoqra.memory import MemoryModel
-from autoqra.repair import low_bit_cap, make_repair, repair
+from autoqra.guidance.repair import low_bit_cap, make_repair, repair
+from autoqra.memory.model import MemoryModel
 from autoqra.space import SearchSpace
 
 

@@ -6,11 +6,11 @@ import pytest
 from matplotlib.image import imread
 
 import autoqra
-from autoqra._cli_report import add_commands
+from autoqra.cli.report import add_commands
 from autoqra.evaluators.base import EvalResult, Fidelity
-from autoqra.memory import MemoryBreakdown
+from autoqra.memory.model import MemoryBreakdown
 from autoqra.pareto import hypervolume_2d
-from autoqra.report import progress_series, write_report
+from autoqra.report.html import progress_series, write_report
 
 PNGS = ("pareto.png", "layers.png", "progress.png")
 
@@ -126,7 +126,7 @@ def test_cli_report(res, tmp_path, capsys):
 
 
 def test_progress_score_axis_zooms_on_the_gain_over_the_best_baseline():
-    from autoqra._report_plots import _zoom_on_gain, new_figure
+    from autoqra.report.plots import _zoom_on_gain, new_figure
 
     phases = ["baseline"] * 3 + ["phase1"] * 2
     ax = new_figure(4, 3).subplots()

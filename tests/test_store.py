@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from autoqra.evaluators.base import EvalResult, Fidelity
-from autoqra.memory import MemoryBreakdown
+from autoqra.memory.model import MemoryBreakdown
 from autoqra.space import Assignment
 from autoqra.store import APP_ID, TrialStore, model_fingerprint, trial_key
 

@@ -1,6 +1,7 @@
 """Evaluators: score an assignment after a real LoRA fine-tune (``"finetune"``, ``"lm_eval"``)."""
 
 from autoqra.evaluators.base import (
+    EVALUATORS,
     EvalResult,
     Evaluator,
     Fidelity,
@@ -12,6 +13,7 @@ from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.evaluators.lm_eval import LMEvalEvaluator
 
 __all__ = [
+    "EVALUATORS",
     "EvalResult",
     "Evaluator",
     "Fidelity",

@@ -9,31 +9,32 @@ from typing import Any
 
 import attrs
 
+from autoqra.registry import Registry
 from autoqra.space import Assignment
 
 STATUSES = ("ok", "failed", "oom", "nan")
-_EVALUATORS: dict[str, type[Evaluator]] = {}
+
+#: Evaluators by name (``evaluator=``); ``@register_evaluator("name")`` adds one.
+EVALUATORS: Registry[Evaluator] = Registry("evaluator")
 
 
 def register_evaluator(name: str) -> Callable[[type[Evaluator]], type[Evaluator]]:
-    """Class decorator registering an evaluator under ``name``."""
-
-    def deco(cls: type[Evaluator]) -> type[Evaluator]:
-        cls.name = name
-        _EVALUATORS[name] = cls
-        return cls
-
-    return deco
+    """Class decorator registering an evaluator under ``name`` (later registrations win)."""
+    return EVALUATORS.register(name)
 
 
 def available_evaluators() -> list[str]:
-    return sorted(_EVALUATORS)
+    """Names of all registered evaluators."""
+    return EVALUATORS.names()
 
 
 def evaluator_class(name: str) -> type[Evaluator]:
-    if name not in _EVALUATORS:
-        raise ValueError(f"evaluator={name!r} is not registered; registered evaluators: {available_evaluators()}")
-    return _EVALUATORS[name]
+    """The evaluator class registered as ``name``.
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the registered names).
+    """
+    return EVALUATORS.get(name)
 
 
 @attrs.frozen

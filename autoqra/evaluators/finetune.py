@@ -17,8 +17,8 @@ from autoqra.config import TrainSpec
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity, register_evaluator
 from autoqra.evaluators.data import ByteTokenizer, TaskData, build_task_data, iter_steps
 from autoqra.evaluators.rungs import RungStates, common_lora_init
-from autoqra.memory import measure_memory
-from autoqra.memory_trace import measure_peak
+from autoqra.memory.model import measure_memory
+from autoqra.memory.trace import measure_peak
 from autoqra.precision import autocast, describe, grad_scaler, model_device, resolve_precision
 from autoqra.quant_backends import QuantBackend, get_backend
 from autoqra.space import Assignment, SearchSpace

@@ -9,11 +9,14 @@ from typing import Any
 
 from torch import nn
 
+from autoqra._optional import require
 from autoqra.evaluators.base import register_evaluator
 from autoqra.evaluators.finetune import FinetuneEvaluator
+from autoqra.evaluators.tasks.build import mc_task_dir
 from autoqra.precision import autocast
 
 log = logging.getLogger(__name__)
+_FEATURE = "evaluator 'lm_eval'"
 
 
 @register_evaluator("lm_eval")
@@ -54,8 +57,6 @@ class LMEvalEvaluator(FinetuneEvaluator):
         if limit is not None and limit < 1:
             raise ValueError(f"limit={limit!r} must be >= 1 or None")
         if task is None:
-            from autoqra.evaluators.data import mc_task_dir
-
             d, task = mc_task_dir()
             task_dir = task_dir or d
         self.task, self.task_dir = task, (str(task_dir) if task_dir else None)
@@ -73,14 +74,14 @@ class LMEvalEvaluator(FinetuneEvaluator):
         if self._task_manager is None:
             os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from lm_eval.tasks import TaskManager
+            TaskManager = require("lm_eval.tasks", _FEATURE).TaskManager
 
             self._task_manager = TaskManager(include_path=self.task_dir, include_defaults=self.include_defaults)
         return self._task_manager
 
     def score(self, model: nn.Module) -> tuple[float, dict[str, float]]:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
+        simple_evaluate = require("lm_eval", _FEATURE).simple_evaluate
+        HFLM = require("lm_eval.models.huggingface", _FEATURE).HFLM
 
         model.eval()
         lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.lm_batch_size, device=str(self.device))

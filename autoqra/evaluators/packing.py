@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from autoqra.evaluators.data import SPLITS, Source, load_texts, stable_hash
+from autoqra.evaluators.sources import SPLITS, Source, load_texts, stable_hash
 
 log = logging.getLogger(__name__)
 

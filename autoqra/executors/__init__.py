@@ -1,5 +1,9 @@
-r"""Executors evaluate batches of trials: ``"local"`` (sequential, this process) or ``"ray"`` (one trial per worker)."""
+r"""Executors evaluate batches of trials: ``"local"`` (sequential, this process) or ``"ray"`` (one trial per worker).
+
+Both are registered in :data:`EXECUTORS`; Ray itself is imported only when a :class:`RayExecutor` is built.
+"""
 
 from autoqra.executors.base import EXECUTORS, Done, Executor, LocalExecutor, make_executor
+from autoqra.executors.ray import RayExecutor, require_ray
 
-__all__ = ["EXECUTORS", "Done", "Executor", "LocalExecutor", "make_executor"]
+__all__ = ["EXECUTORS", "Done", "Executor", "LocalExecutor", "RayExecutor", "make_executor", "require_ray"]

@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
+from autoqra.registry import Registry
 from autoqra.space import Assignment
 
-#: Executor names accepted by ``OptimizeConfig.executor`` / ``--executor``.
-EXECUTORS = ("local", "ray")
+#: Executors by name (``OptimizeConfig.executor`` / ``--executor``): ``"local"`` here, ``"ray"`` in
+#: :mod:`autoqra.executors.ray`; ``@EXECUTORS.register("name")`` adds one.
+EXECUTORS: Registry[Executor] = Registry("executor")
 
 Item = tuple[Assignment, Fidelity]
 
@@ -77,10 +79,9 @@ class Executor(abc.ABC):
         return {"name": self.name, "workers": self.n_workers}
 
 
+@EXECUTORS.register("local")
 class LocalExecutor(Executor):
     """Sequential evaluation in this process (the default; exactly the pre-batch behaviour)."""
-
-    name = "local"
 
     def __init__(self, evaluator: Evaluator | None = None) -> None:
         self.evaluator = evaluator
@@ -108,8 +109,4 @@ def make_executor(name: str, evaluator: Evaluator, *, address: str | None = None
     """
     if name == "local":
         return LocalExecutor(evaluator)
-    if name == "ray":
-        from autoqra.executors.ray import RayExecutor
-
-        return RayExecutor(evaluator, address=address, workers=workers, resources=resources)
-    raise ValueError(f"executor={name!r} is not allowed; choose one of {list(EXECUTORS)}")
+    return EXECUTORS.get(name)(evaluator, address=address, workers=workers, resources=resources)

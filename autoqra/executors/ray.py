@@ -23,7 +23,7 @@ from typing import Any
 
 from autoqra.config import WORKER_RESOURCE_KEYS as RESOURCE_KEYS
 from autoqra.evaluators.base import EvalResult, Evaluator
-from autoqra.executors.base import Done, Executor, Item
+from autoqra.executors.base import EXECUTORS, Done, Executor, Item
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def _fits(cluster: dict[str, float], res: dict[str, Any]) -> int:
     return min(counts) if counts else max(1, int(cluster.get("CPU", 1)))
 
 
+@EXECUTORS.register("ray")
 class RayExecutor(Executor):
     """Evaluates trials on Ray actors, one trial per worker at a time.
 
@@ -109,8 +110,6 @@ class RayExecutor(Executor):
         ImportError: Ray is not installed.
         ValueError: bad resource options, or the cluster cannot hold a single worker.
     """
-
-    name = "ray"
 
     def __init__(self, evaluator: Evaluator | None = None, *, address: str | None = None, workers: int | None = None,
                  resources: dict[str, Any] | None = None, max_retries: int = 1,

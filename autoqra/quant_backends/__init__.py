@@ -1,6 +1,12 @@
-"""Quantization backends: one file each, registered by name (``"hqq"``, ``"bnb"``, ``"gptq"``, ``"none"``)."""
+"""Quantization backends: one file each, registered by name (``"hqq"``, ``"bnb"``, ``"gptq"``, ``"none"``).
 
+:data:`BACKENDS` holds them; each backend module registers itself on import, and its library
+(hqq, bitsandbytes, gptqmodel) loads only where it is used (:func:`autoqra._optional.require`).
+"""
+
+from autoqra.quant_backends import bnb, gptq, hqq  # noqa: F401 - each registers its backend
 from autoqra.quant_backends.base import (
+    BACKENDS,
     UNQUANTIZED_BITS,
     QuantBackend,
     available_backends,
@@ -13,6 +19,7 @@ from autoqra.quant_backends.base import (
 from autoqra.quant_backends.none import NoneBackend
 
 __all__ = [
+    "BACKENDS",
     "UNQUANTIZED_BITS",
     "QuantBackend",
     "NoneBackend",
@@ -23,11 +30,3 @@ __all__ = [
     "get_backend",
     "register_backend",
 ]
-
-# Optional backends register themselves on import; their heavy libraries load lazily inside.
-for _mod in ("hqq", "bnb", "gptq"):
-    try:
-        __import__(f"autoqra.quant_backends.{_mod}")
-    except ModuleNotFoundError as _e:  # the file itself is missing (never the optional library)
-        if _e.name != f"autoqra.quant_backends.{_mod}":
-            raise

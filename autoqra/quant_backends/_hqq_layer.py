@@ -10,9 +10,11 @@ one matmul dtype for both). peft still wraps it as ``HqqLoraLinear`` (it checks 
 from __future__ import annotations
 
 import torch
-from hqq.core import quantize as _hqq
 
+from autoqra._optional import require
 from autoqra.quant_backends._matmul import dequant_linear
+
+_hqq = require("hqq.core.quantize", "backend 'hqq'")
 
 
 class HQQLinear(_hqq.HQQLinear):

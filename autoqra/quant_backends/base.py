@@ -14,28 +14,27 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from peft.tuners.lora.gptq import GPTQLoraLinear
 from torch import nn
+
+from autoqra.precision import compute_dtype
+from autoqra.registry import Registry
 
 #: Bit-width meaning "leave this module unquantized" (kept in the model's own dtype).
 UNQUANTIZED_BITS = 16
 
-_BACKENDS: dict[str, type[QuantBackend]] = {}
+#: Backends by name (``backend=``); ``@register_backend("name")`` adds one.
+BACKENDS: Registry[QuantBackend] = Registry("backend")
 
 
 def register_backend(name: str) -> Callable[[type[QuantBackend]], type[QuantBackend]]:
     """Class decorator that registers a backend under ``name`` (later registrations win)."""
-
-    def deco(cls: type[QuantBackend]) -> type[QuantBackend]:
-        cls.name = name
-        _BACKENDS[name] = cls
-        return cls
-
-    return deco
+    return BACKENDS.register(name)
 
 
 def available_backends() -> list[str]:
     """Names of all registered backends (installed or not)."""
-    return sorted(_BACKENDS)
+    return BACKENDS.names()
 
 
 def get_backend(backend: str | QuantBackend, **kwargs: Any) -> QuantBackend:
@@ -49,9 +48,7 @@ def get_backend(backend: str | QuantBackend, **kwargs: Any) -> QuantBackend:
         if kwargs:
             raise ValueError("backend options can only be given with a backend name, not an instance")
         return backend
-    if not isinstance(backend, str) or backend not in _BACKENDS:
-        raise ValueError(f"backend={backend!r} is not registered; registered backends: {available_backends()}")
-    inst = _BACKENDS[backend](**kwargs)
+    inst = BACKENDS.get(backend)(**kwargs)
     if not inst.is_available():
         raise ImportError(f"backend {backend!r} needs a library that is not installed: {inst.install_hint}")
     return inst
@@ -67,11 +64,7 @@ def backend_for_precision(name: str | QuantBackend, precision: str, options: dic
     """
     if isinstance(name, QuantBackend):
         return name
-    if not isinstance(name, str) or name not in _BACKENDS:
-        raise ValueError(f"backend={name!r} is not registered; registered backends: {available_backends()}")
-    from autoqra.precision import compute_dtype
-
-    kw = {**_BACKENDS[name].dtype_kwargs(compute_dtype(precision)), **(options or {})}
+    kw = {**BACKENDS.get(name).dtype_kwargs(compute_dtype(precision)), **(options or {})}
     return get_backend(name, **kw)
 
 
@@ -125,8 +118,6 @@ def generic_lora_class() -> type[nn.Module]:
     merging, nothing GPTQ-specific. Return ``{YourLayer: generic_lora_class()}`` from
     :meth:`QuantBackend.lora_custom_modules` for layers peft does not know.
     """
-    from peft.tuners.lora.gptq import GPTQLoraLinear
-
     return GPTQLoraLinear
 
 
@@ -135,7 +126,8 @@ class QuantBackend(abc.ABC):
 
     Subclasses set ``name`` (via :func:`register_backend`), ``supported_bits`` and
     implement :meth:`quantize`, :meth:`weight_bytes` and :meth:`module_tensors`.
-    Heavy imports belong inside methods so that ``import autoqra`` never fails.
+    Optional libraries are imported inside methods, through :func:`autoqra._optional.require`, so
+    that ``import autoqra`` never fails when one is missing.
     """
 
     name: str = "base"

@@ -19,15 +19,16 @@ Every code book is a per-layer copy (checked by ``data_ptr`` in the tests), so :
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import operator
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 from torch import nn
 
+from autoqra._optional import available, require
 from autoqra.quant_backends.base import UNQUANTIZED_BITS, QuantBackend, register_backend
 from autoqra.quant_backends.base import positive_int as _positive_int
 from autoqra.quant_backends.base import unique_storages as _unique_storages
@@ -40,6 +41,7 @@ _CODE4_BYTES = 16 * 4  # fp32 NF4/FP4 code book, one copy per layer
 _NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed blocksize for double-quantized absmax
 _CODE8_BYTES = 256 * 4  # fp32 dynamic 8-bit code book of the nested state, one copy per layer
 _CAST_MSG = "MatMul8bitLt: inputs will be cast from"
+_FEATURE = "backend 'bnb'"
 
 
 class _DropCastWarning(logging.Filter):
@@ -110,12 +112,10 @@ class BnbBackend(QuantBackend):
 
     def is_available(self) -> bool:
         """Whether the ``bitsandbytes`` package is installed."""
-        return importlib.util.find_spec("bitsandbytes") is not None
+        return available("bitsandbytes")
 
     def spec(self) -> dict[str, Any]:
         """JSON-able identity: name, all options and the bitsandbytes version."""
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             lib = version("bitsandbytes")
         except PackageNotFoundError:
@@ -177,7 +177,7 @@ class BnbBackend(QuantBackend):
             return linear
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"backend 'bnb' quantizes nn.Linear modules, got {type(linear).__name__}")
-        import bitsandbytes as bnb
+        bnb = require("bitsandbytes", _FEATURE)
 
         device = linear.weight.device
         w = linear.weight.detach()
@@ -228,7 +228,7 @@ class BnbBackend(QuantBackend):
         """Whether ``module`` is a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``."""
         if not self.is_available():
             return False
-        import bitsandbytes as bnb
+        bnb = require("bitsandbytes", _FEATURE)
 
         return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
@@ -240,7 +240,7 @@ class BnbBackend(QuantBackend):
         before the first forward, ``module.state`` after). ``other``: the bias and any transient
         tensor ``module.state`` keeps (e.g. outlier indices after an eval forward with threshold > 0).
         """
-        import bitsandbytes as bnb
+        bnb = require("bitsandbytes", _FEATURE)
 
         w = module.weight
         other = [module.bias] if module.bias is not None else []
@@ -262,7 +262,7 @@ class BnbBackend(QuantBackend):
     # -------------------------------------------------------------- serialization
     def export_module(self, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """bitsandbytes' own state: packed weight + quant_state tensors (4 bits) or int8 weight + SCB (8 bits)."""
-        import bitsandbytes as bnb
+        bnb = require("bitsandbytes", _FEATURE)
 
         tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
         tensors.pop("weight_format", None)
@@ -276,7 +276,7 @@ class BnbBackend(QuantBackend):
         return tensors, meta
 
     def load_module(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: str = "cpu") -> nn.Module:
-        import bitsandbytes as bnb
+        bnb = require("bitsandbytes", _FEATURE)
 
         in_f, out_f, has_bias = int(meta["in_features"]), int(meta["out_features"]), bool(meta["bias"])
         t = {k: v.to(device) for k, v in tensors.items()}
@@ -308,7 +308,7 @@ class BnbBackend(QuantBackend):
         them a hand-swapped ``Linear4bit``/``Linear8bitLt`` falls through to the generic ``lora.Linear``.
         Both dispatchers also check the layer type, so setting both flags on a mixed model is safe.
         """
-        import bitsandbytes as bnb
+        bnb = require("bitsandbytes", _FEATURE)
 
         mods = list(model.modules())
         if any(isinstance(m, bnb.nn.Linear4bit) for m in mods):

@@ -18,13 +18,15 @@ The mapping is not serialized with the adapter; register it again before loading
 
 from __future__ import annotations
 
-import importlib.util
+import copy
 import logging
 from typing import Any
 
 import torch
+from peft.tuners.lora.gptq import GPTQLoraLinear
 from torch import nn
 
+from autoqra._optional import available, require
 from autoqra.quant_backends._gptq_layer import GPTQLinear, gptq_solve, n_words
 from autoqra.quant_backends.base import UNQUANTIZED_BITS, QuantBackend, register_backend
 
@@ -83,7 +85,7 @@ class GPTQBackend(QuantBackend):
 
     def is_available(self) -> bool:
         """Always true for the pure-torch path; with ``use_gptqmodel`` whether ``gptqmodel`` is installed."""
-        return not self.use_gptqmodel or importlib.util.find_spec("gptqmodel") is not None
+        return not self.use_gptqmodel or available("gptqmodel")
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -282,12 +284,9 @@ class GPTQBackend(QuantBackend):
 
     def _solve_gptqmodel(self, linear: nn.Linear, bits: int, H: torch.Tensor):
         """Experimental: run ``gptqmodel``'s GPTQ solver, then recover integer codes from its grid."""
-        if importlib.util.find_spec("gptqmodel") is None:
-            raise ImportError(f"use_gptqmodel=True needs the gptqmodel package: {self.install_hint}")
-        import copy
-
-        from gptqmodel import QuantizeConfig
-        from gptqmodel.quantization.gptq import GPTQ
+        feature = "backend 'gptq' with use_gptqmodel=True"
+        QuantizeConfig = require("gptqmodel", feature).QuantizeConfig
+        GPTQ = require("gptqmodel.quantization.gptq", feature).GPTQ
 
         lin = copy.deepcopy(linear).float()
         cfg = QuantizeConfig(bits=bits, group_size=self.group_size, sym=self.sym, desc_act=self.act_order)
@@ -313,8 +312,6 @@ class GPTQBackend(QuantBackend):
     @staticmethod
     def lora_custom_modules() -> dict[type[nn.Module], type[nn.Module]]:
         """The ``{GPTQLinear: LoRA layer class}`` mapping for ``LoraConfig._register_custom_module``."""
-        from peft.tuners.lora.gptq import GPTQLoraLinear
-
         return {GPTQLinear: GPTQLoraLinear}
 
     @classmethod

@@ -24,21 +24,23 @@ bytes. Nothing is shared between layers.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import operator
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 from torch import nn
 
+from autoqra._optional import available, require
 from autoqra.quant_backends.base import UNQUANTIZED_BITS, QuantBackend, register_backend
 from autoqra.quant_backends.base import positive_int as _positive_int
 from autoqra.quant_backends.base import unique_storages as _unique_storages
 
 log = logging.getLogger(__name__)
 
+_FEATURE = "backend 'hqq'"
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: bits -> (values per storage element, bytes per storage element)
 _PACKING: dict[int, tuple[int, int]] = {8: (1, 1), 6: (1, 1), 5: (1, 1), 4: (2, 1), 3: (10, 4), 2: (4, 1), 1: (8, 1)}
@@ -58,6 +60,18 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
         return t
     return t.contiguous().clone()
+
+
+def _layer_class() -> type[nn.Module]:
+    """autoqra's :class:`~autoqra.quant_backends._hqq_layer.HQQLinear` (a subclass of hqq's).
+
+    Its module subclasses an hqq class at import time, so it is imported here, on first use, after
+    checking that hqq is installed (``import autoqra`` must work without hqq).
+    """
+    require("hqq.core.quantize", _FEATURE)
+    from autoqra.quant_backends._hqq_layer import HQQLinear
+
+    return HQQLinear
 
 
 @register_backend("hqq")
@@ -94,12 +108,10 @@ class HQQBackend(QuantBackend):
 
     def is_available(self) -> bool:
         """Whether the ``hqq`` package is installed."""
-        return importlib.util.find_spec("hqq") is not None
+        return available("hqq")
 
     def spec(self) -> dict[str, Any]:
         """JSON-able identity: name, group_size, axis, compute dtype and the hqq version."""
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             lib = version("hqq")
         except PackageNotFoundError:
@@ -186,9 +198,8 @@ class HQQBackend(QuantBackend):
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"backend 'hqq' quantizes nn.Linear modules, got {type(linear).__name__}")
         self._layout(linear.out_features, linear.in_features, bits)
-        from hqq.core.quantize import BaseQuantizeConfig
-
-        from autoqra.quant_backends._hqq_layer import HQQLinear
+        hqq_quantize = require("hqq.core.quantize", _FEATURE)
+        layer_cls = _layer_class()
 
         # HQQLinear deletes its source's parameters (del_orig): hand it a throw-away shell that
         # points at the same (read-only used) tensors, so the caller's linear keeps its weights.
@@ -196,8 +207,8 @@ class HQQBackend(QuantBackend):
         shell.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
         if linear.bias is not None:
             shell.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        cfg = BaseQuantizeConfig(nbits=bits, group_size=self.group_size, axis=self.axis)
-        q = HQQLinear(
+        cfg = hqq_quantize.BaseQuantizeConfig(nbits=bits, group_size=self.group_size, axis=self.axis)
+        q = layer_cls(
             shell, cfg, del_orig=True, compute_dtype=self.compute_dtype, device=str(linear.weight.device)
         )
         q.W_q.data = _compact(q.W_q.data)
@@ -210,9 +221,7 @@ class HQQBackend(QuantBackend):
         """Whether ``module`` is an ``HQQLinear``."""
         if not self.is_available():
             return False
-        from hqq.core.quantize import HQQLinear
-
-        return isinstance(module, HQQLinear)
+        return isinstance(module, require("hqq.core.quantize", _FEATURE).HQQLinear)
 
     def module_tensors(self, module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """``([W_q], [meta tensors: scale, zero, ...], [bias, any other parameter/buffer])``.
@@ -235,12 +244,12 @@ class HQQBackend(QuantBackend):
         return tensors, {"compute_dtype": str(module.compute_dtype).removeprefix("torch.")}
 
     def load_module(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: str = "cpu") -> nn.Module:
-        from autoqra.quant_backends._hqq_layer import HQQLinear
+        layer_cls = _layer_class()
 
         dtype = getattr(torch, str(meta.get("compute_dtype", "float32")))
         if dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"unsupported hqq compute dtype {meta.get('compute_dtype')!r}")
-        q = HQQLinear(None, quant_config=None, compute_dtype=dtype, device=str(device), initialize=False)
+        q = layer_cls(None, quant_config=None, compute_dtype=dtype, device=str(device), initialize=False)
         state = {k: v.to(device) for k, v in tensors.items()}
         q.load_state_dict(state)
         q.W_q = nn.Parameter(_compact(q.W_q.data), requires_grad=False)

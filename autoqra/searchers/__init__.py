@@ -1,6 +1,16 @@
-"""Searchers behind one ask/tell interface: ``"nsga2"``, ``"turbo"``, ``"local"``, ``"ax"``, ``"random"``."""
+"""Searchers behind one ask/tell interface: ``"nsga2"``, ``"turbo"``, ``"local"``, ``"ax"``, ``"random"``.
 
+Each module registers its searcher in :data:`SEARCHERS` on import; heavy libraries (BoTorch, Ax) are
+imported only when a searcher that needs them is built (:mod:`autoqra._optional`).
+"""
+
+import autoqra.searchers.ax
+import autoqra.searchers.local
+import autoqra.searchers.nsga2
+import autoqra.searchers.random
+import autoqra.searchers.turbo  # noqa: F401 - each module registers its searcher
 from autoqra.searchers.base import (
+    SEARCHERS,
     SearchContext,
     Searcher,
     available_searchers,
@@ -8,12 +18,4 @@ from autoqra.searchers.base import (
     register_searcher,
 )
 
-__all__ = ["SearchContext", "Searcher", "available_searchers", "get_searcher", "register_searcher"]
-
-# Each module registers its searcher on import; heavy libraries (botorch, ax) load lazily inside.
-for _mod in ("nsga2", "turbo", "local", "ax", "random"):
-    try:
-        __import__(f"autoqra.searchers.{_mod}")
-    except ModuleNotFoundError as _e:  # the file itself is missing (never an optional library)
-        if _e.name != f"autoqra.searchers.{_mod}":
-            raise
+__all__ = ["SEARCHERS", "SearchContext", "Searcher", "available_searchers", "get_searcher", "register_searcher"]

@@ -11,10 +11,14 @@ from typing import Any
 
 import attrs
 import numpy as np
+import torch
 
+from autoqra._optional import require
 from autoqra.pareto import pareto_mask
 
 log = logging.getLogger(__name__)
+#: what needs BoTorch/GPyTorch, for the install hint of a missing library
+_FEATURE = "the Phase II GP ('turbo' and 'local' searchers)"
 
 
 @contextlib.contextmanager
@@ -24,8 +28,6 @@ def _torch_quiet(seed: int):
     GP matrices here are tiny (tens of points): extra intra-op threads only spin, and on a busy
     2-core machine a fit took 8-15x longer with 2 threads than with 1.
     """
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -43,19 +45,22 @@ def fit_gp(X: np.ndarray, Y: np.ndarray, seed: int) -> tuple[Any, np.ndarray]:
     Returns:
         ``(model, lengthscales)``; lengthscales in input units, one per column of ``X``.
     """
-    import torch
-    from botorch.exceptions import ModelFittingError
-    from botorch.fit import fit_gpytorch_mll
-    from botorch.models import SingleTaskGP
-    from botorch.models.transforms.outcome import Standardize
-    from gpytorch.constraints import Interval
-    from gpytorch.kernels import MaternKernel, ScaleKernel
-    from gpytorch.mlls import ExactMarginalLogLikelihood
+    ModelFittingError = require("botorch.exceptions", _FEATURE).ModelFittingError
+    fit_gpytorch_mll = require("botorch.fit", _FEATURE).fit_gpytorch_mll
+    SingleTaskGP = require("botorch.models", _FEATURE).SingleTaskGP
+    Standardize = require("botorch.models.transforms.outcome", _FEATURE).Standardize
+    Interval = require("gpytorch.constraints", _FEATURE).Interval
+    kernels = require("gpytorch.kernels", _FEATURE)
+    ExactMarginalLogLikelihood = require("gpytorch.mlls", _FEATURE).ExactMarginalLogLikelihood
 
     with _torch_quiet(seed):
         Xt, Yt = torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(Y, dtype=torch.float64).reshape(-1, 1)
-        kern = MaternKernel(nu=2.5, ard_num_dims=Xt.shape[1], lengthscale_constraint=Interval(0.005, 4.0))
-        model = SingleTaskGP(Xt, Yt, covar_module=ScaleKernel(kern), outcome_transform=Standardize(m=1))
+        kern = kernels.MaternKernel(
+            nu=2.5, ard_num_dims=Xt.shape[1], lengthscale_constraint=Interval(0.005, 4.0)
+        )
+        model = SingleTaskGP(
+            Xt, Yt, covar_module=kernels.ScaleKernel(kern), outcome_transform=Standardize(m=1)
+        )
         try:
             fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
         except ModelFittingError as e:  # keep the initial hyper-parameters rather than crash a search
@@ -71,11 +76,10 @@ def select(model: Any, F: np.ndarray, best_f: float, n: int, seed: int) -> tuple
     selection (``optimize_acqf_discrete``: each pick is added to ``X_pending`` of a qLogEI with a
     seeded QMC sampler, picked rows are removed from the choices).
     """
-    import torch
-    from botorch.acquisition.analytic import LogExpectedImprovement
-    from botorch.acquisition.logei import qLogExpectedImprovement
-    from botorch.optim import optimize_acqf_discrete
-    from botorch.sampling import SobolQMCNormalSampler
+    LogExpectedImprovement = require("botorch.acquisition.analytic", _FEATURE).LogExpectedImprovement
+    qLogExpectedImprovement = require("botorch.acquisition.logei", _FEATURE).qLogExpectedImprovement
+    optimize_acqf_discrete = require("botorch.optim", _FEATURE).optimize_acqf_discrete
+    SobolQMCNormalSampler = require("botorch.sampling", _FEATURE).SobolQMCNormalSampler
 
     Ft = torch.as_tensor(F, dtype=torch.float64)
     with torch.no_grad(), _torch_quiet(seed):

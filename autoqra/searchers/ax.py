@@ -20,6 +20,9 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from autoqra._optional import require
 from autoqra.searchers.base import Searcher, register_searcher
 from autoqra.searchers.turbo import UtilityScale
 from autoqra.space import Assignment
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from autoqra.evaluators.base import EvalResult
 
 log = logging.getLogger(__name__)
+_FEATURE = "searcher 'ax'"
 OBJECTIVES = ("utility", "score")
 METHODS = ("fast", "quality", "random_search")
 
@@ -95,13 +99,11 @@ class AxSearcher(Searcher):
     def client(self) -> Any:
         """The ``ax.api.Client``, built on first use (seeded with ``ctx.seed``)."""
         if self._client is None:
-            from ax.api.client import Client
-            from ax.api.configs import ChoiceParameterConfig
+            Client = require("ax.api.client", _FEATURE).Client
+            ChoiceParameterConfig = require("ax.api.configs", _FEATURE).ChoiceParameterConfig
 
             if self.quiet:
-                from ax.utils.common.logger import set_ax_logger_levels
-
-                set_ax_logger_levels(logging.WARNING)
+                require("ax.utils.common.logger", _FEATURE).set_ax_logger_levels(logging.WARNING)
             params = [
                 ChoiceParameterConfig(name=k, values=list(ladder), parameter_type="int", is_ordered=True)
                 for k, _, ladder in self._names()
@@ -130,8 +132,6 @@ class AxSearcher(Searcher):
         return {k: int(ladder[x[j]]) for k, j, ladder in self._names()}
 
     def _call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # small GPs: more intra-op threads only spin on a busy CPU
         try:

@@ -2,43 +2,40 @@ r"""The searcher interface (ask/tell) and its registry.
 
 A searcher proposes assignments and learns from results. It does not evaluate, repair or
 store anything: the optimizer owns budget repair, fidelity and the trial store. Every
-searcher receives a :class:`SearchContext` describing the problem.
+searcher is bound to the run's :class:`~autoqra.problem.Problem` (``self.ctx``): space, memory model,
+budget, target, priors, cost table and the repair.
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import attrs
 import numpy as np
 
-from autoqra.space import Assignment, SearchSpace
+from autoqra.problem import Problem
+from autoqra.registry import Registry
+from autoqra.space import Assignment
 
 if TYPE_CHECKING:
     from autoqra.evaluators.base import EvalResult
-    from autoqra.memory import MemoryModel
 
-_SEARCHERS: dict[str, type[Searcher]] = {}
+#: Searchers by name (``phase1=`` / ``phase2=``); ``@register_searcher("name")`` adds one.
+SEARCHERS: Registry[Searcher] = Registry("searcher")
 
 
 def register_searcher(name: str) -> Callable[[type[Searcher]], type[Searcher]]:
     """Class decorator registering a searcher under ``name`` (later registrations win)."""
-
-    def deco(cls: type[Searcher]) -> type[Searcher]:
-        cls.name = name
-        _SEARCHERS[name] = cls
-        return cls
-
-    return deco
+    return SEARCHERS.register(name)
 
 
 def available_searchers() -> list[str]:
-    return sorted(_SEARCHERS)
+    return SEARCHERS.names()
 
 
-def get_searcher(searcher: str | Searcher, ctx: SearchContext, **kwargs: Any) -> Searcher:
+def get_searcher(searcher: str | Searcher, ctx: Problem, **kwargs: Any) -> Searcher:
     """Resolve a searcher name to an instance bound to ``ctx`` (instances get ``bind(ctx)``).
 
     ``kwargs`` are optional settings (e.g. ``pop_size``); those the searcher's constructor does
@@ -47,9 +44,7 @@ def get_searcher(searcher: str | Searcher, ctx: SearchContext, **kwargs: Any) ->
     if isinstance(searcher, Searcher):
         searcher.bind(ctx)
         return searcher
-    if searcher not in _SEARCHERS:
-        raise ValueError(f"searcher={searcher!r} is not registered; registered searchers: {available_searchers()}")
-    cls = _SEARCHERS[searcher]
+    cls = SEARCHERS.get(searcher)
     inst = cls(**_accepted(cls, kwargs))
     inst.bind(ctx)
     return inst
@@ -57,8 +52,6 @@ def get_searcher(searcher: str | Searcher, ctx: SearchContext, **kwargs: Any) ->
 
 def _accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``kwargs`` that ``cls.__init__`` accepts (all of them if it takes ``**kwargs``)."""
-    import inspect
-
     if cls.__init__ is object.__init__:
         return {}
     params = inspect.signature(cls.__init__).parameters.values()
@@ -68,57 +61,9 @@ def _accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in names}
 
 
-@attrs.define
-class SearchContext:
-    """What a searcher knows about the problem.
-
-    Attributes:
-        space: the search space.
-        memory: the memory model (``memory.predict(a)`` gives a :class:`MemoryBreakdown`).
-        budget_bytes: the hard budget, in bytes, on ``target``.
-        target: ``"model"`` (``model_bytes``) or ``"train"`` (``train_bytes``).
-        importance_q: per-unit quantization sensitivity in [0, 1] (length = n_units).
-        importance_r: per-unit adaptation demand in [0, 1].
-        repair: ``repair(a) -> Assignment`` making ``a`` feasible (least predicted damage per byte).
-        seed: the run's seed.
-        cost_table: ``(n_units, len(bits), len(ranks))`` predicted score (nats) of each unit's option
-            from the calibrated cost model (:meth:`autoqra.costmodel.CostModel.table`), or None
-            (priors-guided search).
-        seed_tables: further tables (the same cost model under other calibrations) whose exact
-            knapsack optima join the first generation as seeds: the calibration is uncertain, real
-            trials decide between bits and adapters.
-    """
-
-    space: SearchSpace
-    memory: MemoryModel
-    budget_bytes: int
-    target: str = "model"
-    importance_q: np.ndarray | None = None
-    importance_r: np.ndarray | None = None
-    repair: Callable[[Assignment], Assignment] | None = None
-    seed: int = 0
-    cost_table: np.ndarray | None = None
-    seed_tables: list = attrs.Factory(list)
-
-    def predict(self, a: Assignment) -> float:
-        """Additive predicted score of ``a`` from ``cost_table`` (nats; 0 without one)."""
-        if self.cost_table is None:
-            return 0.0
-        x = self.space.encode(a)
-        n = self.space.n_units
-        return float(self.cost_table[np.arange(n), x[:n], x[n:]].sum())
-
-    def bytes_of(self, a: Assignment) -> int:
-        bd = self.memory.predict(a)
-        return bd.model_bytes if self.target == "model" else bd.train_bytes
-
-    def feasible(self, a: Assignment) -> bool:
-        return self.bytes_of(a) <= self.budget_bytes
-
-    def make_feasible(self, a: Assignment) -> Assignment:
-        if self.repair is None:
-            raise RuntimeError("this SearchContext has no repair function")
-        return self.repair(a)
+#: The problem a searcher is bound to (:class:`autoqra.problem.Problem`); ``SearchContext`` is its
+#: former name, kept so user searchers written against it keep working.
+SearchContext = Problem
 
 
 class Searcher(abc.ABC):
@@ -131,7 +76,7 @@ class Searcher(abc.ABC):
 
     name: str = "base"
 
-    def bind(self, ctx: SearchContext) -> None:
+    def bind(self, ctx: Problem) -> None:
         self.ctx = ctx
         self.rng = np.random.default_rng(ctx.seed)
 

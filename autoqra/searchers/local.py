@@ -7,7 +7,7 @@ third of a nat and pulled TuRBO towards the uniform 3-bit baseline).
 
 * **Centre**: the best feasible told point (the incumbent), re-read after every tell.
 * **Candidates**: compositions of ``1..m`` byte-neutral moves of the incumbent
-  (:func:`~autoqra.moves.swap_down` / :func:`~autoqra.moves.swap_up`, drawn by the cost table), with
+  (:func:`~autoqra.guidance.moves.swap_down` / :func:`~autoqra.guidance.moves.swap_up`, drawn by the cost table), with
   at most ``2·m`` variables changed. ``m`` is the trust region: it grows after ``success_tolerance``
   improving batches and shrinks after ``failure_tolerance`` failing ones; below 1 the search stops.
 * **Model**: the cost table's additive prediction is the prior mean; a GP (Matérn-5/2 on the ordinal
@@ -25,8 +25,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from scipy.stats import norm
 
-from autoqra.moves import swap_down, swap_up
+from autoqra.guidance.moves import swap_down, swap_up
 from autoqra.searchers._gp import fit_gp
 from autoqra.searchers.base import Searcher, register_searcher
 from autoqra.space import Assignment
@@ -39,8 +41,6 @@ log = logging.getLogger(__name__)
 
 def expected_improvement(mean: np.ndarray, std: np.ndarray, best: float) -> np.ndarray:
     """Analytic EI of maximisation: ``(μ−best)Φ(z) + σφ(z)``, ``z = (μ−best)/σ``."""
-    from scipy.stats import norm
-
     std = np.maximum(std, 1e-12)
     z = (mean - best) / std
     return (mean - best) * norm.cdf(z) + std * norm.pdf(z)
@@ -189,8 +189,6 @@ class LocalSearcher(Searcher):
 
     @staticmethod
     def _posterior(model: Any, X: np.ndarray, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
         with torch.no_grad():
             post = model.posterior(torch.as_tensor(X, dtype=torch.float64))
             mu = post.mean.squeeze(-1).numpy()

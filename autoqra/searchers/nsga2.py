@@ -30,11 +30,12 @@ from pymoo.core.termination import NoTermination
 from pymoo.operators.selection.tournament import TournamentSelection
 from pymoo.problems.static import StaticProblem
 
+import autoqra.searchers.nsga2_ops as ops
+from autoqra.guidance.repair import Repairer, make_repair
+from autoqra.guidance.seeds import anchored_cost_seed, knapsack_seeds
 from autoqra.pareto import HVStagnation, hypervolume_2d
-from autoqra.repair import Repairer, make_repair
-from autoqra.searchers import nsga2_ops as ops
-from autoqra.searchers.base import SearchContext, Searcher, register_searcher
-from autoqra.seeds import anchored_cost_seed, knapsack_seeds
+from autoqra.problem import Problem as SearchContext
+from autoqra.searchers.base import Searcher, register_searcher
 from autoqra.space import Assignment
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def _warm_start_mode(v: bool | str) -> str:
 def _bytes_fn(ctx: SearchContext):
     def bytes_of(x: np.ndarray) -> int:
         bd = ctx.memory.predict_encoded(np.asarray(x, dtype=np.int64))
-        return int(bd.model_bytes if ctx.target == "model" else bd.train_bytes)
+        return int(bd.bytes_for(ctx.target))
 
     return bytes_of
 

@@ -32,6 +32,7 @@ from pymoo.core.mutation import Mutation
 from pymoo.core.repair import Repair
 from pymoo.core.sampling import Sampling
 
+from autoqra.guidance.moves import greedy_fill, swap_down, swap_up
 from autoqra.space import Assignment, SearchSpace
 
 EncodedRepair = Callable[[np.ndarray], np.ndarray]
@@ -74,24 +75,7 @@ def _uniform_start(space: SearchSpace, rank_options: list[np.ndarray], bytes_of:
 def _fill(x: np.ndarray, space: SearchSpace, imp: np.ndarray, bytes_of: Callable[[np.ndarray], int],
           budget_bytes: int) -> np.ndarray:
     """Greedy fill: apply the fitting one-step upgrade with the most ``imp`` per byte added until none fits."""
-    x = x.copy()
-    upper = np.asarray(space.upper, dtype=np.int64)
-    cur = bytes_of(x)
-    while True:
-        best, best_gain, best_bytes = -1, -np.inf, cur
-        for j in np.flatnonzero(x < upper):
-            y = x.copy()
-            y[j] += 1
-            b = bytes_of(y)
-            if b > budget_bytes:
-                continue
-            gain = imp[j] / max(b - cur, 1)
-            if gain > best_gain:
-                best, best_gain, best_bytes = int(j), gain, b
-        if best < 0:
-            return x
-        x[best] += 1
-        cur = best_bytes
+    return greedy_fill(x, space.upper, lambda _: imp, bytes_of, budget_bytes)
 
 
 def anchored_seeds(
@@ -279,9 +263,9 @@ class ImportanceMutation(Mutation):
 
 
 class SwapMutation(Mutation):
-    """Byte-neutral mutation on the cost table (:mod:`autoqra.moves`): per individual, with probability
-    1/2 a :func:`~autoqra.moves.swap_down` (cheap downgrade, freed bytes spent by fill), else a
-    :func:`~autoqra.moves.swap_up` (valuable upgrade, paid by repair). A move that changes nothing is
+    """Byte-neutral mutation on the cost table (:mod:`autoqra.guidance.moves`): per individual, with probability
+    1/2 a :func:`~autoqra.guidance.moves.swap_down` (cheap downgrade, freed bytes spent by fill), else a
+    :func:`~autoqra.guidance.moves.swap_up` (valuable upgrade, paid by repair). A move that changes nothing is
     redrawn, never reflected."""
 
     def __init__(self, table: np.ndarray, bytes_of: Callable[[np.ndarray], int], budget: int,
@@ -291,8 +275,6 @@ class SwapMutation(Mutation):
 
     def move(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One byte-neutral move of a (repaired) encoding."""
-        from autoqra.moves import swap_down, swap_up
-
         upper = np.asarray(self.table.shape[1:], dtype=np.int64) - 1
         upper = np.concatenate([np.full(self.table.shape[0], upper[0]), np.full(self.table.shape[0], upper[1])])
         x = self.repair_fn(np.asarray(x, dtype=np.int64))

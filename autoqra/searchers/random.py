@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autoqra.repair import make_repair
-from autoqra.searchers.base import SearchContext, Searcher, register_searcher
+from autoqra.guidance.repair import make_repair
+from autoqra.problem import Problem as SearchContext
+from autoqra.searchers.base import Searcher, register_searcher
 from autoqra.space import Assignment
 
 if TYPE_CHECKING:

@@ -127,7 +127,7 @@ def test_bad_options(tiny, setup):
 def test_real_cuda_evaluation(backend):
     """A real GPU trial on its own model (the session's CPU model is never moved): ok, every
     tensor on the GPU, measured bytes = predicted bytes."""
-    from autoqra.memory import MemoryModel
+    from autoqra.memory.model import MemoryModel
     from autoqra.models import tiny_llama
 
     model = tiny_llama(seed=0).to("cuda")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from autoqra.evaluators.base import EvalResult
-from autoqra.memory import MemoryModel
+from autoqra.memory.model import MemoryModel
 from autoqra.searchers.ax import AxSearcher
 from autoqra.searchers.base import SearchContext, get_searcher
 from autoqra.space import SearchSpace

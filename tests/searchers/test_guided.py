@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from autoqra.evaluators.base import EvalResult
-from autoqra.memory import MemoryModel
+from autoqra.guidance.moves import fill, random_edit, swap_down, swap_up
+from autoqra.guidance.repair import make_repair
+from autoqra.guidance.seeds import anchored_cost_seed, knapsack_seeds, option_costs
+from autoqra.memory.model import MemoryModel
 from autoqra.models import from_config
-from autoqra.moves import fill, random_edit, swap_down, swap_up
-from autoqra.repair import make_repair
 from autoqra.searchers.base import SearchContext, get_searcher
 from autoqra.searchers.local import LocalSearcher
 from autoqra.searchers.nsga2 import NSGA2Searcher
-from autoqra.seeds import anchored_cost_seed, knapsack_seeds, option_costs
 from autoqra.space import SearchSpace
 
 BITS, RANKS = (2, 3, 4, 8), (0, 4, 8, 16)

@@ -13,10 +13,10 @@ import pytest
 
 import autoqra.searchers.random  # noqa: F401 - registers "random"
 from autoqra.evaluators.base import EvalResult
-from autoqra.memory import MemoryModel
+from autoqra.guidance.repair import make_repair
+from autoqra.memory.model import MemoryModel
 from autoqra.models import tiny_llama
 from autoqra.pareto import hypervolume_2d, pareto_mask
-from autoqra.repair import make_repair
 from autoqra.searchers import nsga2_ops as ops
 from autoqra.searchers.base import SearchContext, get_searcher
 from autoqra.searchers.nsga2 import NSGA2Searcher

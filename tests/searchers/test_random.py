@@ -5,8 +5,8 @@ import json
 import pytest
 
 from autoqra.evaluators.base import EvalResult
-from autoqra.memory import MemoryModel
-from autoqra.repair import make_repair
+from autoqra.guidance.repair import make_repair
+from autoqra.memory.model import MemoryModel
 from autoqra.searchers.base import SearchContext, get_searcher
 from autoqra.searchers.random import RandomSearcher
 from autoqra.space import SearchSpace

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from autoqra.memory import MemoryModel
+from autoqra.memory.model import MemoryModel
 from autoqra.searchers.surrogate import PairRecord, Surrogate
 from autoqra.space import SearchSpace
 

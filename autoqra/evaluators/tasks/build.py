@@ -1,6 +1,6 @@
 """Generator of the packaged pydoc tasks: the pinned topic split and the multiple-choice lm-eval task.
 
-Regenerate the committed files with ``python -m autoqra.evaluators.tasks.build``. Items come only from the
+Regenerate the committed files with ``python -m autoqra.evaluators.tasks``. Items come only from the
 held-out test topics; distractors come from *other test topics*, so fine-tuning on the train topics never
 sees any candidate text.
 """
@@ -14,9 +14,11 @@ import platform
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Any
 
-from autoqra.evaluators.data import PYDOC_SPLIT_FILE, TASKS_DIR, split_groups, stable_hash
+from autoqra.evaluators.sources import PYDOC_SPLIT_FILE, TASKS_DIR, split_groups, stable_hash
+from autoqra.models import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,6 @@ def prose_ratio(words: list[str]) -> float:
 
 def source_fingerprint() -> str:
     """SHA-256 (hex, 16 chars) of the running Python's ``pydoc_data.topics``."""
-    from pydoc_data.topics import topics
-
     return hashlib.sha256(json.dumps(topics, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -100,8 +100,6 @@ def generate(out_dir: str | Path = TASKS_DIR, seed: int = 0, n_items: int = 150,
 
     Output bytes are a pure function of the arguments and the running Python's ``pydoc_data``.
     """
-    from pydoc_data.topics import topics
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     split = split_groups({t: len(v) for t, v in topics.items()}, (0.8, 0.1, 0.1), seed)
@@ -152,8 +150,6 @@ def mc_task_dir() -> tuple[Path, str]:
     The directory lives in the autoqra cache and is keyed by the template and data path, so it is rebuilt
     whenever the package moves or the template changes.
     """
-    from autoqra.models import cache_dir
-
     ident = str(MC_JSONL.resolve()) + MC_TEMPLATE.read_text(encoding="utf-8")
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     d = cache_dir() / "lm_eval_tasks" / key
@@ -161,7 +157,3 @@ def mc_task_dir() -> tuple[Path, str]:
         write_mc_task(d)
     return d, TASK_NAME
 
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    generate()

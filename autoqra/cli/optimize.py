@@ -1,0 +1,112 @@
+r"""CLI sub-commands that run searches and use their results: ``optimize``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from rich.console import Console
+
+from autoqra import models
+from autoqra.api import optimize
+from autoqra.config import OptimizeConfig
+from autoqra.precision import compute_dtype, resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the search-related sub-commands."""
+    o = sub.add_parser("optimize", help="search per-unit bits and LoRA ranks under a memory budget")
+    o.add_argument("--config", help="YAML/JSON file with OptimizeConfig fields (flags override it)")
+    o.add_argument("--model", default="default", help="'default' (SmolLM2), 'tiny', or a local HF directory")
+    o.add_argument("--budget", help="bytes, '3.5GB', '900MiB', or a reference like '4bit' (default 4bit)")
+    o.add_argument("--backend", help="hqq | bnb | gptq | none (default hqq)")
+    o.add_argument("--evaluator", help="finetune | lm_eval (default finetune)")
+    o.add_argument("--preset", help="demo (~15 min on 2 cores) | tiny | default")
+    o.add_argument("--bits", type=int, nargs="+", help="bit ladder (default 2 3 4 8)")
+    o.add_argument("--ranks", type=int, nargs="+", help="rank ladder (default 0 4 8 16)")
+    o.add_argument("--granularity", choices=["block", "module"])
+    o.add_argument("--target", choices=["model", "train"], help="budget on model bytes or training bytes")
+    o.add_argument("--data", help="'pydoc' (embedded) or a JSONL file")
+    o.add_argument("--max-trials", type=int)
+    o.add_argument("--time-limit", type=float, help="seconds")
+    o.add_argument("--seed", type=int)
+    o.add_argument("--no-phase2", action="store_true", help="skip Phase II")
+    o.add_argument("--warm-start", choices=["eq6", "anchored", "none"],
+                   help="Phase I seed: anchored (default: highest uniform bit-width that fits, slack filled "
+                        "by importance per byte) | eq6 (the paper's, from the priors) | none (random)")
+    add_device_options(o)
+    o.add_argument("--executor", choices=["local", "ray"], help="local (default: one trial at a time) | ray")
+    o.add_argument("--ray-address", help="existing Ray cluster: 'auto' (after `ray start --head`) or ray://host:10001")
+    o.add_argument("--workers", type=int, help="Ray workers = trials at once (default: as many as fit)")
+    o.add_argument("--worker-gpus", type=float, help="GPUs per Ray worker (default 1 when the cluster has GPUs)")
+    o.add_argument("--worker-cpus", type=float, help="CPUs per Ray worker (default 1 without GPUs)")
+    o.add_argument("--phase2-batch", type=int, help="Phase II points per ask (default: the number of workers)")
+    o.add_argument("--out", default="runs/autoqra",
+                   help="run directory: trials.db (resumable store) and result.json (default runs/autoqra)")
+    o.add_argument("--no-progress", action="store_true", help="no live progress line")
+    o.add_argument("--no-report", action="store_true", help="do not write <out>/report (PNG plots + report.html)")
+    o.set_defaults(func=cmd_optimize)
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision`` (shared by the commands that train)."""
+    p.add_argument("--device", help="where to train: auto (a GPU when visible; default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="training precision (default auto: bf16 where the GPU/CPU computes it natively, "
+                        "fp16 on older GPUs, else fp32); the model is loaded in it")
+
+
+def load_for_training(name: str, device: str | None, precision: str | None):
+    """``(model, tokenizer, device, precision)``: the model loaded in the precision's dtype on the device."""
+    dev = resolve_device(device or "auto")
+    prec = resolve_precision(precision or "auto", dev)
+    model, tok = models.load_model(name, dtype=compute_dtype(prec), device=dev)
+    return model, tok, str(dev), prec
+
+
+def _executor_options(args: argparse.Namespace) -> dict:
+    """OptimizeConfig executor fields given on the command line."""
+    opts = {k: getattr(args, k, None) for k in ("executor", "ray_address", "workers", "phase2_batch")}
+    res = {k: v for k, v in (("num_gpus", getattr(args, "worker_gpus", None)),
+                             ("num_cpus", getattr(args, "worker_cpus", None))) if v is not None}
+    if res:
+        opts["worker_resources"] = res
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    console = Console(soft_wrap=True)
+    file_cfg = OptimizeConfig.from_file(args.config) if args.config else OptimizeConfig()
+    model, tok, device, precision = load_for_training(args.model, args.device or file_cfg.device,
+                                                      args.precision or file_cfg.precision)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {
+        k: getattr(args, k) for k in ("budget", "evaluator", "preset", "bits", "ranks", "granularity", "target", "data",
+                  "warm_start")
+        if getattr(args, k) is not None
+    }
+    if args.no_phase2:
+        options["phase2"] = None
+    options.update(_executor_options(args))
+    options.update(device=device, precision=precision)
+    console.print(f"[bold]autoqra optimize[/bold] · model {args.model} ({precision} on {device}) · run dir {out} "
+                  "(re-run to resume)")
+    res = optimize(
+        model, tokenizer=tok, backend=args.backend, max_trials=args.max_trials, time_limit=args.time_limit,
+        store=out / "trials.db", seed=args.seed, config=args.config, progress=not args.no_progress, **options,
+    )
+    path = res.save(out)
+    console.print(res.summary())
+    info = res.info
+    console.print(f"evaluations: {info['n_evals']} ({info['n_run']} run now) · wall {info['wall_seconds']:.0f} s · "
+                  f"stop: {info['stop_reasons']}{' · ' + info['stopped'] if info.get('stopped') else ''}")
+    console.print(f"result written to {path}")
+    if not args.no_report:
+        console.print(f"report written to {res.report(out / 'report')}")
+    console.print(f"next: autoqra train --run {out}  (full-fidelity fine-tune), then autoqra export --run {out} --out DIR")
+    return 0 if res.best is not None else 1
+

@@ -1,0 +1,107 @@
+"""The package's public surface and layout: one Problem, typed trials, one registry type, deprecated names."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import autoqra
+from autoqra import _optional
+from autoqra.evaluators import EVALUATORS
+from autoqra.evaluators.base import EvalResult, Fidelity
+from autoqra.executors import EXECUTORS, LocalExecutor, RayExecutor
+from autoqra.memory import MemoryBreakdown, MemoryModel
+from autoqra.problem import Problem
+from autoqra.quant_backends import BACKENDS
+from autoqra.registry import Registry
+from autoqra.searchers import SEARCHERS, SearchContext
+from autoqra.space import SearchSpace
+from autoqra.store import TrialStore
+from autoqra.trial import Trial
+
+
+def test_bytes_for_picks_the_target_and_rejects_others():
+    bd = MemoryBreakdown(quant_weight_bytes=10, unquantized_bytes=5, lora_bytes=2, lora_grad_bytes=2,
+                         optimizer_bytes=4, activation_bytes=100)
+    assert bd.bytes_for("model") == 17 == bd.model_bytes
+    assert bd.bytes_for("train") == 123 == bd.train_bytes
+    with pytest.raises(ValueError, match="target='peak'"):
+        bd.bytes_for("peak")
+
+
+def test_problem_build_repairs_to_the_budget(tiny):
+    space = SearchSpace.from_model(tiny, bits=(2, 4, 8), ranks=(0, 4, 8))
+    mm = MemoryModel(tiny, space, "hqq")
+    budget = mm.predict(space.uniform(4, 4)).model_bytes
+    p = Problem.build(space, mm, budget, seed=3)
+    big = space.uniform(8, 8)
+    assert not p.feasible(big) and p.bytes_of(big) == mm.predict(big).model_bytes
+    fixed = p.make_feasible(big)
+    assert p.feasible(fixed) and p.bytes_of(fixed) <= budget
+    assert SearchContext is Problem  # the former name still works
+    pt = Problem.build(space, mm, mm.predict(space.uniform(4, 4)).train_bytes, target="train")
+    assert pt.bytes_of(big) == mm.predict(big).train_bytes
+    with pytest.raises(ValueError, match="target='peak'"):
+        Problem(space=space, memory=mm, budget_bytes=budget, target="peak")
+
+
+def _trial(space, key="k1", score=-1.5):
+    return Trial(space.uniform(4, 4), Fidelity(3, "low"), "phase1", EvalResult(score, {"loss": -score}, "ok", "", 2.0,
+                 {"peak_bytes": 9}), MemoryBreakdown(quant_weight_bytes=7), key, seed=4, extra={"generation": 1})
+
+
+def test_store_reads_and_writes_typed_trials(tiny, tmp_path):
+    space = SearchSpace.from_model(tiny, bits=(2, 4, 8), ranks=(0, 4, 8))
+    with TrialStore(tmp_path / "t.db") as st:
+        st.put(_trial(space))
+        t = st.get("k1")
+        assert isinstance(t, Trial) and t.key == "k1" and t.seq == 1 and t.seed == 4
+        assert t.assignment == space.uniform(4, 4) and t.fidelity == Fidelity(3, "low") and t.phase == "phase1"
+        assert t.score == -1.5 and t.status == "ok" and t.memory == MemoryBreakdown(quant_weight_bytes=7)
+        assert t.measured_memory == {"peak_bytes": 9} and t.seconds == 2.0 and t.extra == {"generation": 1}
+        assert [x.key for x in st.trials()] == ["k1"]
+        # the dict form of earlier releases is still accepted, and read back typed
+        st.put({"key": "k2", "assignment": space.uniform(2, 0).to_dict(), "fidelity": {"steps": 3, "name": "low"},
+                "phase": "baseline", "result": EvalResult(status="failed", error="x")})
+        t2 = st.get("k2")
+        assert isinstance(t2, Trial) and t2.status == "failed" and t2.memory == MemoryBreakdown()
+        with pytest.warns(DeprecationWarning, match="typed"):
+            assert t2["score"] == t2.score and t2["predicted_memory"] is None
+        with pytest.raises(ValueError, match="'result'"):
+            st.put({"key": "k3", "assignment": space.uniform(2, 0), "fidelity": Fidelity(3, "low"), "phase": "x"})
+    # result.json keeps its trial format
+    assert set(_trial(space).to_dict()) == {"assignment", "fidelity", "phase", "result", "memory", "key", "name"}
+    assert Trial.from_dict(json.loads(json.dumps(_trial(space).to_dict()))).to_dict() == _trial(space).to_dict()
+
+
+def test_one_registry_type_for_every_plugin_kind():
+    for reg, names in ((BACKENDS, {"hqq", "bnb", "gptq", "none"}), (EVALUATORS, {"finetune", "lm_eval"}),
+                       (SEARCHERS, {"nsga2", "turbo", "local", "random", "ax"}), (EXECUTORS, {"local", "ray"})):
+        assert isinstance(reg, Registry) and names <= set(reg.names())
+        with pytest.raises(ValueError, match="is not registered"):
+            reg.get("no-such-plugin")
+    assert EXECUTORS.get("local") is LocalExecutor and EXECUTORS.get("ray") is RayExecutor
+
+
+def test_public_surface_and_deprecated_load(tmp_path):
+    for name in ("optimize", "OptimizeConfig", "Problem", "Result", "Trial", "load_artifact", "load_result",
+                 "MemoryModel", "SearchSpace", "executors"):
+        assert name in autoqra.__all__ and hasattr(autoqra, name)
+    assert (Path(autoqra.__file__).parent / "py.typed").is_file()
+    with pytest.warns(DeprecationWarning, match="load_artifact"), pytest.raises(autoqra.ArtifactError):
+        autoqra.load(tmp_path / "missing")
+
+
+def test_optional_library_error_names_the_feature_and_the_install():
+    with pytest.raises(ImportError, match=r"Phase II 'x' needs no_such_lib_zz.*pip install no_such_lib_zz"):
+        _optional.require("no_such_lib_zz.sub", "Phase II 'x'")
+    assert _optional.available("numpy") and not _optional.available("no_such_lib_zz")
+
+
+def test_import_autoqra_leaves_heavy_libraries_unloaded():
+    code = ("import sys, autoqra; "
+            "print(sorted(m for m in ('matplotlib', 'botorch', 'ax', 'lm_eval', 'ray', 'gpytorch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
