@@ -1,7 +1,7 @@
 """Training precision per backend on this CPU: step time, loss, exact bytes, peak vs estimate.
 
 SmolLM2 loaded in each precision's dtype, one backend at a time (none = 16-bit, hqq / bnb nf4 / gptq at
-4 bits), LoRA r8 on every block, batch 4 × 128, the library's default recipe (AdamW 2e-4, cosine), 20
+4 bits), LoRA r8 on every block, batch 4 × 128, the library's default recipe (``TrainSpec()``), 20
 steps, torch threads 2:
 
 * step_seconds: median seconds of steps 2-20 (step 1 also measures its peak);
