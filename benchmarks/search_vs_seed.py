@@ -14,8 +14,10 @@ For each budget and search seed: one `autoqra.optimize` at the demo preset (its 
   over evaluator seeds 0-4.
 
 Run: .venv/bin/python benchmarks/search_vs_seed.py [--seeds 0 1 2 3 4] [--budgets B4 Bmid]
-→ benchmarks/results/search_vs_seed.json / .md. Resumable (work folder benchmarks/runs/search_vs_seed/):
-finished searches, random edits and final trainings are read back, never re-run.
+→ benchmarks/results/search_vs_seed.json / .md, rewritten after each finished run. Resumable across sessions:
+finished searches, random edits, final trainings and the noise measurement are kept in
+benchmarks/results/search_vs_seed.cache.json (committed) and read back, never re-run; each search records the
+CPU and precision it ran on.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def run_search(model, tok, name: str, budget: int, seed: int, work: Path, cache:
            "stop_reasons": res.info["stop_reasons"],
            "cost_model": {k: res.info["cost_model"].get(k) for k in ("spearman_high", "n_high", "spearman_screen",
                                                                       "seconds")},
-           "fingerprint": res.info["model_fingerprint"]}
+           "fingerprint": res.info["model_fingerprint"], "cpu": cpu_name(), "precision": res.info.get("precision")}
     cache.put(key, out)
     return out
 
@@ -222,6 +224,9 @@ def write_md(doc: dict, path: Path) -> None:
         "# Search vs its own warm start (SmolLM2, embedded task, HQQ)", "",
         f"* CPU: {doc['cpu']}; precision {doc['precision']}; torch threads {doc['threads']}; preset demo; "
         f"final training {doc['final_steps']} steps, seeds {doc['final_seeds']}; finished {doc['finished']}",
+        f"* runs finished: {len(doc['runs'])} of {len(doc['planned']['seeds']) * len(doc['planned']['budgets'])} "
+        f"planned (search seeds {doc['planned']['seeds']} × budgets {doc['planned']['budgets']}); the verdict below "
+        "covers the finished runs only",
         f"* noise_high (sd of the high-fidelity score of one assignment over evaluator seeds "
         f"{doc['noise']['evaluator_seeds']}): **{n:.4f}** nats",
         "* a run *wins* when the chosen point is not the seed, beats it at high fidelity by more than noise_high "
@@ -250,6 +255,37 @@ def write_md(doc: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _complete(cache: Cache, name: str, seed: int, args: argparse.Namespace) -> bool:
+    """Whether run (``name``, ``seed``) is fully in the cache: search, controls and every final training."""
+    run = cache.get(f"search:{name}:{seed}")
+    old = cache.get(f"oldseed:{name}:{seed}")
+    if run is None or old is None or cache.get(f"random:{name}:{seed}") is None:
+        return False
+    return all(cache.get(f"final:{json.dumps(a, sort_keys=True)}:{fs}:{args.final_steps}") is not None
+               for a in (run["seed"], run["chosen"], old[0]) for fs in args.final_seeds)
+
+
+def write_outputs(runs: list[dict], nz: dict, bud: dict, args: argparse.Namespace, out: Path) -> dict:
+    """JSON + Markdown of the runs finished so far (written after each run, so a stopped benchmark still
+    reports what it measured)."""
+    doc = {"runs": runs, "noise_high": nz["sd"], "noise": nz, "budgets": bud, "cpu": cpu_name(),
+           "cpu_bf16_native": cpu_bf16_native(), "precision": "bf16" if cpu_bf16_native() else "fp32",
+           "threads": args.threads, "final_steps": args.final_steps, "final_seeds": args.final_seeds,
+           "planned": {"budgets": args.budgets, "seeds": args.seeds},
+           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    doc["verdict"] = verdict(runs, doc["noise_high"]) if runs else {}
+    (out / "search_vs_seed.json").write_text(json.dumps(doc, indent=1, default=float))
+    write_md(doc, out / "search_vs_seed.md")
+    return doc
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -257,37 +293,40 @@ def main(argv=None) -> int:
     ap.add_argument("--final-steps", type=int, default=60)
     ap.add_argument("--final-seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", default=str(ROOT / "runs" / "search_vs_seed"))
+    ap.add_argument("--work", default=str(ROOT / "runs" / "search_vs_seed"), help="trial stores (not committed)")
+    ap.add_argument("--cache", default=str(ROOT / "results" / "search_vs_seed.cache.json"),
+                    help="finished measurements (committed, small JSON): a later session resumes from it")
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the outputs from the cache's complete runs; run nothing new")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Cache(work / "cache.json")
+    cache = Cache(Path(args.cache))
     model, tok = autoqra.models.load_default(dtype="bf16" if cpu_bf16_native() else "fp32")
     bud = budgets(model, tok)
-    runs = []
-    for name in args.budgets:  # searches first (their wall time is the measured quantity), the rest after
-        for s in args.seeds:
+    runs: list[dict] = []
+    nz: dict = {"sd": float("nan"), "evaluator_seeds": []}
+    # B4 before Bmid, seed by seed; each run complete (search, controls, final trainings) before the next,
+    # nothing else on the machine while a search runs (its wall time is measured)
+    for s in args.seeds:
+        for name in args.budgets:
+            if args.report_only and not _complete(cache, name, s, args):
+                continue
             log.info("search %s seed %d", name, s)
-            runs.append(run_search(model, tok, name, bud[name], s, work, cache))
-    for r in runs:
-        log.info("controls and final trainings for %s seed %d", r["budget"], r["search_seed"])
-        r["local_random_high"] = local_random(model, tok, r, work, cache)
-        r["old_seed"], r["old_seed_high"] = old_seed(model, tok, r, work, cache)
-        for what in ("seed", "chosen", "old_seed"):
-            r[f"{what}_test"] = final_tests(model, tok, r, r[what], args.final_steps, args.final_seeds, cache)
-    nz = noise(model, tok, runs, work, cache) if any(r["budget"] == "B4" and r["search_seed"] == 0 for r in runs) \
-        else {"sd": float("nan"), "evaluator_seeds": []}
-    doc = {"runs": runs, "noise_high": nz["sd"], "noise": nz, "budgets": bud, "cpu": platform.processor() or
-           platform.machine(), "cpu_bf16_native": cpu_bf16_native(), "precision": "bf16" if cpu_bf16_native() else "fp32",
-           "threads": args.threads, "final_steps": args.final_steps, "final_seeds": args.final_seeds,
-           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    doc["verdict"] = verdict(runs, doc["noise_high"])
-    (out / "search_vs_seed.json").write_text(json.dumps(doc, indent=1, default=float))
-    write_md(doc, out / "search_vs_seed.md")
+            r = run_search(model, tok, name, bud[name], s, work, cache)
+            log.info("controls and final trainings for %s seed %d", name, s)
+            r["local_random_high"] = local_random(model, tok, r, work, cache)
+            r["old_seed"], r["old_seed_high"] = old_seed(model, tok, r, work, cache)
+            for what in ("seed", "chosen", "old_seed"):
+                r[f"{what}_test"] = final_tests(model, tok, r, r[what], args.final_steps, args.final_seeds, cache)
+            runs.append(r)
+            if any(x["budget"] == "B4" and x["search_seed"] == 0 for x in runs):
+                nz = noise(model, tok, runs, work, cache)
+            write_outputs(runs, nz, bud, args, out)
     print((out / "search_vs_seed.md").read_text())
     return 0
 
