@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from autoqra._optional import require
+
 #: id -> (label, colour, line style, width); AutoQRA wide underneath so the shared baseline prefix stays visible
 _STYLE = {"autoqra": ("AutoQRA, paper Eq. 6 warm start", "#1f77b4", "-", 4.0),
           "nsga2": ("plain NSGA-II", "#ff7f0e", "--", 1.8),
@@ -33,8 +35,7 @@ def curve(records: list[dict], budget: int) -> tuple[list[int], list[int], list[
 
 def curve_figure(rep: dict[str, Any]):
     """A matplotlib ``Figure`` with two panels (x = evaluations, x = cumulative training steps)."""
-    from matplotlib.figure import Figure
-
+    Figure = require("matplotlib.figure", "the benchmark's efficiency plot").Figure
     fig = Figure(figsize=(11, 4.4), dpi=110, layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     rows = {r["id"]: r for r in rep["rows"] if r.get("search")}
