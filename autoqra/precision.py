@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +36,28 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_bf16_native() -> bool:
-    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16 flags; Linux only)."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of /proc/cpuinfo (Linux), or None."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return any(f in flags for f in _CPU_BF16_FLAGS)
-    return False
+        if line.startswith(field):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_native() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16 flags; Linux only)."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return any(f in flags for f in _CPU_BF16_FLAGS)
+
+
+def cpu_name() -> str:
+    """This CPU's model name (/proc/cpuinfo; else what ``platform`` knows), for reports of measurements."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def cuda_bf16_native(device: torch.device | str | int | None = None) -> bool:

@@ -29,19 +29,12 @@ import autoqra
 from autoqra.config import TrainSpec
 from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.memory import MemoryModel, measure_memory
-from autoqra.precision import DTYPES, cpu_bf16_native, resolve_precision
+from autoqra.precision import DTYPES, cpu_bf16_native, cpu_name, resolve_precision
 from autoqra.quant_backends import backend_for_precision
 from autoqra.space import SearchSpace
 
 BITS = {"none": 16, "hqq": 4, "bnb": 4, "gptq": 4}
 OUT = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def row(model, tok, backend: str, precision: str, steps: int) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import sys
 import time
@@ -42,7 +41,7 @@ from autoqra.final import evaluator_for, run_final
 from autoqra.guidance.importance import compute_importance
 from autoqra.guidance.moves import random_edit
 from autoqra.guidance.repair import make_repair
-from autoqra.precision import cpu_bf16_native
+from autoqra.precision import cpu_bf16_native, cpu_name
 from autoqra.searchers import nsga2_ops as ops
 from autoqra.space import Assignment
 from autoqra.store import TrialStore, trial_key
@@ -158,10 +157,15 @@ def old_seed(model, tok, run: dict, work: Path, cache: Cache) -> tuple[dict, flo
     return a.to_dict(), s
 
 
+def final_key(assignment: dict, final_seed: int, steps: int) -> str:
+    """Cache key of one final training (assignment, final-training seed, steps)."""
+    return f"final:{json.dumps(assignment, sort_keys=True)}:{final_seed}:{steps}"
+
+
 def final_tests(model, tok, run: dict, assignment: dict, steps: int, seeds: list[int], cache: Cache) -> list[float]:
     out = []
     for fs in seeds:
-        key = f"final:{json.dumps(assignment, sort_keys=True)}:{fs}:{steps}"
+        key = final_key(assignment, fs, steps)
         if cache.get(key) is None:
             cfg = OptimizeConfig(budget=run["budget_bytes"], preset="demo", seed=run["search_seed"])
             su = prepare(model, cfg, tokenizer=tok)
@@ -255,20 +259,13 @@ def write_md(doc: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _complete(cache: Cache, name: str, seed: int, args: argparse.Namespace) -> bool:
     """Whether run (``name``, ``seed``) is fully in the cache: search, controls and every final training."""
     run = cache.get(f"search:{name}:{seed}")
     old = cache.get(f"oldseed:{name}:{seed}")
     if run is None or old is None or cache.get(f"random:{name}:{seed}") is None:
         return False
-    return all(cache.get(f"final:{json.dumps(a, sort_keys=True)}:{fs}:{args.final_steps}") is not None
+    return all(cache.get(final_key(a, fs, args.final_steps)) is not None
                for a in (run["seed"], run["chosen"], old[0]) for fs in args.final_seeds)
 
 
