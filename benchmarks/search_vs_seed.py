@@ -226,7 +226,7 @@ def write_md(doc: dict, path: Path) -> None:
     n = doc["noise_high"]
     lines = [
         "# Search vs its own warm start (SmolLM2, embedded task, HQQ)", "",
-        f"* CPU: {doc['cpu']}; precision {doc['precision']}; torch threads {doc['threads']}; preset demo; "
+        f"* this write's CPU: {doc['cpu']}; precision {doc['precision']} (each run's own in the table); torch threads {doc['threads']}; preset demo; "
         f"final training {doc['final_steps']} steps, seeds {doc['final_seeds']}; finished {doc['finished']}",
         f"* runs finished: {len(doc['runs'])} of {len(doc['planned']['seeds']) * len(doc['planned']['budgets'])} "
         f"planned (search seeds {doc['planned']['seeds']} × budgets {doc['planned']['budgets']}); the verdict below "
@@ -236,8 +236,8 @@ def write_md(doc: dict, path: Path) -> None:
         "* a run *wins* when the chosen point is not the seed, beats it at high fidelity by more than noise_high "
         "and beats the best random byte-neutral edit of the seed (same number of high-fidelity evaluations)", "",
         "| budget | seed | evals | wall s | seed high | chosen high | Δ | local random | old seed high | "
-        "seed test | chosen test | old seed test | win |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "seed test | chosen test | old seed test | win | CPU, precision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["runs"]:
         win = (not r["chosen_is_seed"] and r["chosen_high"] - r["seed_high"] > n
@@ -246,7 +246,18 @@ def write_md(doc: dict, path: Path) -> None:
             f"| {r['budget']} | {r['search_seed']} | {r['evaluations']} | {r['wall_seconds']:.0f} | "
             f"{r['seed_high']:.4f} | {r['chosen_high']:.4f} | {r['chosen_high'] - r['seed_high']:+.4f} | "
             f"{r['local_random_high']:.4f} | {r['old_seed_high']:.4f} | {np.mean(r['seed_test']):.4f} | "
-            f"{np.mean(r['chosen_test']):.4f} | {np.mean(r['old_seed_test']):.4f} | {'yes' if win else 'no'} |")
+            f"{np.mean(r['chosen_test']):.4f} | {np.mean(r['old_seed_test']):.4f} | {'yes' if win else 'no'} | "
+            f"{r.get('cpu', '?')}, {r.get('precision', '?')} |")
+    if "score_noise" in doc:  # written by benchmarks/score_noise.py
+        sn = doc["score_noise"]
+        lines += ["", f"## Noise and room at B4 (benchmarks/score_noise.py, {sn['cpu']}, {sn['precision']}; "
+                  "run B4/seed 0's points, evaluator seeds 0-4)", "",
+                  "| point | sd over evaluator seeds | minus the seed, paired by evaluator seed (mean ± sd) |",
+                  "|---|---|---|"]
+        lines.append(f"| seed | {sn['sd']['seed']:.4f} | – |")
+        for k, v in sn["vs_seed"].items():
+            name = k.rsplit("-seed", 1)[0]
+            lines.append(f"| {name} | {sn['sd'][name]:.4f} | {v['mean']:+.4f} ± {v['sd']:.4f} |")
     lines += ["", "## Per budget", ""]
     for b, v in doc["verdict"].items():
         lines.append(
@@ -278,6 +289,10 @@ def write_outputs(runs: list[dict], nz: dict, bud: dict, args: argparse.Namespac
            "planned": {"budgets": args.budgets, "seeds": args.seeds},
            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     doc["verdict"] = verdict(runs, doc["noise_high"]) if runs else {}
+    sn = out / "score_noise.json"  # benchmarks/score_noise.py: paired noise and the room above the B4 seed
+    if sn.exists() and "summary" in (snd := json.loads(sn.read_text())):
+        doc["score_noise"] = {"cpu": snd["cpu"], "precision": snd["precision"],
+                              "sd": snd["summary"]["sd"]["live"], "vs_seed": snd["summary"]["paired"]["live"]}
     (out / "search_vs_seed.json").write_text(json.dumps(doc, indent=1, default=float))
     write_md(doc, out / "search_vs_seed.md")
     return doc
