@@ -1,0 +1,88 @@
+"""Is the seed's unused budget worth spending on adapters? A paired re-test on run B4 / search seed 1.
+
+search_vs_seed's run B4/1 left 1.2 MB of its budget unused (the cost model's rank table is flat in rank and
+negative for 10 blocks, so the knapsack bought no adapter there), and the best of 8 random byte-neutral edits
+beat the seed by 0.020 inside that run. Here, with evaluator seeds 0-4 (LoRA init and data order), paired:
+
+* seed: the run's warm start;
+* seed+fill: the seed with rank-4 adapters added to its adapter-less blocks (best cost-model gain first) while
+  the bytes fit the budget;
+* best_random: the run's best random byte-neutral edit (a max of 8: is its +0.020 real?).
+
+Run: .venv/bin/python benchmarks/rank_slack.py → benchmarks/results/rank_slack.json / .md
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import autoqra
+from autoqra.api import prepare
+from autoqra.config import OptimizeConfig
+from autoqra.evaluators.base import Fidelity
+from autoqra.precision import cpu_bf16_native, cpu_name
+from autoqra.space import Assignment
+
+ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("rank_slack")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(2)
+    cache = json.loads((ROOT / "results" / "search_vs_seed.cache.json").read_text())
+    run = cache["search:B4:1"]
+    db = sqlite3.connect(ROOT / "runs" / "search_vs_seed" / "B4-s1.db")
+    best_random = max(db.execute("select score, assignment_json from trials where phase='local-random'"))
+    cm = next(json.loads(v) for n, v in db.execute("select name, value_json from blobs") if n.startswith("costmodel"))
+    model, tok = autoqra.models.load_default(dtype="bf16" if cpu_bf16_native() else "fp32")
+    su0 = prepare(model, OptimizeConfig(budget=run["budget_bytes"], preset="demo", seed=1), tokenizer=tok)
+    seed = Assignment.from_dict(run["seed"])
+    ranks = list(seed.ranks)
+    gain = np.asarray(cm["rank_gain"])[:, 1]
+    for u in sorted((u for u, r in enumerate(ranks) if r == 0), key=lambda u: -gain[u]):
+        trial = su0.space.make(list(seed.bits), ranks[:u] + [4] + ranks[u + 1:])
+        if su0.memory.predict(trial).model_bytes <= su0.budget_bytes:
+            ranks[u] = 4
+    points = {"seed": seed, "seed+fill": su0.space.make(list(seed.bits), ranks),
+              "best_random": Assignment.from_dict(json.loads(best_random[1]))}
+    out = ROOT / "results" / "rank_slack.json"
+    doc = json.loads(out.read_text()) if out.exists() else {"scores": {}}
+    doc.update(cpu=cpu_name(), precision=su0.precision, budget_bytes=su0.budget_bytes,
+               points={k: {"assignment": a.to_dict(), "model_bytes": su0.memory.predict(a).model_bytes}
+                       for k, a in points.items()})
+    for s in (1, 0, 2, 3, 4):
+        su = prepare(model, OptimizeConfig(budget=run["budget_bytes"], preset="demo", seed=s), tokenizer=tok)
+        for name, a in points.items():
+            key = f"{name}:{s}"
+            if key not in doc["scores"]:
+                r = su.evaluator.evaluate(a, Fidelity(30, "high"))
+                doc["scores"][key] = r.score
+                log.info("%s seed %d: %.4f (%.0f s)", name, s, r.score, r.seconds)
+                out.write_text(json.dumps(doc, indent=1))
+    seeds = sorted({int(k.split(":")[1]) for k in doc["scores"]})
+    lines = ["# Spending the seed's unused bytes on adapters (run B4 / search seed 1, paired re-test)", "",
+             f"CPU {doc['cpu']}, {doc['precision']}, 30 steps (demo high fidelity), evaluator seeds {seeds}; "
+             f"budget {doc['budget_bytes']:,} bytes.", "",
+             "| point | model bytes | mean score | minus the seed: mean ± sd | beats the seed on |", "|---|---|---|---|---|"]
+    for name, p in doc["points"].items():
+        sc = [doc["scores"][f"{name}:{s}"] for s in seeds if f"{name}:{s}" in doc["scores"]]
+        d = [doc["scores"][f"{name}:{s}"] - doc["scores"][f"seed:{s}"] for s in seeds if f"{name}:{s}" in doc["scores"]]
+        lines.append(f"| {name} | {p['model_bytes']:,} | {statistics.mean(sc):.4f} | "
+                     + (f"{statistics.mean(d):+.4f} ± {statistics.stdev(d):.4f} | {sum(x > 0 for x in d)}/{len(d)} |"
+                        if name != "seed" and len(d) > 1 else "– | – |"))
+    (ROOT / "results" / "rank_slack.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
