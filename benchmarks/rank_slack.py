@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
+import attrs
 import torch
 
 import autoqra
-from autoqra.api import prepare
+from autoqra.api import _cost_model, prepare
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Fidelity
 from autoqra.precision import cpu_bf16_native, cpu_name
 from autoqra.space import Assignment
+from autoqra.store import TrialStore
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("rank_slack")
@@ -41,38 +41,43 @@ def main() -> int:
     torch.set_num_threads(2)
     cache = json.loads((ROOT / "results" / "search_vs_seed.cache.json").read_text())
     run = cache["search:B4:1"]
-    db = sqlite3.connect(ROOT / "runs" / "search_vs_seed" / "B4-s1.db")
-    best_random = max(db.execute("select score, assignment_json from trials where phase='local-random'"))
-    cm = next(json.loads(v) for n, v in db.execute("select name, value_json from blobs") if n.startswith("costmodel"))
+    db = ROOT / "runs" / "search_vs_seed" / "B4-s1.db"
+    if not db.exists():
+        raise SystemExit(f"{db} is missing: run `python benchmarks/search_vs_seed.py --seeds 0 1 --budgets B4` first")
     model, tok = autoqra.models.load_default(dtype="bf16" if cpu_bf16_native() else "fp32")
-    su0 = prepare(model, OptimizeConfig(budget=run["budget_bytes"], preset="demo", seed=1), tokenizer=tok)
+    cfg0 = OptimizeConfig(budget=run["budget_bytes"], preset="demo", seed=1)
+    su0 = prepare(model, cfg0, tokenizer=tok)
+    with TrialStore(db) as store:
+        best_random = max(store.trials(phase="local-random"), key=lambda t: t.score).assignment
+        cm = _cost_model(su0.space, su0.backend, su0.evaluator, cfg0, store)  # the run's, read back from its store
     seed = Assignment.from_dict(run["seed"])
     ranks = list(seed.ranks)
-    gain = np.asarray(cm["rank_gain"])[:, 1]
+    gain = cm.rank_gain[:, cm.ranks.index(4)]
     for u in sorted((u for u, r in enumerate(ranks) if r == 0), key=lambda u: -gain[u]):
         trial = su0.space.make(list(seed.bits), ranks[:u] + [4] + ranks[u + 1:])
         if su0.memory.predict(trial).model_bytes <= su0.budget_bytes:
             ranks[u] = 4
     points = {"seed": seed, "seed+fill": su0.space.make(list(seed.bits), ranks),
-              "best_random": Assignment.from_dict(json.loads(best_random[1])),
+              "best_random": best_random,
               "chosen": Assignment.from_dict(run["chosen"])}
     out = ROOT / "results" / "rank_slack.json"
     doc = json.loads(out.read_text()) if out.exists() else {"scores": {}}
     doc.update(cpu=cpu_name(), precision=su0.precision, budget_bytes=su0.budget_bytes,
                points={k: {"assignment": a.to_dict(), "model_bytes": su0.memory.predict(a).model_bytes}
                        for k, a in points.items()})
+    high = Fidelity(cfg0.resolved("high_steps"), "high")
     for s in (1, 0, 2, 3, 4):
-        su = prepare(model, OptimizeConfig(budget=run["budget_bytes"], preset="demo", seed=s), tokenizer=tok)
+        su = prepare(model, attrs.evolve(cfg0, seed=s), tokenizer=tok)
         for name, a in points.items():
             key = f"{name}:{s}"
             if key not in doc["scores"]:
-                r = su.evaluator.evaluate(a, Fidelity(30, "high"))
+                r = su.evaluator.evaluate(a, high)
                 doc["scores"][key] = r.score
                 log.info("%s seed %d: %.4f (%.0f s)", name, s, r.score, r.seconds)
                 out.write_text(json.dumps(doc, indent=1))
     seeds = sorted({int(k.split(":")[1]) for k in doc["scores"]})
     lines = ["# Spending the seed's unused bytes on adapters (run B4 / search seed 1, paired re-test)", "",
-             f"CPU {doc['cpu']}, {doc['precision']}, 30 steps (demo high fidelity), evaluator seeds {seeds}; "
+             f"CPU {doc['cpu']}, {doc['precision']}, {high.steps} steps (demo high fidelity), evaluator seeds {seeds}; "
              f"budget {doc['budget_bytes']:,} bytes.", "",
              "| point | model bytes | mean score | minus the seed: mean ± sd | beats the seed on |", "|---|---|---|---|---|"]
     for name, p in doc["points"].items():

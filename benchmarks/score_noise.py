@@ -138,7 +138,7 @@ def summarize(doc: dict, names: list[str], seeds: list[int], path: Path) -> None
         lines.append(f"| {m} | " + " | ".join(f"{sd[m][a]:.4f}" for a in names) + " | " + " | ".join(
             f"{doc['summary']['paired'][m][p]['mean']:+.4f} ± {doc['summary']['paired'][m][p]['sd']:.4f}"
             for p in diff[m]) + " |")
-    Path(path.with_suffix(".json")).write_text(json.dumps(doc, indent=1))
+    path.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
