@@ -101,7 +101,18 @@ def test_optional_library_error_names_the_feature_and_the_install():
 
 
 def test_import_autoqra_leaves_heavy_libraries_unloaded():
-    code = ("import sys, autoqra; "
-            "print(sorted(m for m in ('matplotlib', 'botorch', 'ax', 'lm_eval', 'ray', 'gpytorch') if m in sys.modules))")
+    """``import autoqra`` (and the CLI module) import nothing heavy: the public names load on first use,
+    and the CLI quiets library messages before peft pulls in bitsandbytes."""
+    heavy = "('torch', 'peft', 'bitsandbytes', 'transformers', 'matplotlib', 'botorch', 'ax', 'lm_eval', 'ray', 'gpytorch')"
+    code = f"import sys, autoqra, autoqra.cli.main; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_public_name_resolves_and_unknown_names_fail():
+    assert set(autoqra.__all__) == set(autoqra._EXPORTS)
+    for name in autoqra.__all__:
+        assert getattr(autoqra, name) is not None and name in dir(autoqra)
+    assert autoqra.optimize is autoqra.api.optimize and autoqra.quant_backends.BACKENDS.get("hqq") is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        autoqra.nope  # noqa: B018
