@@ -47,3 +47,64 @@ def test_calibration_recovers_the_scale_and_skips_collapsed_points(cm_and_space)
     scores[0] -= 5.0  # uniform 2-bit collapses: off the line, left out
     assert calibrate_quant_scale(cm, pts, scores) == pytest.approx(true_c)
     assert calibrate_quant_scale(cm, pts[:1], scores[:1]) is None  # one point says nothing
+
+
+@pytest.mark.parametrize("granularity", ["block", "module"])
+def test_prefix_replay_gives_the_full_pass_table(tiny, granularity):
+    import torch
+
+    from autoqra.guidance.costmodel import quant_damage
+    from autoqra.quant_backends import get_backend
+
+    space = SearchSpace.from_model(tiny, bits=(2, 4, 16), ranks=(0, 4), granularity=granularity)
+    batches = [torch.randint(0, tiny.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    fast = quant_damage(tiny, space, get_backend("hqq"), batches, replay=True)
+    full = quant_damage(tiny, space, get_backend("hqq"), batches, replay=False)
+    assert np.array_equal(fast, full)
+    assert (fast[:, 0] > 0).all() and (fast[:, -1] == 0).all()
+
+
+def test_prefix_replay_skips_the_prefix_and_refuses_other_inputs(tiny):
+    import torch
+
+    from autoqra.guidance.prefix import PrefixReplay, decoder_layers, first_layer
+
+    layers, path = decoder_layers(tiny, ["model.layers.1.mlp.up_proj", "model.layers.0.self_attn.q_proj"])
+    assert path == "model.layers" and layers is tiny.model.layers
+    assert first_layer(["base_model.model.model.layers.1.mlp.up_proj"], path) == 1  # a peft-wrapped name
+    assert first_layer(["model.layers.1.mlp.up_proj", "lm_head"], path) == 0  # outside the stack: run whole
+    assert decoder_layers(tiny, ["lm_head"]) is None
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+    handle = tiny.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    rp = PrefixReplay(layers)
+    with torch.no_grad(), handle:
+        with rp.record():
+            ref = tiny(input_ids=ids).logits
+        n = len(calls)
+        with rp.below(1):
+            again = tiny(input_ids=ids).logits
+        assert len(calls) == n  # layer 0 was not run
+        assert torch.equal(ref, again) and tiny.model.layers[0] is not None
+        assert type(tiny.model.layers[0]).__name__ != "_Replay"  # restored
+        with pytest.raises(RuntimeError, match="does not match"), rp.below(1):
+            tiny(input_ids=ids[:1])
+        with pytest.raises(RuntimeError, match="replayed 2 times"), rp.below(1):
+            tiny(input_ids=ids)
+            tiny(input_ids=ids)
+
+
+def test_leave_one_out_with_replay_equals_the_full_passes(tiny):
+    from autoqra.guidance.costmodel import leave_one_out
+
+    space = SearchSpace.from_model(tiny, bits=(4, 8), ranks=(0, 4), granularity="module")
+    ev = FinetuneEvaluator(tiny, space.with_unquantized(), "hqq", train=TrainSpec(batch_size=2, seq_len=32, lr=2e-3),
+                           eval_blocks=4, precision="fp32", rungs=True)
+    assert ev.replayable_score
+    pm = ev.build(space.uniform(4, 4))
+    ev.fit(pm, 3)
+    fast = leave_one_out(ev, pm, space)
+    ev.replayable_score = False
+    full = leave_one_out(ev, pm, space)
+    assert np.array_equal(fast, full) and np.abs(full).max() > 0

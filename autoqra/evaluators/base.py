@@ -103,6 +103,9 @@ class Evaluator(abc.ABC):
     result with status ``"failed" | "oom" | "nan"`` instead, so a search survives bad points."""
 
     name: str = "base"
+    #: ``score(model)`` runs the same forward passes (same inputs, same order) on every call, so the cost
+    #: model may replay an unchanged prefix of decoder layers between calls (:mod:`autoqra.guidance.prefix`).
+    replayable_score: bool = False
 
     @abc.abstractmethod
     def evaluate(self, assignment: Assignment, fidelity: Fidelity) -> EvalResult:

@@ -118,6 +118,8 @@ class FinetuneEvaluator(Evaluator):
             candidates; :func:`~autoqra.evaluators.rungs.common_lora_init`).
     """
 
+    replayable_score = True  # fixed held-out blocks, fixed batching, eval mode
+
     def __init__(
         self,
         model: nn.Module,

@@ -30,6 +30,7 @@ trial scores (``Result.info["cost_model"]``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -42,6 +43,7 @@ from torch import nn
 
 from autoqra.apply import quantized_layers, set_module, shared_copy
 from autoqra.guidance.importance import _logprobs, spearman
+from autoqra.guidance.prefix import PrefixReplay, decoder_layers, first_layer
 from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend
 from autoqra.space import Assignment, SearchSpace
 
@@ -101,25 +103,33 @@ class CostModel:
 
 @torch.no_grad()
 def quant_damage(model: nn.Module, space: SearchSpace, backend: QuantBackend, batches: list[torch.Tensor],
-                 calib_ids: torch.Tensor | None = None, precision: str = "fp32") -> np.ndarray:
+                 calib_ids: torch.Tensor | None = None, precision: str = "fp32", replay: bool = True) -> np.ndarray:
     """``(n_units, len(space.bits))``: mean next-token KL(unquantized ‖ only unit u at b), 0 at 16 bits.
 
     One structural copy of the model is made; each unit's linears are swapped for their quantized
-    layers (cached: later trials reuse them), scored, and swapped back.
+    layers (cached: later trials reuse them), scored, and swapped back. With ``replay`` the decoder
+    layers below a unit's first layer are not recomputed: their outputs on the unquantized pass are
+    replayed (:mod:`~autoqra.guidance.prefix`; same table, about half the layer compute).
     """
-    ref = _logprobs(model, batches, precision)
     work = shared_copy(model)
+    found = decoder_layers(work, space.module_names) if replay else None
+    rp = PrefixReplay(found[0]) if found else None
+    with rp.record() if rp else contextlib.nullcontext():
+        ref = _logprobs(work, batches, precision)
     mods = dict(work.named_modules())
     out = np.zeros((space.n_units, len(space.bits)))
     for u, unit in enumerate(space.units):
         originals = {m: mods[m] for m in unit.modules}
+        start = first_layer(unit.modules, found[1]) if found else 0
         for j, b in enumerate(space.bits):
             if b == UNQUANTIZED_BITS:
                 continue
             layers = quantized_layers(model, dict.fromkeys(unit.modules, b), backend, calib_ids, space.module_names)
             for name, q in layers.items():
                 set_module(work, name, q)
-            kl = [torch.sum(p.exp() * (p - q), -1).mean().item() for p, q in zip(ref, _logprobs(work, batches, precision))]
+            with rp.below(start) if rp else contextlib.nullcontext():
+                logp = _logprobs(work, batches, precision)
+            kl = [torch.sum(p.exp() * (p - q), -1).mean().item() for p, q in zip(ref, logp)]
             out[u, j] = max(0.0, float(np.mean(kl)))
         for name, lin in originals.items():
             set_module(work, name, lin)
@@ -142,15 +152,23 @@ def _unit_layers(pm: nn.Module, space: SearchSpace) -> list[list[nn.Module]]:
 
 @torch.no_grad()
 def leave_one_out(evaluator: Any, pm: nn.Module, space: SearchSpace) -> np.ndarray:
-    """Held-out loss increase when each unit's adapters are switched off in turn (nats/token)."""
-    base, _ = evaluator.score(pm)
+    """Held-out loss increase when each unit's adapters are switched off in turn (nats/token).
+
+    When the evaluator's score is replayable, layers below a unit are not recomputed (their outputs
+    with every adapter on are replayed; :mod:`~autoqra.guidance.prefix`)."""
+    found = decoder_layers(pm, space.module_names) if getattr(evaluator, "replayable_score", False) else None
+    rp = PrefixReplay(found[0]) if found else None
+    with rp.record() if rp else contextlib.nullcontext():
+        base, _ = evaluator.score(pm)
     out = np.zeros(space.n_units)
     for u, layers in enumerate(_unit_layers(pm, space)):
         saved = [dict(layer.scaling) for layer in layers]
         for layer in layers:
             for k in layer.scaling:
                 layer.scaling[k] = 0.0
-        s, _ = evaluator.score(pm)
+        start = first_layer(space.units[u].modules, found[1]) if found else 0
+        with rp.below(start) if rp else contextlib.nullcontext():
+            s, _ = evaluator.score(pm)
         for layer, sc in zip(layers, saved):
             layer.scaling.update(sc)
         out[u] = base - s  # score = -loss: switching a useful adapter off lowers the score
