@@ -126,8 +126,10 @@ class Bench:
                 if st is not None]
 
     def store_for(self, cfg: dict[str, Any], budget: str):
-        """The search store of a search configuration: ``search-s<seed>-<guidance>-<budget>.db``."""
-        name = f"search-s{int(cfg['seed'])}-{cfg.get('guidance', 'cost')}-{budget}.db"
+        """The search store of a search configuration: ``search-s<seed>-<guidance>[-r<ranks>]-<budget>.db``
+        (a rank ladder other than the preset's gets its own store)."""
+        ranks = "" if list(cfg["ranks"]) == list(self.p.ranks) else "-r" + "-".join(str(r) for r in cfg["ranks"])
+        name = f"search-s{int(cfg['seed'])}-{cfg.get('guidance', 'cost')}{ranks}-{budget}.db"
         if name not in self.search_stores:
             self.search_stores[name] = TrialStore(self.work / name)
         return self.search_stores[name]

@@ -40,7 +40,8 @@ BENCH_PRESETS: dict[str, BenchPreset] = {
                                      for s in (0, 1) for b, n in (("4bit", "B4"), ("mid", "Bmid"))},
                         rows=("lora16-r8", "lora16-r16", "hqq8-r8", "hqq4-r8", "hqq4-r16", "nf4-r8", "nf4-r16",
                               "hqq3-r8", "autoqra", "autoqra-mid", "autoqra-anchored", "autoqra-mid-anchored",
-                              "guided", "guided-mid", "guided-s1", "guided-mid-s1", "random")),
+                              "guided", "guided-mid", "guided-s1", "guided-mid-s1", "guided-adapted",
+                              "guided-mid-adapted", "random")),
 }
 
 
@@ -92,6 +93,12 @@ ROWS: tuple[RowSpec, ...] = (
             parent="guided", repeat=True),
     RowSpec("guided-mid-s1", "AutoQRA default, cost-guided, search seed 1 (≤ Bmid)", "search", budget="mid",
             options={"seed": 1}, parent="guided-mid", repeat=True),
+    # the default with no rank 0 in the ladder: every block keeps an adapter (the cost model's leave-one-out
+    # rank gains left 11 blocks without one, and uniform 4-bit r8 beat that choice after the final training)
+    RowSpec("guided-adapted", "AutoQRA default, an adapter on every block (ranks 4/8/16, ≤ B4)", "search",
+            options={"ranks": [4, 8, 16]}, parent="guided"),
+    RowSpec("guided-mid-adapted", "AutoQRA default, an adapter on every block (ranks 4/8/16, ≤ Bmid)", "search",
+            budget="mid", options={"ranks": [4, 8, 16]}, parent="guided-mid"),
     # the previous default: priors-guided, Phase I seeded at the highest uniform bit-width the budget affords
     RowSpec("autoqra-anchored", "AutoQRA, anchored warm start, priors-guided (≤ B4)", "search", options=_ANCHORED),
     RowSpec("autoqra-mid-anchored", "AutoQRA, anchored warm start, priors-guided (≤ Bmid)", "search", budget="mid",
