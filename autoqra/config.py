@@ -165,7 +165,7 @@ def _check_executor(cfg: Any) -> None:
 
 #: Named settings: fidelities in optimizer steps, search sizes, evaluation blocks.
 PRESETS: dict[str, dict[str, Any]] = {
-    # a SmolLM2 search: 18-24 min on 2 CPU cores with native bf16, 49 min on 2 fp32-only cores (README: demo section)
+    # a SmolLM2 search: 18-25 min on 2 CPU cores with native bf16, 49 min on 2 fp32-only cores (README: demo section)
     "demo": {"low_steps": 0, "mid_steps": 10, "high_steps": 30, "pop_size": 10, "promote_k": 2,
              "max_generations": 2, "phase2_iterations": 4, "eval_blocks": 16, "importance_blocks": 8,
              "final_steps": 60},
