@@ -27,6 +27,7 @@ from autoqra.apply import quantized_layers
 from autoqra.config import OptimizeConfig
 from autoqra.guidance.costmodel import leave_one_out, quant_damage
 from autoqra.precision import cpu_bf16_native, cpu_name
+from autoqra.quant_backends import UNQUANTIZED_BITS
 from autoqra.space import Assignment
 
 ROOT = Path(__file__).resolve().parent
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     blocks = ev.data.train[:n]
     batches = [blocks[i: i + 8] for i in range(0, blocks.shape[0], 8)]
     _, t_quant = _timed(lambda: [quantized_layers(ev.model, dict.fromkeys(space.module_names, b), ev.backend, None,
-                                                  space.module_names) for b in space.bits if b != 16])
+                                                  space.module_names) for b in space.bits if b != UNQUANTIZED_BITS])
     times: dict[str, list[float]] = {"kl_full": [], "kl_replay": [], "loo_full": [], "loo_replay": []}
     tables: dict[str, np.ndarray] = {}
     for _ in range(args.repeats):

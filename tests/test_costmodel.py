@@ -75,6 +75,9 @@ def test_prefix_replay_skips_the_prefix_and_refuses_other_inputs(tiny):
     assert first_layer(["base_model.model.model.layers.1.mlp.up_proj"], path) == 1  # a peft-wrapped name
     assert first_layer(["model.layers.1.mlp.up_proj", "lm_head"], path) == 0  # outside the stack: run whole
     assert decoder_layers(tiny, ["lm_head"]) is None
+    inert = PrefixReplay.find(tiny, ["model.layers.1.mlp.up_proj"], enabled=False)
+    assert inert.layers is None and inert.first_layer(["model.layers.1.mlp.up_proj"]) == 0
+    assert PrefixReplay.find(tiny, ["model.layers.1.mlp.up_proj"]).first_layer(["model.layers.1.mlp.up_proj"]) == 1
     ids = torch.randint(0, tiny.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     calls = []
     handle = tiny.model.layers[0].register_forward_hook(lambda *a: calls.append(1))

@@ -30,7 +30,6 @@ trial scores (``Result.info["cost_model"]``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -43,7 +42,7 @@ from torch import nn
 
 from autoqra.apply import quantized_layers, set_module, shared_copy
 from autoqra.guidance.importance import _logprobs, spearman
-from autoqra.guidance.prefix import PrefixReplay, decoder_layers, first_layer
+from autoqra.guidance.prefix import PrefixReplay
 from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend
 from autoqra.space import Assignment, SearchSpace
 
@@ -112,22 +111,21 @@ def quant_damage(model: nn.Module, space: SearchSpace, backend: QuantBackend, ba
     replayed (:mod:`~autoqra.guidance.prefix`; same table, about half the layer compute).
     """
     work = shared_copy(model)
-    found = decoder_layers(work, space.module_names) if replay else None
-    rp = PrefixReplay(found[0]) if found else None
-    with rp.record() if rp else contextlib.nullcontext():
+    rp = PrefixReplay.find(work, space.module_names, enabled=replay)
+    with rp.record():
         ref = _logprobs(work, batches, precision)
     mods = dict(work.named_modules())
     out = np.zeros((space.n_units, len(space.bits)))
     for u, unit in enumerate(space.units):
         originals = {m: mods[m] for m in unit.modules}
-        start = first_layer(unit.modules, found[1]) if found else 0
+        start = rp.first_layer(unit.modules)
         for j, b in enumerate(space.bits):
             if b == UNQUANTIZED_BITS:
                 continue
             layers = quantized_layers(model, dict.fromkeys(unit.modules, b), backend, calib_ids, space.module_names)
             for name, q in layers.items():
                 set_module(work, name, q)
-            with rp.below(start) if rp else contextlib.nullcontext():
+            with rp.below(start):
                 logp = _logprobs(work, batches, precision)
             kl = [torch.sum(p.exp() * (p - q), -1).mean().item() for p, q in zip(ref, logp)]
             out[u, j] = max(0.0, float(np.mean(kl)))
@@ -156,9 +154,8 @@ def leave_one_out(evaluator: Any, pm: nn.Module, space: SearchSpace) -> np.ndarr
 
     When the evaluator's score is replayable, layers below a unit are not recomputed (their outputs
     with every adapter on are replayed; :mod:`~autoqra.guidance.prefix`)."""
-    found = decoder_layers(pm, space.module_names) if getattr(evaluator, "replayable_score", False) else None
-    rp = PrefixReplay(found[0]) if found else None
-    with rp.record() if rp else contextlib.nullcontext():
+    rp = PrefixReplay.find(pm, space.module_names, enabled=getattr(evaluator, "replayable_score", False))
+    with rp.record():
         base, _ = evaluator.score(pm)
     out = np.zeros(space.n_units)
     for u, layers in enumerate(_unit_layers(pm, space)):
@@ -166,8 +163,7 @@ def leave_one_out(evaluator: Any, pm: nn.Module, space: SearchSpace) -> np.ndarr
         for layer in layers:
             for k in layer.scaling:
                 layer.scaling[k] = 0.0
-        start = first_layer(space.units[u].modules, found[1]) if found else 0
-        with rp.below(start) if rp else contextlib.nullcontext():
+        with rp.below(rp.first_layer(space.units[u].modules)):
             s, _ = evaluator.score(pm)
         for layer, sc in zip(layers, saved):
             layer.scaling.update(sc)

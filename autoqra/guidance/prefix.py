@@ -79,19 +79,35 @@ class PrefixReplay:
 
     Usage::
 
-        rp = PrefixReplay(layers)
+        rp = PrefixReplay.find(model, module_names)
         with rp.record():
             ref = run(model)              # the reference passes (any number of batches)
-        with rp.below(i):
-            out = run(model)              # the same passes; layers < i return the recorded outputs
+        with rp.below(rp.first_layer(unit_modules)):
+            out = run(model)              # the same passes; layers below the unit return the recorded outputs
+
+    With ``layers=None`` (no decoder stack found, or replay switched off) both contexts do nothing and every
+    pass runs whole.
     """
 
-    def __init__(self, layers: nn.ModuleList) -> None:
-        self.layers = layers
-        self.outputs: list[list[Any]] = [[] for _ in layers]
+    def __init__(self, layers: nn.ModuleList | None, path: str = "") -> None:
+        self.layers, self.path = layers, path
+        self.outputs: list[list[Any]] = [[] for _ in layers or ()]
+
+    @classmethod
+    def find(cls, model: nn.Module, module_names: Sequence[str], enabled: bool = True) -> PrefixReplay:
+        """A replay over ``model``'s decoder stack (:func:`decoder_layers`), inert when none is found or not ``enabled``."""
+        found = decoder_layers(model, module_names) if enabled else None
+        return cls(*found) if found else cls(None)
+
+    def first_layer(self, module_names: Sequence[str]) -> int:
+        """The layer a unit of ``module_names`` starts at (0 when inert: nothing is replayed)."""
+        return first_layer(module_names, self.path) if self.layers is not None else 0
 
     @contextlib.contextmanager
     def record(self) -> Iterator[PrefixReplay]:
+        if self.layers is None:
+            yield self
+            return
         self.outputs = [[] for _ in self.layers]
         hooks = [layer.register_forward_hook(self._hook(j)) for j, layer in enumerate(self.layers)]
         try:
@@ -108,9 +124,9 @@ class PrefixReplay:
     @contextlib.contextmanager
     def below(self, i: int) -> Iterator[PrefixReplay]:
         """Layers ``0..i-1`` replay their recorded outputs (``i = 0``: nothing is replayed)."""
-        if i > 0 and not all(self.outputs[j] for j in range(i)):
+        if i > 0 and (self.layers is None or not all(self.outputs[j] for j in range(i))):
             raise RuntimeError("PrefixReplay.below() before a recorded reference pass")
-        originals = [self.layers[j] for j in range(i)]
+        originals = [self.layers[j] for j in range(i)] if i > 0 else []
         for j in range(i):
             self.layers[j] = _Replay(self.outputs[j], j)
         try:
@@ -118,8 +134,3 @@ class PrefixReplay:
         finally:
             for j, layer in enumerate(originals):
                 self.layers[j] = layer
-
-    def nbytes(self) -> int:
-        """Bytes held by the recorded tensor outputs."""
-        return sum(t.numel() * t.element_size() for outs in self.outputs for o in outs
-                   for t in (o if isinstance(o, tuple) else (o,)) if isinstance(t, torch.Tensor))
