@@ -52,6 +52,24 @@ def lr_lambda(train: TrainSpec, total_steps: int):
     return f
 
 
+def decay_steps(steps: int, fraction: float) -> int:
+    """Length of a warmup-stable-decay rung's final decay: ``max(1, round(fraction * steps))`` (0 for 0 steps)."""
+    return 0 if steps <= 0 else min(steps, max(1, round(fraction * steps)))
+
+
+def wsd_lambda(stable: int, total: int, warmup: int = 0):
+    """Rung schedule: the recipe's linear warm-up, multiplier 1 up to step ``stable``, then a linear decay
+    over the rest (step ``stable + i`` of ``d = total - stable`` decay steps gets ``(d - i) / (d + 1)``)."""
+    d = max(1, total - stable)
+
+    def f(step: int) -> float:
+        if step >= stable:
+            return max(0.0, (d - (step - stable)) / (d + 1))
+        return (step + 1) / (warmup + 1) if step < warmup else 1.0
+
+    return f
+
+
 @torch.no_grad()
 def heldout_metrics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8,
                     precision: str = "fp32") -> dict[str, float]:
@@ -114,6 +132,11 @@ class FinetuneEvaluator(Evaluator):
             (after ``warmup_steps``) so that fidelities continue each other, and keep training states
             so a promoted candidate continues instead of restarting. Final training uses ``False``
             (the recipe's own schedule, e.g. cosine).
+        rung_schedule: in rung mode, ``"constant"`` (a rung's score is taken mid-training, at the
+            constant rate) or ``"wsd"`` (warmup-stable-decay: every rung shares the constant-rate stable
+            phase and ends with its own linear decay over ``decay_fraction`` of its steps, so its score
+            is that of a finished training; the next rung continues from the end of the stable phase).
+        decay_fraction: the decay's share of a ``"wsd"`` rung's steps.
         common_init: draw every LoRA ``A`` from a per-module generator (paired comparisons across
             candidates; :func:`~autoqra.evaluators.rungs.common_lora_init`).
     """
@@ -137,7 +160,13 @@ class FinetuneEvaluator(Evaluator):
         precision: str = "auto",
         rungs: bool = False,
         common_init: bool = True,
+        rung_schedule: str = "constant",
+        decay_fraction: float = 0.2,
     ) -> None:
+        if rung_schedule not in ("constant", "wsd"):
+            raise ValueError(f"rung_schedule={rung_schedule!r} is not allowed; use 'constant' or 'wsd'")
+        if not 0.0 < decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction={decay_fraction!r} is not allowed; it must be in (0, 1]")
         if eval_split not in ("validation", "test"):
             raise ValueError(f"eval_split={eval_split!r} is not allowed; use 'validation' or 'test'")
         if eval_blocks is not None and eval_blocks < 1:
@@ -161,6 +190,7 @@ class FinetuneEvaluator(Evaluator):
         self.device = model_device(model)
         self.precision = resolve_precision(precision, self.device)
         self.rungs, self.common_init = bool(rungs), bool(common_init)
+        self.rung_schedule, self.decay_fraction = rung_schedule, float(decay_fraction)
         self.rung_states = RungStates()
 
     def spec(self) -> dict[str, Any]:
@@ -179,8 +209,10 @@ class FinetuneEvaluator(Evaluator):
 
     @property
     def schedule(self) -> str:
-        """The learning-rate schedule trials train under (constant in rung mode)."""
-        return "constant" if self.rungs else self.train.schedule
+        """The learning-rate schedule trials train under (rung mode: constant, or warmup-stable-decay)."""
+        if not self.rungs:
+            return self.train.schedule
+        return "constant" if self.rung_schedule == "constant" else f"wsd:{self.decay_fraction:g}"
 
     # -------------------------------------------------------------- building
     def calib_ids(self) -> torch.Tensor | None:
@@ -206,13 +238,15 @@ class FinetuneEvaluator(Evaluator):
     def batches(self, steps: int) -> Iterator[torch.Tensor]:
         return iter_steps(self.data.train, self.train.batch_size, steps * self.train.grad_accum, seed=self.seed)
 
-    def fit(self, model: nn.Module, steps: int, on_step=None, hooks: FitHooks | None = None) -> dict[str, Any]:
+    def fit(self, model: nn.Module, steps: int, on_step=None, hooks: FitHooks | None = None,
+            lr_fn=None) -> dict[str, Any]:
         """Train LoRA parameters for ``steps`` optimizer steps; returns train stats.
 
         Args:
             on_step: ``f(step, loss)`` after every optimizer step.
             hooks: resume/checkpoint hooks (:class:`FitHooks`): ``start`` may restore a checkpoint and
                 return the number of steps already done; ``step_end`` runs after every step.
+            lr_fn: learning-rate multiplier per step (default: the recipe's schedule over ``steps``).
 
         Raises:
             NonFiniteLoss: a loss became NaN/inf.
@@ -223,11 +257,16 @@ class FinetuneEvaluator(Evaluator):
             return stats
         torch.manual_seed(self.seed)  # dropout masks
         opt = torch.optim.AdamW(params, lr=self.train.lr, weight_decay=self.train.weight_decay)
-        recipe = attrs.evolve(self.train, schedule=self.schedule)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe, steps))
+        if lr_fn is None:
+            recipe = attrs.evolve(self.train, schedule="constant" if self.rungs else self.train.schedule)
+            lr_fn = lr_lambda(recipe, steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
         scaler = grad_scaler(self.device, self.precision)  # fp16 only
         model.train()
         start = hooks.start(model, opt, sched) if hooks is not None else 0
+        if start:  # a restored optimizer keeps the rate of the schedule it was saved under: use this one's
+            for g, base in zip(opt.param_groups, sched.base_lrs):
+                g["lr"] = base * lr_fn(start)
         it = self.batches(steps)
         for _ in range(start * self.train.grad_accum):  # resume: the data order is a pure function of the seed
             next(it)
@@ -284,8 +323,14 @@ class FinetuneEvaluator(Evaluator):
         t0 = time.perf_counter()
         try:
             model = self.build(assignment)
-            hooks = self.rung_states.hooks(assignment.to_json(), fidelity.steps) if self.rungs else None
-            stats = self.fit(model, fidelity.steps, hooks=hooks)
+            hooks, lr_fn = None, None
+            if self.rungs:
+                saved_at = fidelity.steps  # the step whose state the next rung continues from
+                if self.rung_schedule == "wsd":
+                    saved_at = fidelity.steps - decay_steps(fidelity.steps, self.decay_fraction)
+                    lr_fn = wsd_lambda(saved_at, fidelity.steps, self.train.warmup_steps)
+                hooks = self.rung_states.hooks(assignment.to_json(), saved_at)
+            stats = self.fit(model, fidelity.steps, hooks=hooks, lr_fn=lr_fn)
             if hooks is not None and hooks.resumed_from:  # continued: the earlier rung's first loss and peak
                 stats.update(train_loss_first=hooks.first_loss, peak_bytes=hooks.peak_bytes)
                 if hooks.resumed_from == fidelity.steps:

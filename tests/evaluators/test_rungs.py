@@ -57,3 +57,26 @@ def test_common_init_is_nested_and_shared_across_candidates(tiny, space):
     pc = peft.build(b)
     wc = {n: p for n, p in pc.named_parameters() if "lora_A" in n}
     assert not all(torch.equal(wb[n], wc[n]) for n in wb)  # peft's own init is something else
+
+
+def test_wsd_rungs_continue_the_stable_phase_and_end_with_their_own_decay(tiny, space):
+    a = space.make([4, 8], [8, 4])
+    ev = _ev(tiny, space, rungs=True, rung_schedule="wsd", decay_fraction=0.25)
+    assert ev.spec()["schedule"] == "wsd:0.25"
+    r4 = ev.evaluate(a, Fidelity(4))  # stable 3 steps (state kept), 1 decay step
+    r8 = ev.evaluate(a, Fidelity(8))  # continues from step 3, stable to 6, 2 decay steps
+    assert ev.rung_states.hits == 1 and ev.rung_states.misses == 1
+    fresh = _ev(tiny, space, rungs=True, rung_schedule="wsd", decay_fraction=0.25).evaluate(a, Fidelity(8))
+    assert r8.score == fresh.score and r8.score != r4.score
+    constant = _ev(tiny, space, rungs=True).evaluate(a, Fidelity(8))
+    assert constant.score != r8.score  # the decay changes what is scored
+
+
+def test_wsd_schedule_shape():
+    from autoqra.evaluators.finetune import decay_steps, wsd_lambda
+
+    assert [decay_steps(n, 0.2) for n in (0, 1, 4, 10, 30, 60)] == [0, 1, 1, 2, 6, 12]
+    f = wsd_lambda(8, 10, warmup=2)
+    assert [round(f(i), 4) for i in range(10)] == [0.3333, 0.6667, 1, 1, 1, 1, 1, 1, 0.6667, 0.3333]
+    with pytest.raises(ValueError, match="rung_schedule"):
+        FinetuneEvaluator(None, None, rung_schedule="cosine")
