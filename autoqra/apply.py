@@ -20,13 +20,17 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
+import attrs
 import torch
 from peft import get_peft_model
 from torch import nn
 
 from autoqra.memory.budget import parse_size
 from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend, get_backend
+from autoqra.quant_backends._experts import as_linear, dense_experts, quantize_experts
+from autoqra.quant_backends._experts import lora_custom_modules as experts_lora_modules
 from autoqra.space import Assignment, SearchSpace
+from autoqra.units import expert_params, is_linear_like
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +65,11 @@ def layer_bytes(module: nn.Module, backend: QuantBackend | None = None) -> int:
     ``meta`` dict, bitsandbytes' ``quant_state``); it is only asked about modules it ``owns``.
     """
     tensors = [*module.parameters(), *module.buffers()]
-    if backend is not None and backend.owns(module):
-        for group in backend.module_tensors(module):
-            tensors.extend(group)
+    if backend is not None:
+        for mod in module.modules():  # the layer itself, or the per-expert layers of QuantizedExperts
+            if backend.owns(mod):
+                for group in backend.module_tensors(mod):
+                    tensors.extend(group)
     return storage_bytes(tensors)
 
 
@@ -289,16 +295,26 @@ def quantized_layers(
     out: dict[str, nn.Module] = {}
     for name in to_quant:
         bits = module_bits[name]
-        lin = src_mods[name]
-        key = (name, bits, spec, *_placement(lin.weight))
+        src = src_mods[name]
+        key = (name, bits, spec, *_placement(next(src.parameters())))
         q = cache.get(key)
         if q is None:
             with torch.no_grad():
-                q = be.quantize(lin, bits, calib=stats.get(name))
+                q = quantize_module(be, src, bits, calib=stats.get(name))
             q.requires_grad_(False)
             cache.put(key, q, be)
         out[name] = q
     return out
+
+
+def quantize_module(backend: QuantBackend, module: nn.Module, bits: int, calib: Any = None) -> nn.Module:
+    """The quantized replacement of one module of the space: an ``nn.Linear`` or GPT-2 ``Conv1D`` through
+    ``backend.quantize``, a mixture-of-experts module per expert slice (:func:`quantize_experts`)."""
+    if expert_params(module):
+        return quantize_experts(backend, module, bits, calib=calib)
+    if not is_linear_like(module):
+        raise ValueError(f"cannot quantize {type(module).__name__}: not a linear, Conv1D or experts module")
+    return backend.quantize(as_linear(module), bits, calib=calib)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -361,11 +377,12 @@ def apply_assignment(
         p.requires_grad_(False)
     if not any(r > 0 for r in assignment.ranks):
         return qmodel
+    for name, (b, r) in space.module_map(assignment).items():
+        if b == UNQUANTIZED_BITS and r > 0 and expert_params(qmodel.get_submodule(name)):
+            set_module(qmodel, name, dense_experts(qmodel.get_submodule(name)))  # LoRA through autoqra's wrapper
     be.prepare_for_peft(qmodel)
     cfg = space.lora_config(assignment, alpha_ratio=alpha_ratio, dropout=dropout, alpha=alpha)
-    custom = be.lora_custom_modules()
-    if custom:
-        cfg._register_custom_module(custom)
+    cfg._register_custom_module(lora_custom_modules(be))
     torch.manual_seed(seed)
     peft_model = get_peft_model(qmodel, cfg)
     bad = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -374,13 +391,21 @@ def apply_assignment(
     return peft_model
 
 
+def lora_custom_modules(backend: QuantBackend) -> dict[type[nn.Module], type[nn.Module]]:
+    """The backend's custom LoRA layer classes plus the one for mixture-of-experts modules."""
+    return {**backend.lora_custom_modules(), **experts_lora_modules()}
+
+
 def space_for(model: nn.Module, assignment: Assignment) -> SearchSpace:
     """Rebuild the search space an assignment was made in (granularity inferred from unit names)."""
-    gran = "module" if assignment.units and assignment.units[0].endswith("_proj") else "block"
     bits = sorted(set(assignment.bits))
     ranks = sorted(set(assignment.ranks))
-    names = {u.rsplit(".", 1)[-1] for u in assignment.units} if gran == "module" else None
-    space = SearchSpace.from_model(model, bits=bits, ranks=ranks, granularity=gran, target_modules=names)
-    if space.unit_names != assignment.units:
+    space = SearchSpace.from_model(model, bits=bits, ranks=ranks, granularity="block")
+    if space.unit_names == assignment.units:
+        return space
+    space = SearchSpace.from_model(model, bits=bits, ranks=ranks, granularity="module")
+    keep = set(assignment.units)
+    units = tuple(u for u in space.units if u.name in keep)
+    if tuple(u.name for u in units) != assignment.units:
         raise ValueError("the assignment's units do not match this model; pass space= explicitly")
-    return space
+    return attrs.evolve(space, units=units)

@@ -1,8 +1,14 @@
-r"""The search space: units (decoder blocks or single linears) × a bit ladder × a rank ladder."""
+r"""The search space: units (decoder blocks or single modules) × a bit ladder × a rank ladder.
+
+A unit is a named group of weight tensors (:mod:`autoqra.units`): by default every weight matrix of the
+decoder blocks (``nn.Linear`` incl. fused projections, GPT-2 ``Conv1D``, mixture-of-experts tensors), routers
+and norms aside. The share of decoder weights the space covers is kept in :attr:`SearchSpace.coverage`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -13,31 +19,18 @@ from peft import LoraConfig
 from torch import nn
 
 from autoqra.quant_backends import UNQUANTIZED_BITS, get_backend
+from autoqra.units import Coverage, Unit, WeightTensor, coverage, discover, matches
 
-#: Linear-layer suffixes of a Llama-style decoder block (the paper's seven projections).
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_BITS", "DEFAULT_RANKS", "Assignment", "Coverage", "SearchSpace", "Unit", "WeightTensor"]
+
+#: The seven projections of a Llama-style block (the paper's targets). No longer the default: by default
+#: every weight matrix of the decoder blocks is searched (``target_modules=None``); pass these to narrow.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_RANKS = (0, 4, 8, 16)
 _BLOCK_RE = re.compile(r"^(.*\.(?:layers|h|blocks|layer)\.\d+)\.")
-
-
-@attrs.frozen
-class Unit:
-    """One searchable unit: a name and the full names and ``(out, in)`` shapes of its linears."""
-
-    name: str
-    modules: tuple[str, ...]
-    shapes: tuple[tuple[int, int], ...]
-
-    @property
-    def n_weights(self) -> int:
-        """Number of weights (elements) in all linears of the unit."""
-        return sum(o * i for o, i in self.shapes)
-
-    @property
-    def lora_params_per_rank(self) -> int:
-        """LoRA parameters per unit of rank: ``sum(in + out)`` over the unit's linears."""
-        return sum(o + i for o, i in self.shapes)
 
 
 @attrs.frozen(eq=True, hash=True)
@@ -83,26 +76,20 @@ class Assignment:
         return " ".join(f"b{b}r{r}" for b, r in zip(self.bits, self.ranks))
 
 
-def _linears(model: nn.Module, targets: Sequence[str]) -> list[tuple[str, tuple[int, int]]]:
-    out = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets and _BLOCK_RE.match(name):
-            out.append((name, (mod.out_features, mod.in_features)))
-    return out
-
-
 @attrs.define
 class SearchSpace:
     """Units × bit ladder × rank ladder.
 
     Build with :meth:`from_model`. Ladders are sorted ascending; bits ``16`` means
-    "not quantized", rank ``0`` means "no adapter".
+    "not quantized", rank ``0`` means "no adapter". ``coverage`` (not part of :meth:`spec`) is the
+    share of the decoder weights the units hold, when the space was built from a model.
     """
 
     units: tuple[Unit, ...]
     bits: tuple[int, ...]
     ranks: tuple[int, ...]
     granularity: str = "block"
+    coverage: Coverage | None = attrs.field(default=None, eq=False, repr=False)
 
     @classmethod
     def from_model(
@@ -116,34 +103,54 @@ class SearchSpace:
     ) -> SearchSpace:
         """Discover the units of a HF causal LM.
 
+        By default every weight matrix inside the decoder blocks is searched (peft's "all-linear"
+        meaning, found from the module tree, :func:`autoqra.units.discover`): ``nn.Linear`` weights
+        (fused ``qkv_proj``/``gate_up_proj`` are ordinary members of their block), GPT-2 ``Conv1D``
+        and the 3-D tensors of mixture-of-experts layers; routers and norms stay 16-bit. A coverage
+        below 90 % is logged as a warning naming what is left out.
+
         Args:
             model: the (unquantized) model; the meta device is fine.
             bits: bit ladder; 16 = unquantized.
             ranks: rank ladder; 0 = no adapter.
-            granularity: ``"block"`` (all linears of a decoder block share (bits, rank)) or ``"module"``.
-            target_modules: linear-name suffixes to search over (default: the seven projections).
+            granularity: ``"block"`` (all weights of a decoder block share (bits, rank)) or ``"module"``
+                (one unit per module: a linear, or a whole experts module).
+            target_modules: narrow the space to modules whose last name (``q_proj``, ``fc1``,
+                ``experts``) or dotted name suffix is listed; an expert parameter name
+                (``gate_up_proj``) selects its experts module. Default: everything.
             backend: optional backend (name or object); its supported bits are checked now.
         """
         bits_t, ranks_t = _ladder("bits", bits, 1, 16), _ladder("ranks", ranks, 0, 4096)
         if granularity not in ("block", "module"):
             raise ValueError(f"granularity={granularity!r} is not allowed; use 'block' or 'module'")
-        targets = tuple(target_modules) if target_modules else DEFAULT_TARGETS
-        lins = _linears(model, targets)
-        if not lins:
+        found = discover(model)
+        targets = tuple(target_modules) if target_modules else None
+        candidates = [f for f in found if f.reason is None]
+        chosen = [f for f in candidates if targets is None or matches(f.tensor, targets)]
+        if not chosen:
+            what = f"named {list(targets)} " if targets else ""
             raise ValueError(
-                f"no nn.Linear named {list(targets)} inside decoder blocks (…layers.N.…) was found in "
-                f"{type(model).__name__}; pass target_modules= with the suffixes of your model's linears"
+                f"no weight matrix {what}inside the decoder blocks was found in {type(model).__name__} "
+                f"({len(candidates)} candidates); pass target_modules= with the last names of your model's "
+                "linear/experts modules (e.g. ['q_proj', 'v_proj'])"
             )
         if backend is not None:
             get_backend(backend).check_bits(bits_t)
-        if granularity == "module":
-            units = tuple(Unit(n, (n,), (s,)) for n, s in lins)
-        else:
-            groups: dict[str, list[tuple[str, tuple[int, int]]]] = {}
-            for n, s in lins:
-                groups.setdefault(_BLOCK_RE.match(n).group(1), []).append((n, s))  # type: ignore[union-attr]
-            units = tuple(Unit(k, tuple(n for n, _ in v), tuple(s for _, s in v)) for k, v in groups.items())
-        return cls(units=units, bits=bits_t, ranks=ranks_t, granularity=granularity)
+        groups: dict[str, list[WeightTensor]] = {}
+        for f in chosen:
+            groups.setdefault(f.block if granularity == "block" else f.tensor.module, []).append(f.tensor)
+        units = tuple(Unit.of(k, v) for k, v in groups.items())
+        cov = coverage(found, [f.tensor for f in chosen])
+        warn = cov.warning()
+        if warn:
+            log.warning("%s", warn)
+        return cls(units=units, bits=bits_t, ranks=ranks_t, granularity=granularity, coverage=cov)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> SearchSpace:
+        """Inverse of :meth:`spec`."""
+        return cls(units=tuple(Unit.from_spec(u) for u in spec["units"]), bits=tuple(spec["bits"]),
+                   ranks=tuple(spec["ranks"]), granularity=spec["granularity"])
 
     # ------------------------------------------------------------------ basics
     @property
@@ -160,7 +167,7 @@ class SearchSpace:
 
     def spec(self) -> dict[str, Any]:
         return {
-            "units": [[u.name, list(u.modules), [list(s) for s in u.shapes]] for u in self.units],
+            "units": [u.to_spec() for u in self.units],
             "bits": list(self.bits),
             "ranks": list(self.ranks),
             "granularity": self.granularity,
@@ -242,10 +249,20 @@ class SearchSpace:
         return out
 
     # ------------------------------------------------------------ module maps
+    @property
+    def tensors(self) -> list[WeightTensor]:
+        """Every weight tensor of every unit, in unit order."""
+        return [t for u in self.units for t in u.tensors]
+
     def module_map(self, a: Assignment) -> dict[str, tuple[int, int]]:
-        """``{full_module_name: (bits, rank)}`` for every linear in the space."""
+        """``{full_module_name: (bits, rank)}`` for every module in the space (linears and experts modules)."""
         self.validate(a)
         return {m: (b, r) for u, b, r in zip(self.units, a.bits, a.ranks) for m in u.modules}
+
+    def tensor_map(self, a: Assignment) -> dict[str, tuple[WeightTensor, int, int]]:
+        """``{full tensor name: (tensor, bits, rank)}`` for every weight tensor in the space."""
+        self.validate(a)
+        return {t.name: (t, b, r) for u, b, r in zip(self.units, a.bits, a.ranks) for t in u.tensors}
 
     def lora_config(self, a: Assignment, alpha_ratio: float = 2.0, dropout: float = 0.0,  # noqa: D417
                     alpha: float | None = None, **kw: Any) -> LoraConfig:
@@ -256,23 +273,31 @@ class SearchSpace:
         adapter trains like a rank-8 one at twice the learning rate), via ``rank_pattern`` /
         ``alpha_pattern``.
         Pattern keys are full dotted module names; peft matches them as ``(.*[.])?name$`` so
-        ``layers.1.…`` never matches ``layers.11.…``.
+        ``layers.1.…`` never matches ``layers.11.…``. Linear (and ``Conv1D``) modules are
+        ``target_modules``; expert tensors are ``target_parameters`` (full parameter names, peft's
+        ``ParamWrapper``; :mod:`autoqra.quant_backends._experts` gives it a quantized base).
         """
-        mm = self.module_map(a)
-        adapted = {m: r for m, (_, r) in mm.items() if r > 0}
-        if not adapted:
+        tm = self.tensor_map(a)
+        lin = {t.module: r for t, _, r in tm.values() if t.kind == "linear"}
+        par = {n: r for n, (t, _, r) in tm.items() if t.kind == "experts"}
+        adapted = {m: r for m, r in lin.items() if r > 0}
+        params = {n: r for n, r in par.items() if r > 0}
+        if not adapted and not params:
             raise ValueError("every unit has rank 0: there is nothing to fine-tune")
-        base_r = max(adapted.values())
+        pattern = {**adapted, **params}
+        base_r = max(pattern.values())
+        extra: dict[str, Any] = {"target_parameters": sorted(params)} if params else {}
         return LoraConfig(
             r=base_r,
             lora_alpha=alpha if alpha is not None else alpha_ratio * base_r,
             lora_dropout=dropout,
             target_modules=sorted(adapted),
-            exclude_modules=sorted(m for m, (_, r) in mm.items() if r == 0) or None,
-            rank_pattern=dict(adapted),
-            alpha_pattern={m: alpha if alpha is not None else alpha_ratio * r for m, r in adapted.items()},
+            exclude_modules=sorted(m for m, r in lin.items() if r == 0) or None,
+            rank_pattern=dict(pattern),
+            alpha_pattern={m: alpha if alpha is not None else alpha_ratio * r for m, r in pattern.items()},
             bias="none",
             task_type="CAUSAL_LM",
+            **extra,
             **kw,
         )
 

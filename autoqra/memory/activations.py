@@ -116,13 +116,30 @@ QUANT16_DEFAULT = Quant16(views=("packed", "meta"), dequant=2.0, tok={})
 
 
 def _dims(model: nn.Module) -> tuple[int, int, int, int]:
+    """``(hidden, intermediate, vocab, blocks)``; for a mixture-of-experts model the intermediate size is
+    what one token runs through: ``top_k`` experts' intermediate size plus a shared expert's."""
     cfg = getattr(model, "config", None)
     get = (lambda k, d=0: getattr(cfg, k, d) or d) if cfg is not None else (lambda k, d=0: d)
     hidden = get("hidden_size") or get("n_embd") or get("d_model")
-    inter = get("intermediate_size") or get("n_inner") or 4 * hidden
+    inter = get("intermediate_size") or get("n_inner") or get("ffn_dim") or 4 * hidden
+    top_k = _top_k(model)
+    if top_k:
+        inter = top_k * (get("moe_intermediate_size") or inter) + get("shared_expert_intermediate_size")
     vocab = get("vocab_size")
     blocks = get("num_hidden_layers") or get("n_layer")
     return int(hidden), int(inter), int(vocab), int(blocks)
+
+
+def _top_k(model: nn.Module) -> int:
+    """Experts each token is routed to (0 for a dense model)."""
+    cfg = getattr(model, "config", None)
+    v = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "moe_top_k", None)
+    return int(v) if isinstance(v, int) else 0
+
+
+def _routed(model: nn.Module, t) -> int:
+    """How many times each token passes through tensor ``t``: 1 for a linear, top-k for experts."""
+    return max(1, _top_k(model)) if t.kind == "experts" else 1
 
 
 def activation_table(
@@ -153,13 +170,14 @@ def activation_table(
     per_bits = np.zeros((space.n_units, len(space.bits)), dtype=np.int64)
     delta = getattr(backend, "activation_delta", {}) or {}
     for u, unit in enumerate(space.units):
-        ins = [i for _, i in unit.shapes]
+        # (tokens through the tensor, in_features): routed tokens for experts (each token visits top-k)
+        ins = [(n_tok * _routed(model, t), t.in_features) for t in unit.tensors]
         for j, r in enumerate(space.ranks):
             if r > 0:
-                per_rank[u, j] = sum(4 * n_tok * r + (5 * n_tok * i if dropout else 0) for i in ins)
+                per_rank[u, j] = sum(4 * n * r + (5 * n * i if dropout else 0) for n, i in ins)
         for j, b in enumerate(space.bits):
             if b != UNQUANTIZED_BITS:
-                per_bits[u, j] = int(round(delta.get(b, 0.0) * n_tok * sum(ins)))
+                per_bits[u, j] = int(round(delta.get(b, 0.0) * sum(n * i for n, i in ins)))
     return int(fixed), per_rank, per_bits
 
 
@@ -168,11 +186,11 @@ def _table_16bit(model: nn.Module, space, backend, train, precision: str) -> tup
     q = QUANT16[precision].get(getattr(backend, "name", ""), QUANT16_DEFAULT)
     hidden, inter, vocab, blocks = _dims(model)
     n = train.batch_size * train.seq_len
-    shapes = [s for unit in space.units for s in unit.shapes]
+    tensors = [t for unit in space.units for t in unit.tensors]
     quantizes = bool(getattr(backend, "supported_bits", ())) and any(b != UNQUANTIZED_BITS for b in space.bits)
-    dequant = q.dequant * max((o * i for o, i in shapes), default=0) if quantizes else 0.0
+    dequant = q.dequant * max((o * i for o, i in (t.matrix for t in tensors)), default=0) if quantizes else 0.0
     fixed = max(c.logits * n * vocab, dequant) + n * blocks * (c.block_hidden * hidden + c.block_inter * inter)
-    fixed += c.elem * (vocab * hidden + sum(o * i for o, i in shapes))
+    fixed += c.elem * (vocab * hidden + sum(t.numel for t in tensors))
     dropout = train.lora_dropout > 0
     per_rank = np.zeros((space.n_units, len(space.ranks)), dtype=np.int64)
     per_bits = np.zeros((space.n_units, len(space.bits)), dtype=np.int64)
@@ -181,14 +199,18 @@ def _table_16bit(model: nn.Module, space, backend, train, precision: str) -> tup
             if r > 0:
                 per_rank[u, j] = round(
                     sum(
-                        c.lora_rank * n * r + (c.lora_in + (c.dropout if dropout else 0.0)) * n * i
-                        + c.lora_param * r * (i + o)
-                        for o, i in unit.shapes
+                        c.lora_rank * nt * r + (c.lora_in + (c.dropout if dropout else 0.0)) * nt * t.in_features
+                        + c.lora_param * r * t.lora_params_per_rank
+                        for t in unit.tensors
+                        for nt in (n * _routed(model, t),)
                     )
                 )
         for j, b in enumerate(space.bits):
             if b != UNQUANTIZED_BITS:
-                per_bits[u, j] = round(sum(_quant_delta(c, q, backend, o, i, b, n) for o, i in unit.shapes))
+                per_bits[u, j] = round(sum(
+                    t.n_experts * _quant_delta(c, q, backend, t.out_features, t.in_features, b, 0)
+                    + q.tok.get(b, 0.0) * n * _routed(model, t) * t.in_features
+                    for t in unit.tensors))
     return int(round(fixed)), per_rank, per_bits
 
 

@@ -127,13 +127,13 @@ class MemoryModel:
         self.precision = precision
         self._activation = ActivationEstimator(model, space, self.backend, self.train, precision=precision)
         mods = dict(model.named_modules())
-        in_space = set(space.module_names)
-        # Unquantized tensors outside the searched linears' weights: dedup by object (tied embeddings).
+        in_space = {(t.module, t.param) for t in space.tensors}
+        # Unquantized tensors outside the searched weights: dedup by object (tied embeddings).
         seen: set[int] = set()
         base = 0
         for name, mod in mods.items():
             for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-                if t is None or id(t) in seen or (name in in_space and pname == "weight"):
+                if t is None or id(t) in seen or (name, pname) in in_space:
                     continue
                 seen.add(id(t))
                 base += _nbytes(t)
@@ -145,18 +145,23 @@ class MemoryModel:
         self._lora_params = np.zeros((space.n_units, nr), dtype=np.int64)
         self._lora_tensors = np.zeros((space.n_units, nr), dtype=np.int64)
         for u_i, unit in enumerate(space.units):
-            w_elem = [mods[m].weight.element_size() for m in unit.modules]
-            for b_i, b in enumerate(space.bits):
-                for (o, i), es in zip(unit.shapes, w_elem):
+            for t in unit.tensors:
+                es = getattr(mods[t.module], t.param).element_size()
+                for b_i, b in enumerate(space.bits):
                     if b == UNQUANTIZED_BITS:
-                        self._unq[u_i, b_i] += o * i * es
+                        self._unq[u_i, b_i] += t.numel * es
                     else:
-                        p, m = self.backend.weight_bytes(o, i, b)
-                        self._packed[u_i, b_i] += p
-                        self._meta[u_i, b_i] += m
+                        p, m = self.backend.weight_bytes(t.out_features, t.in_features, b)
+                        self._packed[u_i, b_i] += t.n_experts * p
+                        self._meta[u_i, b_i] += t.n_experts * m
+                        if t.kind == "experts":  # the zero-storage placeholder peft sizes LoRA from: one element
+                            self._unq[u_i, b_i] += es
+            # one LoRA target (an A and a B) per linear module and per expert tensor
+            n_targets = len({t.module for t in unit.tensors if t.kind == "linear"}) + sum(
+                t.kind == "experts" for t in unit.tensors)
             for r_i, r in enumerate(space.ranks):
                 self._lora_params[u_i, r_i] = r * unit.lora_params_per_rank
-                self._lora_tensors[u_i, r_i] = 2 * len(unit.modules) if r > 0 else 0
+                self._lora_tensors[u_i, r_i] = 2 * n_targets if r > 0 else 0
         self._bit_index = {b: i for i, b in enumerate(space.bits)}
         self._rank_index = {r: i for i, r in enumerate(space.ranks)}
         self._quant_bits = quant_bits

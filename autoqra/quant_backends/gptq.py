@@ -29,6 +29,7 @@ from torch import nn
 from autoqra._optional import available, require
 from autoqra.quant_backends._gptq_layer import GPTQLinear, gptq_solve, n_words
 from autoqra.quant_backends.base import UNQUANTIZED_BITS, QuantBackend, register_backend
+from autoqra.units import expert_params, is_linear_like
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +178,10 @@ class GPTQBackend(QuantBackend):
             linears share one tensor).
         """
         mods = dict(model.named_modules())
+        experts = [n for n in dict.fromkeys(module_names) if n in mods and expert_params(mods[n])]
         for name in module_names:
-            if not isinstance(mods.get(name), nn.Linear):
-                raise ValueError(f"module_names entry {name!r} is not an nn.Linear of the model")
+            if name not in experts and not is_linear_like(mods.get(name, nn.Identity())):
+                raise ValueError(f"module_names entry {name!r} is not an nn.Linear, Conv1D or experts module of the model")
         if calib_ids.dim() != 2 or calib_ids.numel() == 0:
             raise ValueError(
                 f"calib_ids must be a non-empty (n_seq, seq_len) tensor, got shape {tuple(calib_ids.shape)}"
@@ -214,7 +216,9 @@ class GPTQBackend(QuantBackend):
             return hook
 
         modes = {m: m.training for m in model.modules()}
-        handles = [mods[n].register_forward_hook(make_hook(n)) for n in dict.fromkeys(module_names)]
+        expert_sums = {n: ExpertHessians(mods[n]) for n in experts}
+        handles = [mods[n].register_forward_hook(make_hook(n)) for n in dict.fromkeys(module_names) if n not in experts]
+        handles += [mods[n].register_forward_hook(h.hook) for n, h in expert_sums.items()]
         try:
             model.eval()
             dev = next(model.parameters()).device
@@ -234,6 +238,8 @@ class GPTQBackend(QuantBackend):
             del S
         for name, leader in alias.items():
             out[name] = out[leader]
+        for name, h in expert_sums.items():
+            out[name] = h.result()
         missing = [n for n in module_names if n not in out]
         if missing:
             raise RuntimeError(f"GPTQ calibration: these linears never ran in the forward pass: {missing}")
@@ -321,4 +327,54 @@ class GPTQBackend(QuantBackend):
         return lora_config
 
 
-__all__ = ["GPTQBackend", "GPTQLinear"]
+class ExpertHessians:
+    """Per-expert ``H = 2/n X^T X`` of a mixture-of-experts module, from its routed tokens (a forward hook).
+
+    The first tensor (``gate_up_proj``) sees each expert's routed hidden states; the second
+    (``down_proj``) the gated intermediate activations, recomputed here from the unquantized weights
+    (one-shot, like the linears). An expert no token reached gets ``H = 0`` (GPTQ then rounds to nearest).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.params = expert_params(module)
+        self.sums: dict[str, list[torch.Tensor | None]] = {p: [None] * getattr(module, p).shape[0] for p in self.params}
+        self.rows = [0] * getattr(module, self.params[0]).shape[0]
+
+    def _add(self, p: str, e: int, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float32)
+        s = self.sums[p][e]
+        self.sums[p][e] = x.t() @ x if s is None else s.addmm_(x.t(), x)
+
+    def _w(self, p: str, e: int) -> torch.Tensor:
+        w = getattr(self.module, p)[e].float()
+        return w if getattr(self.module, "is_transposed", False) else w.t()  # (in, out)
+
+    def hook(self, mod: nn.Module, args: tuple, out: Any) -> None:
+        hidden, idx = args[0], args[1]
+        first, last = self.params
+        bias = getattr(mod, "has_bias", False)
+        for e in torch.unique(idx).tolist():
+            if not 0 <= e < len(self.rows):
+                continue
+            tok = (idx == e).any(-1).nonzero()[:, 0]
+            x = hidden[tok].float()
+            self._add(first, e, x)
+            h = x @ self._w(first, e) + (getattr(mod, f"{first}_bias")[e].float() if bias else 0)
+            h = type(mod)._apply_gate(mod, h) if getattr(mod, "has_gate", True) else mod.act_fn(h)
+            self._add(last, e, h)
+            self.rows[e] += x.shape[0]
+
+    def result(self) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {}
+        for p in self.params:
+            w = getattr(self.module, p)
+            n_in = w.shape[1] if getattr(self.module, "is_transposed", False) else w.shape[2]
+            out[p] = [
+                (s.mul_(2.0 / self.rows[e]).cpu() if s is not None else torch.zeros(n_in, n_in))
+                for e, s in enumerate(self.sums[p])
+            ]
+        return out
+
+
+__all__ = ["ExpertHessians", "GPTQBackend", "GPTQLinear"]
