@@ -27,7 +27,7 @@ from torch import nn
 
 from autoqra.memory.budget import parse_size
 from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend, get_backend
-from autoqra.quant_backends._experts import as_linear, dense_experts, quantize_experts
+from autoqra.quant_backends._experts import as_linear, dense_experts, quantize_experts, quiet_pattern_warnings
 from autoqra.quant_backends._experts import lora_custom_modules as experts_lora_modules
 from autoqra.space import Assignment, SearchSpace
 from autoqra.units import expert_params, is_linear_like
@@ -384,7 +384,8 @@ def apply_assignment(
     cfg = space.lora_config(assignment, alpha_ratio=alpha_ratio, dropout=dropout, alpha=alpha)
     cfg._register_custom_module(lora_custom_modules(be))
     torch.manual_seed(seed)
-    peft_model = get_peft_model(qmodel, cfg)
+    with quiet_pattern_warnings():
+        peft_model = get_peft_model(qmodel, cfg)
     bad = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
     if bad:  # pragma: no cover - guards against a peft behaviour change
         raise RuntimeError(f"non-LoRA parameters are trainable after wrapping: {bad[:5]}")

@@ -215,6 +215,8 @@ def from_config(path_or_config, dtype: torch.dtype | str | None = None) -> nn.Mo
     dt = _dtype(dtype) if dtype is not None else _dtype(cfg_dtype) if isinstance(cfg_dtype, str) else torch.float32
     for k in ("architectures", "transformers_version", "torch_dtype", "dtype", "quantization_config"):
         cfg_d.pop(k, None)
+    for k in [k for k in cfg_d if k.startswith("_")]:  # comments such as "_source" are not config fields
+        cfg_d.pop(k)
     cfg = AutoConfig.for_model(model_type, **cfg_d)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dt)

@@ -165,7 +165,7 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "budget_bytes": self.budget_bytes, "target": self.target, "space": self.space.spec(),
+            "format": FORMAT, "budget_bytes": self.budget_bytes, "target": self.target, "space": self.space.to_dict(),
             "config": self.config, "info": _jsonable(self.info),
             "best": self.best.to_dict() if self.best else None,
             "pareto": [t.key for t in self.pareto], "baselines": {k: t.key for k, t in self.baselines.items()},
@@ -200,6 +200,11 @@ class Result:
     def summary(self) -> str:
         """Human-readable lines: chosen point vs baselines."""
         lines = [f"budget: {self.budget_bytes:,} bytes on {self.target} bytes"]
+        cov = self.space.coverage
+        if cov is not None:  # the share of decoder weights the search could quantize
+            lines.append(cov.line())
+            if cov.warning():
+                lines.append("warning: " + cov.warning())
         rows = [("AutoQRA (chosen)", self.best)] if self.best else []
         ukey = self.info.get("best_utility_key")
         if ukey and self.best and ukey != self.best.key:

@@ -148,9 +148,14 @@ class SearchSpace:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> SearchSpace:
-        """Inverse of :meth:`spec`."""
+        """Inverse of :meth:`spec` and :meth:`to_dict` (the coverage comes back when the dict has it)."""
+        cov = Coverage.from_dict(spec["coverage"]) if spec.get("coverage") else None
         return cls(units=tuple(Unit.from_spec(u) for u in spec["units"]), bits=tuple(spec["bits"]),
-                   ranks=tuple(spec["ranks"]), granularity=spec["granularity"])
+                   ranks=tuple(spec["ranks"]), granularity=spec["granularity"], coverage=cov)
+
+    def to_dict(self) -> dict[str, Any]:
+        """:meth:`spec` plus the coverage (for saving; :meth:`spec` alone identifies the space in caches)."""
+        return {**self.spec(), **({"coverage": self.coverage.to_dict()} if self.coverage else {})}
 
     # ------------------------------------------------------------------ basics
     @property

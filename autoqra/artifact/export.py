@@ -44,6 +44,8 @@ from autoqra.artifact.format import (
 from autoqra.artifact.loader import load, load_artifact
 from autoqra.memory.model import measure_memory
 from autoqra.quant_backends import QuantBackend
+from autoqra.quant_backends._experts import export_info as experts_export_info
+from autoqra.quant_backends._experts import placeholder_ids as experts_placeholder_ids
 
 __all__ = ["ADAPTER_FILES", "FORMAT", "INFO_FILE", "WEIGHT_FILES", "Artifact", "ArtifactError", "export_model",
            "library_versions", "load", "load_artifact", "merge_adapter", "read_info"]
@@ -92,6 +94,7 @@ def export_model(
             quant[clean] = {"meta": meta, "keys": sorted(tensors)}
             qtensors.update({f"{clean}.{k}": v.cpu() for k, v in tensors.items()})
             owned |= {id(t) for t in [*mod.parameters(), *mod.buffers()]}
+    owned |= experts_placeholder_ids(base)  # zero-storage stand-ins of quantized expert tensors: rebuilt on load
     plain: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple, tuple], str] = {}
@@ -128,6 +131,7 @@ def export_model(
         "adapter": is_peft,
         "quantized": quant,
         "aliases": aliases,
+        **({"experts": experts} if (experts := experts_export_info(base)) else {}),
         "tokenizer": tok_info,
         "memory": {"measured": measured, **extra.pop("memory", {})},
         "files": {f: _sha256(out / f) for f in files},

@@ -22,6 +22,10 @@ from autoqra.artifact.format import (
 )
 from autoqra.evaluators.data import ByteTokenizer
 from autoqra.quant_backends import QuantBackend, backend_from_spec
+from autoqra.quant_backends._experts import lora_custom_modules as experts_lora_modules
+from autoqra.quant_backends._experts import quiet_pattern_warnings
+from autoqra.quant_backends._experts import rebuild as rebuild_experts
+from autoqra.units import is_linear_like
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -70,6 +74,7 @@ def load_artifact(directory: str | Path, device: str | torch.device = "cpu", *, 
     config = AutoConfig.from_pretrained(d)  # JSON; remote code is never trusted
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    rebuild_experts(model, info.get("experts") or {}, device)  # quantized MoE experts: per-slice layer slots
     qt = load_file(d / "quantized.safetensors", device=device)
     used: set[str] = set()
     for name, q in info["quantized"].items():
@@ -79,7 +84,7 @@ def load_artifact(directory: str | Path, device: str | torch.device = "cpu", *, 
             raise ArtifactError(f"{INFO_FILE} names layer {name!r}, which this model has not") from None
         keys = {k: f"{name}.{k}" for k in q["keys"]}
         missing = [v for v in keys.values() if v not in qt]
-        if missing or not isinstance(old, nn.Linear):
+        if missing or not is_linear_like(old):
             raise ArtifactError(f"quantized layer {name!r} is incomplete or not a linear layer ({missing[:3]})")
         try:
             new = backend.load_module({k: qt[v] for k, v in keys.items()}, q["meta"], device=device)
@@ -115,12 +120,11 @@ def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 def _attach_adapter(model: nn.Module, d: Path, backend: QuantBackend) -> nn.Module:
     cfg = LoraConfig.from_pretrained(str(d))
-    custom = backend.lora_custom_modules()
-    if custom:
-        cfg._register_custom_module(custom)
+    cfg._register_custom_module({**backend.lora_custom_modules(), **experts_lora_modules()})
     backend.prepare_for_peft(model)
     cfg.inference_mode = True
-    return PeftModel.from_pretrained(model, str(d), config=cfg, is_trainable=False)
+    with quiet_pattern_warnings():
+        return PeftModel.from_pretrained(model, str(d), config=cfg, is_trainable=False)
 
 
 def _load_tokenizer(d: Path, info: dict[str, Any], config: Any) -> Any:

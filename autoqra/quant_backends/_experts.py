@@ -30,7 +30,9 @@ dtype) per placeholder; biases (gpt-oss) stay in their original tensors.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -260,6 +262,16 @@ def _no_dropout(config: Any) -> Any:
     cfg._autoqra_dropout = config.lora_dropout
     cfg.lora_dropout = 0.0
     return cfg
+
+
+@contextlib.contextmanager
+def quiet_pattern_warnings():
+    """Silence peft's "rank_pattern/alpha_pattern keys did not match any targeted module": it checks the keys
+    against module names only, while the keys of expert parameters (``...experts.gate_up_proj``) do apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match",
+                                category=RuntimeWarning)
+        yield
 
 
 def lora_custom_modules() -> dict[type[nn.Module], type[nn.Module]]:
