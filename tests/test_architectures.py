@@ -311,3 +311,15 @@ def test_real_shapes_exact_at_reduced_size(name):
             packed, meta, _ = be.module_tensors(q)
             assert (sum(t.untyped_storage().nbytes() for t in packed),
                     sum(t.untyped_storage().nbytes() for t in meta)) == be.weight_bytes(o, i, 4)
+
+
+def test_cli_memory_states_coverage(capsys):
+    from autoqra.cli.main import main
+
+    assert main(["memory", "--model-config", str(CONFIGS / "phi-3-mini.json"), "--bits", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["coverage"]["share"] == 1.0 and out["n_units"] == 32
+    assert main(["memory", "--model-config", str(CONFIGS / "phi-3-mini.json"), "--bits", "4",
+                 "--target-modules", "o_proj", "down_proj"]) == 0
+    text = capsys.readouterr().out
+    assert "covered: " in text and "warning:" in text and "qkv_proj" in text

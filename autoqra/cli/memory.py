@@ -55,7 +55,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     bits_list = args.bits or [2, 3, 4, 8]
     train = TrainSpec(batch_size=args.batch_size, seq_len=args.seq_len)
     space = SearchSpace.from_model(
-        model, bits=bits_list, ranks=sorted({0, args.rank}), granularity=args.granularity
+        model, bits=bits_list, ranks=sorted({0, args.rank}), granularity=args.granularity,
+        target_modules=args.target_modules,
     )
     precision = precision_of(next(model.parameters()).dtype)
     be = backend_for_precision(args.backend, precision)  # quantization metadata in the model's dtype
@@ -63,14 +64,20 @@ def cmd_memory(args: argparse.Namespace) -> int:
     cols = {f"{b}-bit r{args.rank}": mm.predict(space.uniform(b, args.rank)) for b in bits_list}
     if args.json:
         out = {"backend": mm.backend.spec(), "precision": precision, "train": train.to_dict(), "granularity": args.granularity,
-               "n_units": space.n_units, "breakdowns": {k: v.to_dict() for k, v in cols.items()}}
+               "n_units": space.n_units, "coverage": space.coverage.to_dict() if space.coverage else None,
+               "breakdowns": {k: v.to_dict() for k, v in cols.items()}}
         json.dump(out, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         from rich.console import Console
 
         title = f"{args.model_config or args.model} · {precision} · backend {args.backend} · {space.n_units} units · batch {train.batch_size}×{train.seq_len}"
-        Console().print(breakdown_table(cols, title))
+        console = Console()
+        console.print(breakdown_table(cols, title))
+        if space.coverage is not None:
+            console.print(space.coverage.line(), markup=False)
+            if space.coverage.warning():
+                console.print("warning: " + space.coverage.warning(), style="yellow", markup=False)
     return 0
 
 
@@ -83,6 +90,8 @@ def add_commands(sub) -> None:
     m.add_argument("--bits", type=int, nargs="+", help="bit-widths to tabulate (default 2 3 4 8; 16 = unquantized)")
     m.add_argument("--rank", type=int, default=8, help="LoRA rank of every unit (0 = none)")
     m.add_argument("--granularity", default="block", choices=["block", "module"])
+    m.add_argument("--target-modules", nargs="+", help="narrow the space to these module names (default: every "
+                   "weight matrix of the decoder blocks); the coverage line says what is left out")
     m.add_argument("--batch-size", type=int, default=4)
     m.add_argument("--seq-len", type=int, default=128)
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
