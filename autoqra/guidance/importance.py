@@ -127,7 +127,8 @@ def adaptation_demand(
     b_params = []
     for name, p in pm.named_parameters():
         if "lora_B" in name:
-            mod = name.split(".lora_B")[0].removeprefix("base_model.model.")
+            # nested peft ParamWrappers (two expert tensors of one module) insert ".base_layer"
+            mod = name.split(".lora_B")[0].removeprefix("base_model.model.").replace(".base_layer", "")
             b_params.append((mod_to_unit[mod], p))
     out = np.zeros(space.n_units)
     dev = model_device(pm)
