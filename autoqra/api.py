@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ from torch import nn
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Evaluator, evaluator_class
 from autoqra.evaluators.data import ByteTokenizer, build_task_data
+from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.executors import EXECUTORS, Executor, make_executor
 from autoqra.executors.ray import require_ray
+from autoqra.final import FinalCheckpoints
 from autoqra.guidance.costmodel import CostModel, measure_cost_model
 from autoqra.guidance.importance import Importance, compute_importance
 from autoqra.memory.model import MemoryModel
@@ -24,7 +27,7 @@ from autoqra.optimizer import AutoQRA, SearchSettings
 from autoqra.precision import describe, model_device, resolve_device, resolve_precision
 from autoqra.problem import Problem
 from autoqra.progress import Progress
-from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend, backend_for_precision
+from autoqra.quant_backends import QuantBackend, backend_for_precision
 from autoqra.result import Result
 from autoqra.space import SearchSpace
 from autoqra.store import TrialStore, model_fingerprint
@@ -73,7 +76,7 @@ def optimize(
     store: str | Path | TrialStore | None = None,
     seed: int | None = None,
     config: OptimizeConfig | dict | str | Path | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
     **options: Any,
 ) -> Result:
     """Search per-unit quantization bits and LoRA ranks for ``model`` under a hard memory budget.
@@ -94,7 +97,9 @@ def optimize(
             read back, not re-run). Default: in memory.
         seed: drives LoRA init, data order, searchers and the surrogate.
         config: an :class:`OptimizeConfig`, a dict or a YAML/JSON path; explicit arguments win.
-        progress: show the live progress line.
+        progress: show progress: a live view on a terminal, plain lines on stderr otherwise (one per phase,
+            per trial with done/planned, best and ETA, per preparation step); ``False``: only ``INFO`` records
+            of the ``autoqra.progress`` logger. A :class:`~autoqra.progress.Progress` instance is used as given.
         **options: any other :class:`OptimizeConfig` field (``bits``, ``ranks``, ``preset``, ``alpha``...),
             e.g. ``executor="ray", workers=8, ray_address="auto"`` to run trials in parallel on Ray;
             ``executor`` may also be an :class:`~autoqra.executors.Executor` instance, which is bound to
@@ -120,33 +125,39 @@ def optimize(
     })
     if cfg.executor == "ray":  # a missing extra fails before any model work
         require_ray()
+    prog = progress if isinstance(progress, Progress) else Progress(enabled=progress)
+    with prog:
+        res = _search(model, cfg, be_obj, ev_obj, ex_obj, tokenizer, store, phase1, phase2, prog)
+    return res
+
+
+def _search(model: nn.Module, cfg: OptimizeConfig, be_obj: QuantBackend | None, ev_obj: Evaluator | None,
+            ex_obj: Executor | None, tokenizer: Any, store: Any, phase1: Any, phase2: Any, prog: Progress) -> Result:
+    """:func:`optimize` after its arguments are resolved: prepare, guide, search (``prog``: its progress)."""
     su = prepare(model, cfg, be_obj, ev_obj, tokenizer)
     device, precision, be, space, memory, budget_bytes, ev_obj = (
         su.device, su.precision, su.backend, su.space, su.memory, su.budget_bytes, su.evaluator)
     st = store if isinstance(store, TrialStore) else TrialStore(store)
     fp = model_fingerprint(model)
     st.check_compatible({"model": fp, "backend": be.spec(), "evaluator": ev_obj.spec()})
-    cost_model = _cost_model(space, be, ev_obj, cfg, st) if cfg.guidance == "cost" else None
+    cost_model = _cost_model(space, be, ev_obj, cfg, st, prog) if cfg.guidance == "cost" else None
     importance = (Importance.from_cost_model(cost_model, space) if cost_model is not None
-                  else _importance(model, space, be, ev_obj, cfg, st))
+                  else _importance(model, space, be, ev_obj, cfg, st, prog))
     settings = SearchSettings.from_config(
         cfg, guided=cost_model is not None,
         phase1=phase1 if phase1 is not None and not isinstance(phase1, str) else None,
         phase2=phase2 if phase2 is not None and phase2 is not _FROM_CONFIG and not isinstance(phase2, str) else None)
     problem = Problem.build(space, memory, budget_bytes, target=cfg.target, importance=importance, seed=cfg.seed)
-    n_base = len([b for b in space.bits if b != UNQUANTIZED_BITS]) + 1
-    gens, pop, k = settings.max_generations, settings.pop_size, settings.promote_k
-    total = n_base + gens * (pop + (k if cfg.use_surrogate else pop)) + (settings.phase2_iterations if cfg.phase2 else 0)
-    if cfg.max_trials:
-        total = min(total, cfg.max_trials)
+    final_root = final_rung_dir(st) if cfg.final_rung else None
     run = AutoQRA(problem, ev_obj, st, settings, fingerprint=fp, cost_model=cost_model,
-                  progress=Progress(total=total, enabled=progress), executor=_executor(ex_obj, ev_obj, cfg))
+                  progress=prog, executor=_executor(ex_obj, ev_obj, cfg),
+                  final_evaluator=_final_evaluator(model, cfg, ev_obj, final_root, fp))
     try:
         out = run.run()
     finally:  # workers go (and Ray, if started here) even on Ctrl-C; finished trials are in the store
         if ex_obj is None:
             run.executor.close()
-    res = _result(run, out, cfg, importance, st)
+    res = _result(run, out, cfg, importance, st, final_root)
     res.info.update(tokenizer=su.tokenizer_name, device=str(device),
                     model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                     precision=getattr(ev_obj, "precision", precision))
@@ -195,9 +206,41 @@ def prepare(model: nn.Module, cfg: OptimizeConfig, backend: QuantBackend | None 
         tok = tokenizer or ByteTokenizer(model.config.vocab_size)
         data = build_task_data(cfg.data, tok, block_size=cfg.train.seq_len, seed=cfg.seed)
         kw = dict(data=data, tokenizer=tokenizer, train=cfg.train, eval_blocks=cfg.resolved("eval_blocks"),
-                  seed=cfg.seed, precision=precision, rungs=cfg.guidance == "cost", **cfg.evaluator_options)
+                  seed=cfg.seed, precision=precision, rungs=cfg.guidance == "cost", rung_schedule=cfg.rung_schedule,
+                  decay_fraction=cfg.decay_fraction, **cfg.evaluator_options)
         evaluator = evaluator_class(cfg.evaluator)(model, space.with_unquantized(), be, **kw)
     return Setup(device, precision, be, space, memory, budget_bytes, evaluator, tok_name)
+
+
+def final_rung_dir(store: TrialStore) -> Path:
+    """Where the final rung keeps its trained weights: ``<store>.final/`` beside a store file, else a
+    temporary folder of this process."""
+    if store.path is not None:
+        return store.path.with_name(store.path.name + ".final")
+    return Path(tempfile.mkdtemp(prefix="autoqra-final-"))
+
+
+def _final_evaluator(model: nn.Module, cfg: OptimizeConfig, ev: Evaluator, root: Path | None, fp: str):
+    """``make(seed)`` -> the final recipe's evaluator for the final rung (trains ``cfg.train`` under its own
+    schedule, scores the validation split, keeps the trained weights under ``root``); None when the final
+    rung is off or the search's evaluator is not the plain fine-tune evaluator."""
+    if root is None or type(ev) is not FinetuneEvaluator:
+        if root is not None:
+            log.warning("the final rung needs the 'finetune' evaluator (got %s): choosing on the top rung", ev.name)
+        return None
+    blocks = cfg.resolved("final_eval_blocks")
+    hooks = FinalCheckpoints(root, fp)
+    made: dict[int, FinetuneEvaluator] = {}
+
+    def make(seed: int) -> FinetuneEvaluator:
+        if seed not in made:
+            made[seed] = FinetuneEvaluator(
+                model, ev.space, ev.backend, data=ev.data, tokenizer=ev.tokenizer, train=cfg.train,
+                eval_blocks=blocks or None, eval_split="validation", seed=seed, calib_blocks=ev.calib_blocks,
+                track_peak=False, eval_batch_size=ev.eval_batch_size, precision=ev.precision, fit_hooks=hooks)
+        return made[seed]
+
+    return make
 
 
 def _executor(ex_obj: Executor | None, ev: Evaluator, cfg: OptimizeConfig) -> Executor:
@@ -209,7 +252,8 @@ def _executor(ex_obj: Executor | None, ev: Evaluator, cfg: OptimizeConfig) -> Ex
                          resources=cfg.worker_resources)
 
 
-def _importance(model, space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg: OptimizeConfig, st: TrialStore):
+def _importance(model, space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg: OptimizeConfig, st: TrialStore,
+                prog: Progress | None = None):
     n = cfg.resolved("importance_blocks")
     if n == 0:
         return Importance.uniform(space.n_units)
@@ -222,13 +266,17 @@ def _importance(model, space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg:
                                     describe(model_device(model), getattr(ev, "precision", "fp32"))])
     cached = st.get_blob(name)
     if cached is not None:
+        if prog is not None:
+            prog.note("importance priors: read back from the store")
         return Importance.from_dict(cached)
-    imp = compute_importance(model, space, be, blocks, seed=cfg.seed, precision=getattr(ev, "precision", "fp32"))
+    imp = compute_importance(model, space, be, blocks, seed=cfg.seed, precision=getattr(ev, "precision", "fp32"),
+                             progress=prog.callback("importance priors") if prog is not None else None)
     st.put_blob(name, imp.to_dict())
     return imp
 
 
-def _cost_model(space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg: OptimizeConfig, st: TrialStore):
+def _cost_model(space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg: OptimizeConfig, st: TrialStore,
+                prog: Progress | None = None):
     """The calibrated cost model (read back from the store when it was measured before), or None
     when the evaluator cannot train (no ``build``/``fit``) or priors are switched off."""
     n = cfg.resolved("importance_blocks")
@@ -237,17 +285,23 @@ def _cost_model(space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg: Optimi
         if n:
             log.warning("the evaluator cannot train a probe: guidance falls back to the importance priors")
         return None
-    steps = cfg.resolved("high_steps")
-    name = "costmodel:" + _digest([space.spec(), be.spec(), ev.spec(), data.fingerprint(), n, steps])
+    steps, final_steps = cfg.resolved("high_steps"), cfg.resolved("final_steps")
+    t1 = cfg.resolved("mid_steps") or max(1, steps // 3)
+    name = "costmodel:" + _digest([space.spec(), be.spec(), ev.spec(), data.fingerprint(), n, steps,
+                                   {"rank_model": 2, "final_steps": final_steps, "t1": t1}])
     cached = st.get_blob(name)
     if cached is not None:
+        if prog is not None:
+            prog.note("cost model: read back from the store")
         return CostModel.from_dict(cached)
-    cm = measure_cost_model(ev, space, data.train[:n], steps)
+    cm = measure_cost_model(ev, space, data.train[:n], steps, final_steps=final_steps, t1=t1,
+                            progress=prog.callback("cost model") if prog is not None else None)
     st.put_blob(name, cm.to_dict())
     return cm
 
 
-def _result(run: AutoQRA, out: dict[str, Any], cfg: OptimizeConfig, imp: Importance, st: TrialStore) -> Result:
+def _result(run: AutoQRA, out: dict[str, Any], cfg: OptimizeConfig, imp: Importance, st: TrialStore,
+            final_root: Path | None = None) -> Result:
     history = run.trials()
     by_key = {t.key: t for t in history}
     baselines = {name: attrs.evolve(by_key[key], name=name) for name, key in out["baselines"].items()}
@@ -259,5 +313,7 @@ def _result(run: AutoQRA, out: dict[str, Any], cfg: OptimizeConfig, imp: Importa
     info["model_source"] = getattr(run.evaluator.model, "_autoqra_source", None) if hasattr(run.evaluator, "model") else None
     info["model_fingerprint"] = run.fingerprint
     info["backend_spec"] = run.memory.backend.spec()
+    if run.final_rung is not None and final_root is not None:
+        info["final_rung_dir"] = str(final_root)
     return Result(best=best, pareto=pareto, baselines=baselines, history=history, budget_bytes=run.budget_bytes,
                   target=run.target, space=run.space, config=cfg.to_dict(), info=info)

@@ -23,6 +23,11 @@ def _non_negative(inst: Any, att: attrs.Attribute, value: Any) -> None:
         raise ValueError(f"{att.name}={value!r} is not allowed; it must be >= 0")
 
 
+def _bool(inst: Any, att: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{att.name}={value!r} is not allowed; it must be True or False")
+
+
 def _one_of(*allowed: Any):
     def check(inst: Any, att: attrs.Attribute, value: Any) -> None:
         if value not in allowed:
@@ -168,14 +173,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a SmolLM2 search: 18-25 min on 2 CPU cores with native bf16, 49 min on 2 fp32-only cores (README: demo section)
     "demo": {"low_steps": 0, "mid_steps": 10, "high_steps": 30, "pop_size": 10, "promote_k": 2,
              "max_generations": 2, "phase2_iterations": 4, "eval_blocks": 16, "importance_blocks": 8,
-             "final_steps": 60},
+             "final_steps": 60, "final_seeds": 1, "final_eval_blocks": 0},
     # seconds, for tests on the tiny model
     "tiny": {"low_steps": 0, "mid_steps": 2, "high_steps": 4, "pop_size": 4, "promote_k": 1, "max_generations": 2,
-             "phase2_iterations": 2, "eval_blocks": 4, "importance_blocks": 4, "final_steps": 6},
+             "phase2_iterations": 2, "eval_blocks": 4, "importance_blocks": 4, "final_steps": 6, "final_seeds": 1,
+             "final_eval_blocks": 4},
     # a real search (hours on CPU; minutes per candidate on a GPU)
     "default": {"low_steps": 0, "mid_steps": 20, "high_steps": 60, "pop_size": 24, "promote_k": 4,
                 "max_generations": 12, "phase2_iterations": 20, "eval_blocks": 64, "importance_blocks": 16,
-                "final_steps": 300},
+                "final_steps": 300, "final_seeds": 2, "final_eval_blocks": 0},
 }
 
 
@@ -216,7 +222,23 @@ class OptimizeConfig:
             because Eq. 6 sent low-prior blocks to 2 bits on SmolLM2 (README, benchmark).
         use_surrogate: rank offspring with the learned surrogate before promotion; False (ablation)
             promotes every successful offspring to high fidelity.
-        final_steps: optimizer steps of the final training (``Result.train``).
+        final_steps: optimizer steps of the final training (``Result.train``) and of the final rung.
+        final_rung: end the search with the final rung (:mod:`autoqra.stages.final_rung`, default True): the
+            best ``final_candidates`` distinct feasible candidates and the fitting uniform baselines near the
+            best of them are trained with exactly the final recipe (``train``, ``final_steps``), paired, once
+            per training seed, and the best mean validation score is the answer; ``Result.train()`` reads
+            that training back. ``False``: choose on the top rung's score (the previous behaviour).
+        final_candidates: search candidates entered in the final rung.
+        final_seeds: training seeds of the final rung (``seed``, ``seed + 1``, ...; preset: 1 in demo/tiny,
+            2 in default).
+        final_eval_blocks: validation blocks the final rung scores (0 = the whole validation split).
+        final_uniform_margin: fitting uniform baselines enter the final rung when their top-rung score is
+            within this many nats of the best fitting uniform's.
+        rung_schedule: how the search's rungs train (``guidance="cost"``): ``"wsd"`` (default:
+            warmup-stable-decay, every rung ends with a short linear decay so that its score is that of a
+            finished training; rungs continue each other's stable phase) or ``"constant"`` (the previous
+            constant rate, scored mid-training).
+        decay_fraction: share of a ``"wsd"`` rung's steps spent in its decay.
         alpha: Phase II utility weight α in α·score − (1−α)·memory, both min-max normalised over the
             feasible front (paper default 0.6).
         choose_alpha: the same utility's weight when choosing ``Result.best``; default 1.0 = the best
@@ -267,6 +289,13 @@ class OptimizeConfig:
     guidance: str = attrs.field(default="cost", validator=_one_of("cost", "priors"))
     knapsack_k: int = attrs.field(default=3, validator=_non_negative)
     final_steps: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    final_rung: bool = attrs.field(default=True, validator=_bool)
+    final_candidates: int = attrs.field(default=3, validator=_positive)
+    final_seeds: int | None = attrs.field(default=None, validator=_opt_positive_int)
+    final_eval_blocks: int | None = attrs.field(default=None, validator=_opt_non_negative_int)
+    final_uniform_margin: float = attrs.field(default=0.1, validator=_non_negative)
+    rung_schedule: str = attrs.field(default="wsd", validator=_one_of("wsd", "constant"))
+    decay_fraction: float = attrs.field(default=0.2, validator=_positive)
     alpha: float = attrs.field(default=0.6)
     choose_alpha: float = attrs.field(default=1.0)
     max_trials: int | None = attrs.field(default=None, validator=_opt_positive_int)
@@ -319,6 +348,8 @@ class OptimizeConfig:
         if self.resolved("promote_k") > self.resolved("pop_size"):
             raise ValueError(f"promote_k={self.resolved('promote_k')} must not exceed pop_size={self.resolved('pop_size')}")
         _check_executor(self)
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction={self.decay_fraction!r} is not allowed; it must be in (0, 1]")
         ib = self.resolved("importance_blocks")
         if isinstance(ib, bool) or not isinstance(ib, int) or ib < 0:
             raise ValueError(f"importance_blocks={ib!r} is not allowed; it must be an integer >= 0")

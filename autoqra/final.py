@@ -10,6 +10,7 @@ as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -153,6 +154,42 @@ class Checkpointer(FitHooks):
             return
         st.update(complete=True, metrics=metrics)
         _atomic_write(self.dir / STATE_FILE, json.dumps(st, indent=1))
+
+
+def training_identity(evaluator: FinetuneEvaluator, assignment: Any, steps: int, model_fp: str | None) -> dict[str, Any]:
+    """What makes two final trainings the same computation: assignment, steps, recipe (data, TrainSpec,
+    schedule, seed, LoRA init, device, precision), backend and source model. Where it is scored (split,
+    blocks) is not part of it, so the final rung's training (scored on validation) is read back by
+    ``Result.train()`` (scored on test)."""
+    recipe = {k: v for k, v in evaluator.spec().items() if k not in ("eval_split", "eval_blocks")}
+    return json.loads(json.dumps({"assignment": assignment.to_dict(), "steps": int(steps), "recipe": recipe,
+                                  "backend": evaluator.backend.spec(), "model": model_fp}, sort_keys=True, default=str))
+
+
+def identity_digest(identity: dict[str, Any]) -> str:
+    """Folder name of a training identity (16 hex digits of its SHA-256)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FinalCheckpoints:
+    """``fit_hooks`` of an evaluator that trains with the final recipe and keeps every training under
+    ``root/<identity digest>/`` (a :class:`Checkpointer`: resumable, read back once finished).
+
+    Args:
+        root: folder of the checkpoints (created on first save).
+        model_fp: the source model's fingerprint (part of the identity).
+        every: checkpoint period in optimizer steps.
+    """
+
+    def __init__(self, root: str | Path, model_fp: str | None, every: int = 25) -> None:
+        self.root, self.model_fp, self.every = Path(root), model_fp, int(every)
+
+    def folder(self, evaluator: FinetuneEvaluator, assignment: Any, steps: int) -> Path:
+        return self.root / identity_digest(training_identity(evaluator, assignment, steps, self.model_fp))
+
+    def __call__(self, evaluator: FinetuneEvaluator, assignment: Any, steps: int) -> Checkpointer:
+        ident = training_identity(evaluator, assignment, steps, self.model_fp)
+        return Checkpointer(self.root / identity_digest(ident), ident, steps, self.every)
 
 
 def _optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,16 @@ import attrs
 from autoqra.artifact.export import export_model, merge_adapter
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.data import ByteTokenizer
-from autoqra.final import evaluator_for, model_for, pick_trial, resolve_steps, run_final
+from autoqra.final import (
+    evaluator_for,
+    identity_digest,
+    model_for,
+    pick_trial,
+    read_state,
+    resolve_steps,
+    run_final,
+    training_identity,
+)
 from autoqra.memory.model import MemoryModel
 from autoqra.space import SearchSpace
 from autoqra.trial import Trial
@@ -104,11 +114,28 @@ class Result:
         n = resolve_steps(ev, steps, epochs, default)
         if out is None and self.run_dir is not None:
             out = self.run_dir / ("final" if index is None else f"final-{index}")
-        identity = {"trial": trial.key, "assignment": trial.assignment.to_dict(), "steps": n, "evaluator": ev.spec(),
-                    "backend": ev.backend.spec(), "model": self.info.get("model_fingerprint")}
+        identity = training_identity(ev, trial.assignment, n, self.info.get("model_fingerprint"))
+        done = self._final_rung_training(identity)
+        if done is not None:  # the final rung trained exactly this: read it back instead of training again
+            if not out:
+                out = done
+            elif read_state(out) is None:
+                shutil.copytree(done, out, dirs_exist_ok=True)
         self.final = run_final(ev, trial, n, out or None, checkpoint_every, progress, identity)
         self.final.tokenizer = tokenizer
         return self.final.model
+
+    def _final_rung_training(self, identity: dict[str, Any]) -> Path | None:
+        """The final rung's finished checkpoint of ``identity`` (same assignment, steps, recipe, seed), if any."""
+        root = self.info.get("final_rung_dir")
+        if not root:
+            return None
+        folder = Path(root) / identity_digest(identity)
+        try:
+            st = read_state(folder)
+        except ValueError:
+            return None
+        return folder if st is not None and st.get("complete") and st.get("identity") == identity else None
 
     # ------------------------------------------------------------------ export
     def export(self, path: str | Path, *, merge: bool = False) -> Path:
@@ -215,6 +242,15 @@ class Result:
             mem = t.memory.bytes_for(self.target)
             lines.append(f"  {name:<34} score {t.score:+.4f}  {mem / 1e6:9.2f} MB  "
                          f"({'within' if mem <= self.budget_bytes else 'OVER'} budget)")
+        fr = self.info.get("final_rung") or []
+        if fr:
+            steps = self.config.get("final_steps") or OptimizeConfig.from_dict(self.config).resolved("final_steps")
+            lines.append(f"final rung (the final recipe, {steps} steps; validation score, mean over training seeds):")
+            chosen = self.best.assignment.to_dict() if self.best else None
+            for e in sorted(fr, key=lambda e: -(e["val_score"] if e["val_score"] is not None else -math.inf)):
+                mark = "  <- chosen" if e["assignment"] == chosen else ""
+                val = f"{e['val_score']:+.4f}" if e["val_score"] is not None else "failed"
+                lines.append(f"  {e['label']:<34} final {val}  (top rung {e['top_rung_score']:+.4f}){mark}")
         if self.best:
             lines.append("chosen per-unit bits/ranks: " + self.best.assignment.short())
         return "\n".join(lines)

@@ -30,41 +30,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import FINAL_SEEDS, FINAL_TEST_BLOCKS, RESULTS, Cache, cpu_name, final_scores, load
 
-import autoqra
 from autoqra.api import prepare
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Fidelity
-from autoqra.evaluators.finetune import FinetuneEvaluator, heldout_metrics
+from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.guidance.importance import spearman
 from autoqra.guidance.moves import random_edit
 from autoqra.guidance.repair import make_repair
-from autoqra.precision import compute_dtype, cpu_name, resolve_precision
 from autoqra.space import Assignment
 
 log = logging.getLogger("fidelity_vs_final")
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
 RUNGS = (0, 10, 30)
-FINAL_SEEDS = (0, 1)
-FINAL_TEST_BLOCKS = 64
-
-
-class Cache:
-    """A JSON file of finished measurements, rewritten (atomically) after each one."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {}
-
-    def get(self, key: str):
-        return self.data.get(key)
-
-    def put(self, key: str, value) -> None:
-        self.data[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        tmp.replace(self.path)
 
 
 def _fill(space, memory, budget: int, bits: list[int], ranks: list[int], order: list[int], up_bits: int) -> Assignment:
@@ -131,19 +109,6 @@ def rung_scores(model, tok, cfg, a: Assignment, mode: str) -> dict[str, float]:
         r = ev.evaluate(a, Fidelity(steps, f"r{steps}"))
         out[str(steps)] = r.score if r.ok else float("nan")
     return out
-
-
-def final_scores(model, tok, cfg, a: Assignment, seed: int) -> dict[str, float]:
-    """The library's final recipe (cosine, ``final_steps``) with final seed ``seed``: test and validation loss."""
-    su = prepare(model, cfg, tokenizer=tok)
-    ev = FinetuneEvaluator(model, su.space.with_unquantized(), su.backend, data=su.evaluator.data, tokenizer=tok,
-                           train=cfg.train, eval_blocks=FINAL_TEST_BLOCKS, eval_split="test", seed=seed,
-                           track_peak=False, precision=su.precision)
-    pm = ev.build(a)
-    ev.fit(pm, cfg.resolved("final_steps"))
-    test = ev.score(pm)[1]["loss"]
-    val = heldout_metrics(pm, ev.data.validation, ev.eval_batch_size, ev.precision)["loss"]
-    return {"test": test, "val": val}
 
 
 def _sp(x: list[float], y: list[float]) -> float:
@@ -216,7 +181,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     cache = Cache(RESULTS / "fidelity_vs_final.cache.json")
-    model, tok = autoqra.models.load_default(dtype=compute_dtype(resolve_precision("auto", torch.device("cpu"))))
+    model, tok = load()
     cfg0 = OptimizeConfig(preset="demo")
     su = prepare(model, cfg0, tokenizer=tok)
     budget = su.memory.predict(su.space.uniform(4, 8)).model_bytes
@@ -234,9 +199,7 @@ def main(argv=None) -> int:
             if args.skip_finals:
                 continue
             for s in FINAL_SEEDS:
-                if cache.get(f"final:{key}:{s}") is None:
-                    cache.put(f"final:{key}:{s}", final_scores(model, tok, cfg, a, s))
-                log.info("%s final seed %d: %s", name, s, cache.get(f"final:{key}:{s}"))
+                log.info("%s final seed %d: %s", name, s, final_scores(model, tok, cfg, a, s, cache))
             doc = report(cands, su, cache, ["constant", "wsd"])
             (RESULTS / "fidelity_vs_final.json").write_text(json.dumps(doc, indent=1))
             write_md(doc, RESULTS / "fidelity_vs_final.md")

@@ -19,8 +19,7 @@ def quick(tmp_path_factory):
 
 
 def test_every_row_is_complete(quick):
-    rep, _, _, seconds = quick
-    assert seconds < 240
+    rep, _, _, _ = quick
     assert not rep["partial"]
     assert [r["id"] for r in rep["rows"]] == [r.id for r in ROWS]
     seeds = BENCH_PRESETS["quick"].seeds

@@ -30,8 +30,8 @@ def run(tiny, tmp_path_factory):
 
 
 def test_end_to_end_within_budget_and_both_phases(tiny, run):
-    res, _, seconds = run
-    assert seconds < 90
+    res, _, _ = run
+    assert res.info["n_run"] == len(res.history) <= res.info["n_evals"]  # counted work, not wall-clock
     phases = {t.phase for t in res.history}
     assert {"baseline", "phase1", "phase2"} <= phases
     assert {t.fidelity.name for t in res.history if t.phase == "phase1"} == {"low", "mid", "high"}

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from autoqra import models
 from autoqra.api import optimize
+from autoqra.cli.main import shows_progress
 from autoqra.config import OptimizeConfig
 from autoqra.precision import compute_dtype, resolve_device, resolve_precision
 
@@ -34,6 +35,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--time-limit", type=float, help="seconds")
     o.add_argument("--seed", type=int)
     o.add_argument("--no-phase2", action="store_true", help="skip Phase II")
+    o.add_argument("--no-final-rung", action="store_true",
+                   help="choose on the top rung's score instead of training the finalists and the fitting uniform "
+                        "baselines with the final recipe (the previous behaviour; an ablation)")
+    o.add_argument("--final-candidates", type=int, help="search candidates in the final rung (default 3)")
+    o.add_argument("--rung-schedule", choices=["wsd", "constant"],
+                   help="rungs end with a short decay (wsd, default) or are scored at the constant rate")
     o.add_argument("--warm-start", choices=["eq6", "anchored", "none"],
                    help="Phase I seed: anchored (default: highest uniform bit-width that fits, slack filled "
                         "by importance per byte) | eq6 (the paper's, from the priors) | none (random)")
@@ -46,7 +53,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--phase2-batch", type=int, help="Phase II points per ask (default: the number of workers)")
     o.add_argument("--out", default="runs/autoqra",
                    help="run directory: trials.db (resumable store) and result.json (default runs/autoqra)")
-    o.add_argument("--no-progress", action="store_true", help="no live progress line")
+    o.add_argument("--no-progress", action="store_true",
+                   help="no progress: neither the live view (terminal) nor the progress lines on stderr (as -q)")
     o.add_argument("--no-report", action="store_true", help="do not write <out>/report (PNG plots + report.html)")
     o.set_defaults(func=cmd_optimize)
 
@@ -91,13 +99,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     }
     if args.no_phase2:
         options["phase2"] = None
+    if args.no_final_rung:
+        options["final_rung"] = False
+    options.update({k: v for k in ("final_candidates", "rung_schedule") if (v := getattr(args, k)) is not None})
     options.update(_executor_options(args))
     options.update(device=device, precision=precision)
     console.print(f"[bold]autoqra optimize[/bold] · model {args.model} ({precision} on {device}) · run dir {out} "
                   "(re-run to resume)")
     res = optimize(
         model, tokenizer=tok, backend=args.backend, max_trials=args.max_trials, time_limit=args.time_limit,
-        store=out / "trials.db", seed=args.seed, config=args.config, progress=not args.no_progress, **options,
+        store=out / "trials.db", seed=args.seed, config=args.config, progress=shows_progress(args), **options,
     )
     path = res.save(out)
     console.print(res.summary())

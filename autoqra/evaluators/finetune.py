@@ -139,6 +139,10 @@ class FinetuneEvaluator(Evaluator):
         decay_fraction: the decay's share of a ``"wsd"`` rung's steps.
         common_init: draw every LoRA ``A`` from a per-module generator (paired comparisons across
             candidates; :func:`~autoqra.evaluators.rungs.common_lora_init`).
+        fit_hooks: outside rung mode, ``fit_hooks(evaluator, assignment, steps) -> FitHooks`` for each
+            evaluation, e.g. checkpoints that keep the trained weights (the final rung's
+            :class:`~autoqra.final.FinalCheckpoints`); a hook with ``mark_complete(metrics)`` is told the
+            scores.
     """
 
     replayable_score = True  # fixed held-out blocks, fixed batching, eval mode
@@ -162,6 +166,7 @@ class FinetuneEvaluator(Evaluator):
         common_init: bool = True,
         rung_schedule: str = "constant",
         decay_fraction: float = 0.2,
+        fit_hooks: Any = None,
     ) -> None:
         if rung_schedule not in ("constant", "wsd"):
             raise ValueError(f"rung_schedule={rung_schedule!r} is not allowed; use 'constant' or 'wsd'")
@@ -191,6 +196,7 @@ class FinetuneEvaluator(Evaluator):
         self.precision = resolve_precision(precision, self.device)
         self.rungs, self.common_init = bool(rungs), bool(common_init)
         self.rung_schedule, self.decay_fraction = rung_schedule, float(decay_fraction)
+        self.fit_hooks = fit_hooks
         self.rung_states = RungStates()
 
     def spec(self) -> dict[str, Any]:
@@ -330,8 +336,10 @@ class FinetuneEvaluator(Evaluator):
                     saved_at = fidelity.steps - decay_steps(fidelity.steps, self.decay_fraction)
                     lr_fn = wsd_lambda(saved_at, fidelity.steps, self.train.warmup_steps)
                 hooks = self.rung_states.hooks(assignment.to_json(), saved_at)
+            elif self.fit_hooks is not None:
+                hooks = self.fit_hooks(self, assignment, fidelity.steps)
             stats = self.fit(model, fidelity.steps, hooks=hooks, lr_fn=lr_fn)
-            if hooks is not None and hooks.resumed_from:  # continued: the earlier rung's first loss and peak
+            if self.rungs and hooks is not None and hooks.resumed_from:  # continued: the earlier rung's first loss and peak
                 stats.update(train_loss_first=hooks.first_loss, peak_bytes=hooks.peak_bytes)
                 if hooks.resumed_from == fidelity.steps:
                     stats["train_loss_last"] = hooks.last_loss
@@ -339,6 +347,8 @@ class FinetuneEvaluator(Evaluator):
             score, metrics = self.score(model)
             if not math.isfinite(score):
                 raise NonFiniteLoss(f"held-out loss is {-score}")
+            if hasattr(hooks, "mark_complete"):
+                hooks.mark_complete({"score": score, **metrics})
             mem = measure_memory(model, opt).to_dict()
             mem["peak_bytes"] = int(stats.pop("peak_bytes", 0))
             metrics.update({k: float(v) for k, v in stats.items()})

@@ -1,0 +1,1 @@
+"""Stages of a search that are objects of their own (the final rung)."""
