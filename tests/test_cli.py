@@ -78,3 +78,51 @@ def test_a_newcomers_run_prints_no_library_noise(tmp_path):
     assert p.returncode in (0, 1), p.stderr[-2000:]
     for noise in ("gemm_4bit_forward", "Warning", "warnings.warn", "Loading weights", "deprecated"):
         assert noise not in p.stderr, p.stderr[-2000:]
+
+
+def test_optimize_into_a_log_file_tells_its_progress(tmp_path, capsys):
+    """`autoqra optimize > log 2>&1` (no terminal): a line per preparation step, per phase and per trial, with
+    done/planned never above each other and equal at the end; `autoqra train` writes step lines too; -q none."""
+    import subprocess
+    import sys
+
+    from test_progress import TRIAL, check_log, parse
+
+    from autoqra.store import TrialStore
+
+    out_dir, log = tmp_path / "run", tmp_path / "log"
+    with log.open("w") as f:
+        p = subprocess.run([sys.executable, "-m", "autoqra.cli", "optimize", "--model", "tiny", "--preset", "tiny",
+                            "--out", str(out_dir), "--no-report"], stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert p.returncode == 0, text[-3000:]
+    assert text.startswith("autoqra optimize · model tiny"), text[:2000]  # nothing before the header
+    lines = parse(text)
+    res = load_result(out_dir)
+    check_log(lines, res)
+    with TrialStore(out_dir / "trials.db") as st:  # a fresh store: one stored trial per line that ran one
+        assert len(st.trials()) == sum(bool(TRIAL.match(ln)) and "· stored ·" not in ln for ln in lines)
+    assert any(ln.startswith("cost model: KL table") for ln in lines)
+    assert "AutoQRA (chosen)" in text.split("search done")[-1]  # the table comes after the progress
+
+    assert main(["train", "--run", str(out_dir), "--steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert [ln.split(" · loss")[0].split(": ")[-1] for ln in parse(err)][-1] == "step 3/3"
+
+    assert main(["optimize", "-q", "--model", "tiny", "--preset", "tiny", "--out", str(tmp_path / "q"),
+                 "--no-report", "--max-trials", "2"]) in (0, 1)
+    assert parse(capsys.readouterr().err) == []
+
+
+@pytest.mark.parametrize("argv, verbose, quiet", [
+    (["optimize"], 0, False), (["-q", "optimize"], 0, True), (["optimize", "-q"], 0, True),
+    (["-v", "optimize"], 1, False), (["optimize", "-vv"], 2, False), (["-v", "optimize", "--budget", "4bit"], 1, False),
+])
+def test_verbosity_flags_before_or_after_the_command(argv, verbose, quiet):
+    from autoqra.cli.main import _wants_verbose, build_parser, shows_progress
+
+    args = build_parser().parse_args(argv)
+    assert (args.verbose, args.quiet) == (verbose, quiet)
+    assert shows_progress(args) is not quiet and _wants_verbose(argv) is bool(verbose)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["-q", "-v", "optimize"])

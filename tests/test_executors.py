@@ -300,7 +300,7 @@ def test_optimize_closes_only_its_own_executor_even_on_ctrl_c(tiny, parts, monke
     closed = []
     monkeypatch.setattr(LocalExecutor, "close", lambda self: closed.append(self))
 
-    def interrupt(self, phase, result, cached):
+    def interrupt(self, phase, result, cached, **kw):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Progress, "trial", interrupt)

@@ -171,11 +171,11 @@ def test_ctrl_c_mid_batch_and_the_store_resumes(pool, tiny, ray_run, tmp_path, m
 
     real_trial, calls = Progress.trial, []
 
-    def trial(self, phase, result, cached):
+    def trial(self, phase, result, cached, **kw):
         calls.append(cached)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        real_trial(self, phase, result, cached)
+        real_trial(self, phase, result, cached, **kw)
 
     monkeypatch.setattr(Progress, "trial", trial)
     path = tmp_path / "trials.db"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from autoqra.cli.main import shows_progress
 from autoqra.final import read_state
 from autoqra.models import load_model
 from autoqra.result import load_result
@@ -22,7 +23,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=float, help="epochs over the training split instead of --steps")
     t.add_argument("--checkpoint-every", type=int, default=25, help="optimizer steps between checkpoints")
     t.add_argument("--seed", type=int, help="training seed (default: the search's)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress: neither the bar (terminal) nor the step lines on stderr (as -q)")
     t.add_argument("--device", help="where to train (default: the search's device when available, else cpu)")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="training precision (default: the search's)")
@@ -60,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = _ckpt_dir(res, args.index)
     console.print(f"[bold]autoqra train[/bold] · run {args.run} · checkpoints in {out} (re-run to resume)")
     res.train(model, tokenizer=tok, index=args.index, steps=args.steps, epochs=args.epochs, out=out,
-              checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
+              checkpoint_every=args.checkpoint_every, seed=args.seed, progress=shows_progress(args),
               device=args.device, precision=args.precision)
     fm = res.final
     console.print(f"trained {fm.trial.assignment.short()} for {fm.steps} steps"

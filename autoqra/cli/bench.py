@@ -19,7 +19,9 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--work", help="folder of the resumable trial stores (default benchmarks/runs/<preset>)")
     b.add_argument("--seeds", type=int, help="number of final-training seeds (default: the preset's)")
     b.add_argument("--threads", type=int, help="torch threads (default: the preset's; 1 helps on a busy machine)")
-    b.add_argument("--progress", action="store_true", help="live search progress line on a terminal")
+    b.add_argument("--progress", action="store_true",
+                   help="each search's live view on a terminal, its plain progress lines otherwise "
+                        "(default: the same lines as log records; -q: none)")
     b.add_argument("--rows", nargs="+", metavar="ID",
                    help="only these row ids (default: all; see autoqra.bench.harness.ROWS); use another --out or --merge")
     b.add_argument("--merge", action="store_true",
@@ -34,12 +36,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    for name in ("autoqra.bench", "autoqra.progress"):  # per-row / per-trial progress
-        logging.getLogger(name).setLevel(logging.INFO)
+    for name in ("autoqra.bench", "autoqra.progress"):  # per-row / per-trial progress (log records); -q: none
+        logging.getLogger(name).setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    rep = run_bench(args.preset, out=args.out, work=args.work, seeds=args.seeds, progress=args.progress,
+    rep = run_bench(args.preset, out=args.out, work=args.work, seeds=args.seeds, progress=args.progress and not getattr(args, "quiet", False),
                     threads=args.threads, rows=args.rows, merge=args.merge)
     print(f"benchmark {rep['name']}: {len(rep['rows'])} rows in {time.perf_counter() - t0:.0f} s; "
           f"written to {args.out}/{rep['name']}.md / .json / .png")

@@ -23,11 +23,23 @@ def build_parser() -> argparse.ArgumentParser:
     import autoqra.cli.report as cli_report
 
     p = argparse.ArgumentParser(prog="autoqra", description="Joint quantization-bit / LoRA-rank search under a memory budget.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_verbosity(p)
     sub = p.add_subparsers(dest="command", required=True)
     for mod in (cli_memory, cli_optimize, cli_artifact, cli_report, cli_bench):
         mod.add_commands(sub)
+    for cmd in sub.choices.values():  # also after the command: `autoqra optimize -q ...`
+        add_verbosity(cmd, inner=True)
     return p
+
+
+def add_verbosity(p: argparse.ArgumentParser, inner: bool = False) -> None:
+    """``-q`` / ``-v`` (``inner``: on a sub-command, where an absent flag must not reset the one given before it)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if inner else 0,
+                   help="-v: also autoqra's own log messages (library detail) and third-party warnings; "
+                        "-vv: debug logging of everything")
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if inner else False,
+                   help="no progress (neither the live view nor the progress lines); results and errors still print")
 
 
 #: Library messages a command-line user cannot act on (each checked against the library that prints it).
@@ -44,6 +56,8 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     # bitsandbytes logs (not warns) its missing optional kernel when it is imported, on AVX512-BF16 CPUs
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # ...and, through it, the `kernels` package says it skipped a trust check when the Hub is offline
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -56,14 +70,15 @@ def quiet_libraries() -> None:
         pass
 
 
+def shows_progress(args: argparse.Namespace) -> bool:
+    """Progress is shown unless ``--no-progress`` or ``-q``: a live view on a terminal, plain lines on stderr
+    otherwise (log files, nohup, CI)."""
+    return not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
+
+
 def _wants_verbose(argv: Sequence[str]) -> bool:
-    """``-v``/``--verbose`` among the options before the command (read before anything heavy is imported)."""
-    for a in argv:
-        if not a.startswith("-"):
-            return False
-        if a in ("-v", "--verbose"):
-            return True
-    return False
+    """``-v``/``--verbose`` (or ``-vv``) anywhere on the command line (read before anything heavy is imported)."""
+    return any(a == "--verbose" or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,7 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not _wants_verbose(argv):
         quiet_libraries()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # progress lines do not go through logging (autoqra.progress writes them to stderr unless -q); -v adds the
+    # library's own INFO messages, -vv everything at DEBUG
+    verbose = int(getattr(args, "verbose", 0) or 0)
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("autoqra").setLevel(logging.INFO if verbose == 1 else logging.NOTSET)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, ImportError) as e:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
@@ -25,6 +25,9 @@ from autoqra.apply import apply_assignment, quantize_model
 from autoqra.precision import autocast, model_device
 from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend, get_backend
 from autoqra.space import Assignment, SearchSpace
+
+if TYPE_CHECKING:
+    from autoqra.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +98,15 @@ def _logprobs(model: nn.Module, batches: list[torch.Tensor], precision: str = "f
 @torch.no_grad()
 def quant_sensitivity(
     model: nn.Module, space: SearchSpace, backend: QuantBackend, batches: list[torch.Tensor],
-    calib_ids: torch.Tensor | None = None, precision: str = "fp32",
+    calib_ids: torch.Tensor | None = None, precision: str = "fp32", progress: ProgressFn | None = None,
 ) -> np.ndarray:
-    """Raw I_q: mean next-token KL(unquantized ‖ only-unit-u-at-lowest-bits), nats per token."""
+    """Raw I_q: mean next-token KL(unquantized ‖ only-unit-u-at-lowest-bits), nats per token.
+    ``progress``: ``fn("quantization sensitivity", units done, n_units)``."""
     low = min(b for b in space.bits if b != UNQUANTIZED_BITS)
     ref = _logprobs(model, batches, precision)
     out = np.zeros(space.n_units)
+    if progress is not None:
+        progress("quantization sensitivity", 0, space.n_units)
     for u in range(space.n_units):
         bits = [UNQUANTIZED_BITS] * space.n_units
         bits[u] = low
@@ -111,14 +117,18 @@ def quant_sensitivity(
             for p, q in zip(ref, _logprobs(qm, batches, precision))
         ]
         out[u] = float(np.mean(kl))
+        if progress is not None:
+            progress("quantization sensitivity", u + 1, space.n_units)
     return out
 
 
 def adaptation_demand(
     model: nn.Module, space: SearchSpace, backend: QuantBackend, batches: list[torch.Tensor],
     ref_bits: int, ref_rank: int, seed: int = 0, calib_ids: torch.Tensor | None = None, precision: str = "fp32",
+    progress: ProgressFn | None = None,
 ) -> np.ndarray:
-    """Raw I_r: mean over batches of ‖∂loss/∂B_u‖² summed over unit u's LoRA B matrices."""
+    """Raw I_r: mean over batches of ‖∂loss/∂B_u‖² summed over unit u's LoRA B matrices.
+    ``progress``: ``fn("adaptation demand", batches done, n_batches, "batches")``."""
     sp = _with_16(space, extra_ranks=(ref_rank,))
     a = Assignment(space.unit_names, [ref_bits] * space.n_units, [ref_rank] * space.n_units)
     pm = apply_assignment(model, a, backend, seed=seed, space=sp, dropout=0.0, calib_ids=calib_ids)
@@ -132,7 +142,9 @@ def adaptation_demand(
             b_params.append((mod_to_unit[mod], p))
     out = np.zeros(space.n_units)
     dev = model_device(pm)
-    for ids in batches:
+    if progress is not None:
+        progress("adaptation demand", 0, len(batches), "batches")
+    for i, ids in enumerate(batches):
         pm.zero_grad(set_to_none=True)
         ids = ids.to(dev)
         with autocast(dev, precision):
@@ -140,6 +152,8 @@ def adaptation_demand(
         loss.backward()
         for u, p in b_params:
             out[u] += float(p.grad.pow(2).sum()) / len(batches)
+        if progress is not None:
+            progress("adaptation demand", i + 1, len(batches), "batches")
     return out
 
 
@@ -157,6 +171,7 @@ def compute_importance(
     ref_rank: int = 8,
     seed: int = 0,
     precision: str = "fp32",
+    progress: ProgressFn | None = None,
 ) -> Importance:
     """Measure I_q and I_r on ``calib_blocks`` (``(n, seq_len)`` token ids from the training split).
 
@@ -166,6 +181,7 @@ def compute_importance(
         ref_bits: quantization of the model I_r is measured on (default: the median quantized bits).
         ref_rank: LoRA rank used for the I_r gradient probe.
         precision: a resolved precision (``"fp32" | "bf16" | "fp16"``).
+        progress: ``fn(step, done, total, unit)`` after each unit / batch (:data:`~autoqra.progress.ProgressFn`).
     """
     be = get_backend(backend)
     quant = [b for b in space.bits if b != UNQUANTIZED_BITS]
@@ -175,9 +191,9 @@ def compute_importance(
     batches = [calib_blocks[i : i + batch_size] for i in range(0, calib_blocks.shape[0], batch_size)]
     calib = calib_blocks if be.needs_calibration else None
     t0 = time.perf_counter()
-    raw_q = (quant_sensitivity(model, space, be, batches, calib, precision) if quant != [UNQUANTIZED_BITS]
+    raw_q = (quant_sensitivity(model, space, be, batches, calib, precision, progress) if quant != [UNQUANTIZED_BITS]
              else np.zeros(space.n_units))
-    raw_r = adaptation_demand(model, space, be, batches, ref_bits, ref_rank, seed, calib, precision)
+    raw_r = adaptation_demand(model, space, be, batches, ref_bits, ref_rank, seed, calib, precision, progress)
     imp = Importance(minmax(raw_q), minmax(raw_r), raw_q, raw_r, time.perf_counter() - t0)
     log.info("importance priors in %.1f s; Spearman(I_q, I_r) = %.2f", imp.seconds, imp.spearman)
     return imp
