@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ from torch import nn
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Evaluator, evaluator_class
 from autoqra.evaluators.data import ByteTokenizer, build_task_data
+from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.executors import EXECUTORS, Executor, make_executor
 from autoqra.executors.ray import require_ray
+from autoqra.final import FinalCheckpoints
 from autoqra.guidance.costmodel import CostModel, measure_cost_model
 from autoqra.guidance.importance import Importance, compute_importance
 from autoqra.memory.model import MemoryModel
@@ -145,14 +148,16 @@ def _search(model: nn.Module, cfg: OptimizeConfig, be_obj: QuantBackend | None, 
         phase1=phase1 if phase1 is not None and not isinstance(phase1, str) else None,
         phase2=phase2 if phase2 is not None and phase2 is not _FROM_CONFIG and not isinstance(phase2, str) else None)
     problem = Problem.build(space, memory, budget_bytes, target=cfg.target, importance=importance, seed=cfg.seed)
+    final_root = final_rung_dir(st) if cfg.final_rung else None
     run = AutoQRA(problem, ev_obj, st, settings, fingerprint=fp, cost_model=cost_model,
-                  progress=prog, executor=_executor(ex_obj, ev_obj, cfg))
+                  progress=prog, executor=_executor(ex_obj, ev_obj, cfg),
+                  final_evaluator=_final_evaluator(model, cfg, ev_obj, final_root, fp))
     try:
         out = run.run()
     finally:  # workers go (and Ray, if started here) even on Ctrl-C; finished trials are in the store
         if ex_obj is None:
             run.executor.close()
-    res = _result(run, out, cfg, importance, st)
+    res = _result(run, out, cfg, importance, st, final_root)
     res.info.update(tokenizer=su.tokenizer_name, device=str(device),
                     model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                     precision=getattr(ev_obj, "precision", precision))
@@ -201,9 +206,41 @@ def prepare(model: nn.Module, cfg: OptimizeConfig, backend: QuantBackend | None 
         tok = tokenizer or ByteTokenizer(model.config.vocab_size)
         data = build_task_data(cfg.data, tok, block_size=cfg.train.seq_len, seed=cfg.seed)
         kw = dict(data=data, tokenizer=tokenizer, train=cfg.train, eval_blocks=cfg.resolved("eval_blocks"),
-                  seed=cfg.seed, precision=precision, rungs=cfg.guidance == "cost", **cfg.evaluator_options)
+                  seed=cfg.seed, precision=precision, rungs=cfg.guidance == "cost", rung_schedule=cfg.rung_schedule,
+                  decay_fraction=cfg.decay_fraction, **cfg.evaluator_options)
         evaluator = evaluator_class(cfg.evaluator)(model, space.with_unquantized(), be, **kw)
     return Setup(device, precision, be, space, memory, budget_bytes, evaluator, tok_name)
+
+
+def final_rung_dir(store: TrialStore) -> Path:
+    """Where the final rung keeps its trained weights: ``<store>.final/`` beside a store file, else a
+    temporary folder of this process."""
+    if store.path is not None:
+        return store.path.with_name(store.path.name + ".final")
+    return Path(tempfile.mkdtemp(prefix="autoqra-final-"))
+
+
+def _final_evaluator(model: nn.Module, cfg: OptimizeConfig, ev: Evaluator, root: Path | None, fp: str):
+    """``make(seed)`` -> the final recipe's evaluator for the final rung (trains ``cfg.train`` under its own
+    schedule, scores the validation split, keeps the trained weights under ``root``); None when the final
+    rung is off or the search's evaluator is not the plain fine-tune evaluator."""
+    if root is None or type(ev) is not FinetuneEvaluator:
+        if root is not None:
+            log.warning("the final rung needs the 'finetune' evaluator (got %s): choosing on the top rung", ev.name)
+        return None
+    blocks = cfg.resolved("final_eval_blocks")
+    hooks = FinalCheckpoints(root, fp)
+    made: dict[int, FinetuneEvaluator] = {}
+
+    def make(seed: int) -> FinetuneEvaluator:
+        if seed not in made:
+            made[seed] = FinetuneEvaluator(
+                model, ev.space, ev.backend, data=ev.data, tokenizer=ev.tokenizer, train=cfg.train,
+                eval_blocks=blocks or None, eval_split="validation", seed=seed, calib_blocks=ev.calib_blocks,
+                track_peak=False, eval_batch_size=ev.eval_batch_size, precision=ev.precision, fit_hooks=hooks)
+        return made[seed]
+
+    return make
 
 
 def _executor(ex_obj: Executor | None, ev: Evaluator, cfg: OptimizeConfig) -> Executor:
@@ -248,20 +285,23 @@ def _cost_model(space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg: Optimi
         if n:
             log.warning("the evaluator cannot train a probe: guidance falls back to the importance priors")
         return None
-    steps = cfg.resolved("high_steps")
-    name = "costmodel:" + _digest([space.spec(), be.spec(), ev.spec(), data.fingerprint(), n, steps])
+    steps, final_steps = cfg.resolved("high_steps"), cfg.resolved("final_steps")
+    t1 = cfg.resolved("mid_steps") or max(1, steps // 3)
+    name = "costmodel:" + _digest([space.spec(), be.spec(), ev.spec(), data.fingerprint(), n, steps,
+                                   {"rank_model": 2, "final_steps": final_steps, "t1": t1}])
     cached = st.get_blob(name)
     if cached is not None:
         if prog is not None:
             prog.note("cost model: read back from the store")
         return CostModel.from_dict(cached)
-    cm = measure_cost_model(ev, space, data.train[:n], steps,
+    cm = measure_cost_model(ev, space, data.train[:n], steps, final_steps=final_steps, t1=t1,
                             progress=prog.callback("cost model") if prog is not None else None)
     st.put_blob(name, cm.to_dict())
     return cm
 
 
-def _result(run: AutoQRA, out: dict[str, Any], cfg: OptimizeConfig, imp: Importance, st: TrialStore) -> Result:
+def _result(run: AutoQRA, out: dict[str, Any], cfg: OptimizeConfig, imp: Importance, st: TrialStore,
+            final_root: Path | None = None) -> Result:
     history = run.trials()
     by_key = {t.key: t for t in history}
     baselines = {name: attrs.evolve(by_key[key], name=name) for name, key in out["baselines"].items()}
@@ -273,5 +313,7 @@ def _result(run: AutoQRA, out: dict[str, Any], cfg: OptimizeConfig, imp: Importa
     info["model_source"] = getattr(run.evaluator.model, "_autoqra_source", None) if hasattr(run.evaluator, "model") else None
     info["model_fingerprint"] = run.fingerprint
     info["backend_spec"] = run.memory.backend.spec()
+    if run.final_rung is not None and final_root is not None:
+        info["final_rung_dir"] = str(final_root)
     return Result(best=best, pareto=pareto, baselines=baselines, history=history, budget_bytes=run.budget_bytes,
                   target=run.target, space=run.space, config=cfg.to_dict(), info=info)

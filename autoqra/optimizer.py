@@ -47,6 +47,7 @@ from autoqra.quant_backends import UNQUANTIZED_BITS
 from autoqra.searchers.base import get_searcher
 from autoqra.searchers.surrogate import PairRecord, Surrogate
 from autoqra.space import Assignment
+from autoqra.stages.final_rung import FinalRung, FinalRungSettings
 from autoqra.store import TrialStore, trial_key
 from autoqra.trial import Trial
 
@@ -98,6 +99,7 @@ class SearchSettings:
     time_limit: float | None = None
     phase2_batch: int | None = None
     phase1_options: dict[str, Any] = attrs.Factory(dict)
+    final: FinalRungSettings | None = None
 
     @classmethod
     def from_config(cls, cfg: OptimizeConfig, *, guided: bool, phase1: Any = None, phase2: Any = None) -> SearchSettings:
@@ -117,7 +119,9 @@ class SearchSettings:
             max_generations=cfg.resolved("max_generations"), phase2_iterations=cfg.resolved("phase2_iterations"),
             alpha=cfg.alpha, choose_alpha=cfg.choose_alpha, use_surrogate=cfg.use_surrogate,
             warm_start=cfg.warm_start, max_trials=cfg.max_trials, time_limit=cfg.time_limit,
-            phase2_batch=cfg.phase2_batch, phase1_options=opts)
+            phase2_batch=cfg.phase2_batch, phase1_options=opts,
+            final=FinalRungSettings(cfg.resolved("final_steps"), [cfg.seed + i for i in range(cfg.resolved("final_seeds"))],
+                                    cfg.final_candidates, cfg.final_uniform_margin) if cfg.final_rung else None)
 
 
 class AutoQRA:
@@ -131,11 +135,13 @@ class AutoQRA:
         fingerprint: the source model's fingerprint (part of every trial key).
         cost_model: the calibrated cost model (None: priors guidance).
         progress / executor: the live progress line; where trials run (default: this process).
+        final_evaluator: ``make(seed)`` -> the final recipe's evaluator (:mod:`autoqra.stages.final_rung`); the
+            final rung runs when it and ``settings.final`` are given (its trainings run in this process).
     """
 
     def __init__(self, problem: Problem, evaluator: Evaluator, store: TrialStore, settings: SearchSettings, *,
                  fingerprint: str, cost_model: Any = None, progress: Progress | None = None,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, final_evaluator: Any = None) -> None:
         self.problem, self.settings, self.evaluator, self.store = problem, settings, evaluator, store
         self.space, self.memory = problem.space, problem.memory
         self.memory_eval = self.memory.with_space(evaluator.space) if evaluator.space.bits != self.space.bits \
@@ -171,21 +177,26 @@ class AutoQRA:
         self.executor = executor or LocalExecutor(evaluator)
         self.phase2_batch = int(st.phase2_batch or self.executor.n_workers)
         self.trial_seconds = 0.0  # sum of the trials' own seconds (> wall time with parallel workers)
+        self.final_rung = FinalRung(st.final, final_evaluator) if st.final is not None and final_evaluator else None
+        self.final_choice: Trial | None = None
+        self.final_seconds = 0.0
 
     # ------------------------------------------------------------ evaluation
     def bytes_of(self, a: Assignment) -> int:
         """Budget-target bytes of ``a`` (works for the 16-bit reference too, even off the ladder)."""
         return self.memory_eval.predict(a).bytes_for(self.target)
 
-    def key_of(self, a: Assignment, fidelity: Fidelity) -> str:
-        """Trial-store key of ``a`` at ``fidelity`` in this run."""
-        return trial_key(a, fidelity, self.evaluator_spec, self.memory.backend.spec(), self.fingerprint)
+    def key_of(self, a: Assignment, fidelity: Fidelity, evaluator: Evaluator | None = None) -> str:
+        """Trial-store key of ``a`` at ``fidelity`` in this run (``evaluator``: another than the search's)."""
+        spec = self.evaluator_spec if evaluator is None else evaluator.spec()
+        return trial_key(a, fidelity, spec, self.memory.backend.spec(), self.fingerprint)
 
     def evaluate(self, a: Assignment, fidelity: Fidelity, phase: str) -> EvalResult:
         """Evaluate (or read back from the store) one trial; a batch of one of :meth:`evaluate_many`."""
         return self.evaluate_many([a], fidelity, phase)[0]
 
-    def evaluate_many(self, assignments: list[Assignment], fidelity: Fidelity, phase: str) -> list[EvalResult]:
+    def evaluate_many(self, assignments: list[Assignment], fidelity: Fidelity, phase: str,
+                      evaluator: Evaluator | None = None) -> list[EvalResult]:
         """Evaluate a batch at ``fidelity``; returns results in candidate order.
 
         Stored trials are read back; repeats within the batch are evaluated once; the rest go
@@ -193,11 +204,13 @@ class AutoQRA:
         limits count evaluations exactly as one-at-a-time evaluation does: with ``max_trials``
         landing mid-batch only what fits is evaluated; the time limit is checked as each trial
         starts. When a limit cuts the batch, what finished is stored and ``LimitReached`` raised.
+        ``evaluator``: evaluate with another evaluator than the search's (the final rung's recipe), in this
+        process; its spec keys the trials.
 
         Raises:
             LimitReached: the trial or time limit stopped the batch (``.results`` has what finished).
         """
-        keys = [self.key_of(a, fidelity) for a in assignments]
+        keys = [self.key_of(a, fidelity, evaluator) for a in assignments]
         results: list[EvalResult | None] = [None] * len(assignments)
         cached: dict[int, EvalResult] = {}  # index -> stored result
         first: dict[str, int] = {}  # key -> index of its first occurrence in the batch
@@ -221,7 +234,8 @@ class AutoQRA:
             todo.append(i)
             n += 1
         if todo:
-            stop_at = self._dispatch(assignments, keys, todo, fidelity, phase, results)
+            executor = self.executor if evaluator is None else LocalExecutor(evaluator)
+            stop_at = self._dispatch(assignments, keys, todo, fidelity, phase, results, executor)
             if stop_at is not None and stop_at < cut:
                 cut, reason = stop_at, f"time limit {self.time_limit:.0f} s reached"
         ran = set(todo)
@@ -239,7 +253,7 @@ class AutoQRA:
         return results  # type: ignore[return-value]
 
     def _dispatch(self, assignments: list[Assignment], keys: list[str], todo: list[int], fidelity: Fidelity,
-                  phase: str, results: list[EvalResult | None]) -> int | None:
+                  phase: str, results: list[EvalResult | None], executor: Executor) -> int | None:
         """Run ``todo`` on the executor, storing each result as it finishes; returns the batch index
         of the first item the time limit kept from starting (None when all ran)."""
         stopped: list[int] = []
@@ -251,7 +265,7 @@ class AutoQRA:
             self.progress.running(phase, assignments[todo[j]], fidelity)
             return True
 
-        it = iter(self.executor.submit_batch([(assignments[i], fidelity) for i in todo], may_start))
+        it = iter(executor.submit_batch([(assignments[i], fidelity) for i in todo], may_start))
         while True:
             t = time.perf_counter()
             try:
@@ -293,7 +307,8 @@ class AutoQRA:
 
     def high_trials(self) -> list[Trial]:
         """This run's ok high-fidelity trials (baselines included), feasible or not."""
-        return [t for t in self.trials() if t.status == "ok" and t.fidelity.steps == self.high.steps]
+        return [t for t in self.trials() if t.status == "ok" and t.fidelity.steps == self.high.steps
+                and t.phase != "final"]
 
     def front(self) -> list[Trial]:
         """Pareto front (score ↑, bytes ↓) of feasible high-fidelity trials."""
@@ -499,6 +514,41 @@ class AutoQRA:
             else "iteration limit"
         self.phase2_history = getattr(searcher, "history", [])
 
+    # ------------------------------------------------------------ final rung
+    def final(self) -> None:
+        """The final rung (:mod:`autoqra.stages.final_rung`): train the best distinct feasible candidates and the
+        fitting uniform baselines near the best of them with the final recipe; the best mean validation score
+        becomes the answer (``final_choice``: the top-rung trial it stands for)."""
+        fr = self.final_rung
+        if fr is None:
+            self.stop_reasons.setdefault("final", "off")
+            return
+        t0 = time.perf_counter()
+        fits = [t for t in self.high_trials() if self.bytes_of(t.assignment) <= self.budget_bytes]
+        base = {k: n for n, k in self.baseline_keys.items()}
+        uniforms = {base[t.key]: t for t in fits if t.key in base}
+        cands = [t for t in fits if t.key not in base]
+        entrants = fr.entrants(cands, uniforms)
+        if not entrants:
+            self.stop_reasons["final"] = "skipped: no feasible top-rung trial"
+            return
+        self.progress.plan("final", fr.planned(len(entrants)), fr.settings.fidelity)
+        self.progress.phase(f"final rung · {len(entrants)} entrants × {len(fr.settings.seeds)} seed(s), "
+                            f"{fr.settings.steps} steps", fr.planned(len(entrants)))
+
+        def evaluate(ev: Evaluator, assignments: list[Assignment], fid: Fidelity, phase: str):
+            res = self.evaluate_many(assignments, fid, phase, evaluator=ev)
+            return [(self.key_of(a, fid, ev), r) for a, r in zip(assignments, res)]
+
+        try:
+            fr.run(entrants, evaluate)
+        finally:
+            self.final_seconds = time.perf_counter() - t0
+        entry = fr.choose()
+        self.final_choice = entry.trial if entry is not None else None
+        self.stop_reasons["final"] = (f"chose {entry.label} (validation {entry.mean:+.4f})" if entry is not None
+                                      else "every final training failed: chose on the top rung")
+
     # ---------------------------------------------------------------- choice
     def choose(self, alpha: float | None = None) -> Trial | None:
         """Best utility α·score − (1−α)·memory (min-max over the feasible front) among feasible trials.
@@ -524,19 +574,24 @@ class AutoQRA:
                 self.progress.limit = self.max_trials  # planned: every stage, at most the trial limit
                 self._plan_phase1(*self._gen_plan(first=True))
                 self.progress.plan("phase2", self.phase2_iterations if self.phase2_spec is not None else 0, self.high)
+                if self.final_rung is not None:  # an estimate until the entrants are known
+                    fs = self.final_rung.settings
+                    self.progress.plan("final", (fs.candidates + 1) * len(fs.seeds), fs.fidelity)
                 self.baseline_keys = self.baselines()
                 self.calibrate()
                 self.phase1()
                 self.progress.end("phase1")
                 self.phase2()
                 self.progress.end("phase2")
+                self.final()
+                self.progress.end("final")
         except LimitReached as e:
             stopped = str(e)
             log.info("search stopped: %s", e)
         self.progress.finish(stopped)
         wall = time.perf_counter() - self.t0
         return {
-            "baselines": self.baseline_keys, "run_keys": self.run_keys, "best": self.choose(),
+            "baselines": self.baseline_keys, "run_keys": self.run_keys, "best": self.final_choice or self.choose(),
             "best_utility_key": getattr(self.choose(self.alpha), "key", None), "front": self.front(), "stopped": stopped,
             "stop_reasons": self.stop_reasons, "hv_history": self.hv_history, "wall_seconds": wall,
             "eval_seconds": self.eval_seconds, "n_evals": self.n_evals, "n_run": self.n_run,
@@ -545,6 +600,8 @@ class AutoQRA:
             "surrogate": getattr(self, "surrogate_report", {}), "phase2_history": getattr(self, "phase2_history", []),
             "seed_key": self.key_of(self.seed_assignment, self.high) if self.seed_assignment is not None else None,
             "cost_model": self.cost_report(),
+            "final_rung": [e.to_dict() for e in self.final_rung.entries] if self.final_rung is not None else [],
+            "final_rung_seconds": self.final_seconds,
         }
 
     def cost_report(self) -> dict[str, Any]:

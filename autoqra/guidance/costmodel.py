@@ -6,16 +6,15 @@ Two tables, both in **nats per token** of held-out loss, measured cheaply on the
   ``KL(p_unquantized ‖ p_only-u-at-b)`` on calibration blocks of the training split (forward passes
   only; 0 at 16 bits). Measured for every rung of the bit ladder, so no unit is free: the least
   sensitive unit still pays its own measured damage (min–max normalised priors gave it 0).
-* ``rank_gain[u, r]``: what unit ``u``'s adapter of rank ``r`` buys after ``steps`` optimizer steps of
-  the search's own training recipe — leave-one-out on a trained model: every unit at the reference
-  bit-width with an adapter of rank ``r``, trained ``steps`` steps, then each unit's adapter switched
-  off in turn (peft ``scaling = 0``) and the held-out loss increase recorded. By default it is
-  measured at the smallest positive rank and taken for every positive rank: with the default LoRA
-  scaling α/r (``TrainSpec.lora_alpha``) ranks 4, 8 and 16 reached the same SmolLM2 test loss within
-  1.4 mnat at 60 steps, so a larger rank buys bytes, not quality, at these horizons. With
-  ``rank_probes=2`` it is also measured at the largest rank and interpolated linearly in
-  ``log2(r)`` (for long trainings, where capacity may count). Leave-one-out measures each adapter's
-  *marginal* value beside all the others, which is what a swap trades.
+* ``rank_gain[u, r]``: what unit ``u``'s adapter of rank ``r`` buys after the *final* training — measured
+  by leave-one-out on trained probe models (every unit at the reference bit-width with an adapter of the
+  smallest, then the largest positive rank, trained ``steps`` optimizer steps of the search's own recipe;
+  each unit's adapter switched off in turn, peft ``scaling = 0``, and the held-out loss increase recorded),
+  then shrunk towards the mean by the measured noise, made non-negative and non-decreasing in rank, and
+  scaled to the final training's horizon by the measured growth of all adapters' gain between two horizons
+  (:mod:`autoqra.guidance.rankmodel`). Leave-one-out measures each adapter's *marginal* value beside all
+  the others, which is what a swap trades. ``rank_gain_probe`` keeps the previous table (the smallest
+  rank's raw values for every positive rank) so benchmarks can compare the two.
 
 The KL of a 0-step pass is not the loss a trained candidate pays: LoRA training recovers part of it
 (on SmolLM2 uniform 4-bit, Σ KL ≈ 0.3 nats but the 30-step score is 78 mnat below 16-bit). The
@@ -32,7 +31,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +42,7 @@ from torch import nn
 from autoqra.apply import quantized_layers, set_module, shared_copy
 from autoqra.guidance.importance import _logprobs, spearman
 from autoqra.guidance.prefix import PrefixReplay
+from autoqra.guidance.rankmodel import rank_table
 from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend
 from autoqra.space import Assignment, SearchSpace
 
@@ -74,6 +73,9 @@ class CostModel:
     ref_bits: int = 0
     seconds: float = 0.0
     quant_scale: float = 1.0
+    rank_gain_probe: np.ndarray | None = attrs.field(
+        default=None, converter=attrs.converters.optional(lambda v: np.asarray(v, dtype=float)))
+    rank_info: dict[str, Any] = attrs.Factory(dict)
 
     def table(self, space: SearchSpace, quant_scale: float | None = None) -> np.ndarray:
         """``(n_units, len(space.bits), len(space.ranks))``: predicted score of each unit's option
@@ -186,52 +188,104 @@ def leave_one_out(evaluator: Any, pm: nn.Module, space: SearchSpace, progress: P
     return out
 
 
-def rank_gains(evaluator: Any, space: SearchSpace, steps: int, ref_bits: int, probes: int = 1,
-               loo_blocks: int | None = None, progress: ProgressFn | None = None) -> np.ndarray:
-    """``(n_units, len(space.ranks))``: leave-one-out gains (trained ``steps`` steps at ``ref_bits``)
-    at the smallest positive rank (``probes=1``: the same for every positive rank) or at the smallest
-    and the largest, interpolated in log2(rank) (``probes=2``); 0 at rank 0. ``loo_blocks``: held-out
-    blocks scored per switch-off (default: the evaluator's). ``progress``: each probe's training steps
-    (``fn("rank probe r8 training", step, steps, "steps")``) and leave-one-out units."""
-    pos = [r for r in space.ranks if r > 0]
-    out = np.zeros((space.n_units, len(space.ranks)))
+@torch.no_grad()
+def whole_gain(evaluator: Any, pm: nn.Module) -> float:
+    """The gain of all adapters together: score with every adapter on minus with every adapter off (nats)."""
+    layers = [m for m in pm.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)]
+    on, _ = evaluator.score(pm)
+    saved = [dict(m.scaling) for m in layers]
+    for m in layers:
+        for k in m.scaling:
+            m.scaling[k] = 0.0
+    try:
+        off, _ = evaluator.score(pm)
+    finally:
+        for m, sc in zip(layers, saved):
+            m.scaling.update(sc)
+    return float(on - off)
+
+
+@attrs.frozen
+class RankProbes:
+    """What the rank probes measured (input of :func:`autoqra.guidance.rankmodel.rank_table`).
+
+    Attributes:
+        loo: probed rank -> per-unit leave-one-out gains after ``steps`` steps.
+        whole: steps -> all-adapter gain of the smallest rank's probe (at ``t1`` and ``steps``).
+        steps: the probes' training steps (the top rung).
+    """
+
+    loo: dict[int, np.ndarray]
+    whole: dict[int, float]
+    steps: int
+
+
+def rank_probes(evaluator: Any, space: SearchSpace, steps: int, ref_bits: int, probes: int = 2,
+                loo_blocks: int | None = None, t1: int | None = None,
+                progress: ProgressFn | None = None) -> RankProbes:
+    """Train a probe model per probed rank (every unit at ``ref_bits`` with that rank, ``steps`` steps of the
+    search's constant rate) and measure each unit's leave-one-out gain at the end; on the smallest rank's probe
+    also the gain of all adapters together after ``t1`` and ``steps`` steps (the growth with the horizon).
+
+    ``probes=2`` probes the smallest and the largest positive rank, ``1`` the smallest only. ``loo_blocks``:
+    held-out blocks scored per switch-off (default: the evaluator's). ``progress``: each probe's training
+    steps (``fn("rank probe r8 training", step, steps, "steps")``) and leave-one-out units.
+    """
+    pos = sorted(r for r in space.ranks if r > 0)
     if not pos or steps < 1:
-        return out
-    probes_r = sorted({pos[0], pos[-1]}) if probes >= 2 else [pos[0]]
-    measured: dict[int, np.ndarray] = {}
+        return RankProbes({}, {}, steps)
+    probed = sorted({pos[0], pos[-1]}) if probes >= 2 else [pos[0]]
+    t1 = t1 if t1 is not None and 0 < t1 < steps else max(1, steps // 3)
+    loo: dict[int, np.ndarray] = {}
+    whole: dict[int, float] = {}
     saved = getattr(evaluator, "eval_blocks", None)
     try:
         if loo_blocks is not None and saved is not None:
             evaluator.eval_blocks = min(loo_blocks, saved)
-        for r in probes_r:
+        for r in probed:
             a = Assignment(space.unit_names, [ref_bits] * space.n_units, [r] * space.n_units)
             pm = evaluator.build(a)
-            if progress is not None and "on_step" in inspect.signature(evaluator.fit).parameters:
-                what = f"rank probe r{r} training"
+            what = f"rank probe r{r} training"
+
+            def on_step(i: int, _loss: float, r=r, pm=pm, what=what) -> None:
+                if r == probed[0] and i + 1 == t1 and t1 < steps:
+                    whole[t1] = whole_gain(evaluator, pm)
+                if progress is not None:
+                    progress(what, i + 1, steps, "steps")
+
+            if progress is not None:
                 progress(what, 0, steps, "steps")
-                evaluator.fit(pm, steps, on_step=lambda i, _loss, w=what: progress(w, i + 1, steps, "steps"))
+            if "on_step" in inspect.signature(evaluator.fit).parameters:
+                evaluator.fit(pm, steps, on_step=on_step)
             else:
                 evaluator.fit(pm, steps)
-            measured[r] = leave_one_out(evaluator, pm, space, progress)
+            if r == probed[0]:
+                whole[steps] = whole_gain(evaluator, pm)
+            loo[r] = leave_one_out(evaluator, pm, space, progress)
             del pm
     finally:
         if saved is not None:
             evaluator.eval_blocks = saved
-    lo, hi = probes_r[0], probes_r[-1]
-    for j, r in enumerate(space.ranks):
-        if r == 0:
-            continue
-        if hi == lo:
-            out[:, j] = measured[hi]
-            continue
-        t = (math.log2(r) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
-        out[:, j] = (1 - t) * measured[lo] + t * measured[hi]
+    return RankProbes(loo, whole, steps)
+
+
+def probe_table(probes: RankProbes, ranks: tuple[int, ...]) -> np.ndarray:
+    """The previous rank table: the smallest rank's raw leave-one-out gains for every positive rank (kept to
+    compare the rank model against, ``CostModel.rank_gain_probe``)."""
+    n = len(next(iter(probes.loo.values()))) if probes.loo else 0
+    out = np.zeros((n, len(ranks)))
+    if n:
+        lo = min(probes.loo)
+        for j, r in enumerate(ranks):
+            if r > 0:
+                out[:, j] = probes.loo[lo]
     return out
 
 
 def measure_cost_model(evaluator: Any, space: SearchSpace, calib_blocks: torch.Tensor, steps: int,
-                       ref_bits: int | None = None, batch_size: int = 8, rank_probes: int = 1,
-                       loo_blocks: int | None = 8, progress: ProgressFn | None = None) -> CostModel:
+                       ref_bits: int | None = None, batch_size: int = 8, rank_probes_n: int = 2,
+                       loo_blocks: int | None = 8, progress: ProgressFn | None = None,
+                       final_steps: int | None = None, t1: int | None = None) -> CostModel:
     """Measure both tables with a fine-tune evaluator (``build``, ``fit``, ``score``, ``backend``, ``model``).
 
     Args:
@@ -241,12 +295,13 @@ def measure_cost_model(evaluator: Any, space: SearchSpace, calib_blocks: torch.T
         calib_blocks: ``(n, seq_len)`` token ids for the KL measurements (training split).
         steps: training horizon of the rank probes (the search's high fidelity).
         ref_bits: bit-width of the rank probes (default: the median quantized bit-width).
-        rank_probes: 1 (the smallest positive rank stands for all) or 2 (also the largest; see
-            :func:`rank_gains`).
+        rank_probes_n: 2 (default: the smallest and the largest positive rank) or 1 (the smallest only).
         loo_blocks: held-out blocks per leave-one-out score (fewer than the evaluator's: n_units + 1
             scores per probe).
         progress: ``fn(step, done, total, unit)`` after each unit of the KL table, each training step of
-            the rank probe and each unit of its leave-one-out (:data:`~autoqra.progress.ProgressFn`).
+            the rank probes and each unit of their leave-one-out (:data:`~autoqra.progress.ProgressFn`).
+        final_steps: the final training's steps (the horizon the rank table is scaled to; default ``steps``).
+        t1: the earlier horizon of the growth measurement (default ``steps // 3``; the search passes its mid rung).
     """
     t0 = time.perf_counter()
     quant_bits = [b for b in space.bits if b != UNQUANTIZED_BITS] or [UNQUANTIZED_BITS]
@@ -256,11 +311,15 @@ def measure_cost_model(evaluator: Any, space: SearchSpace, calib_blocks: torch.T
     calib = evaluator.calib_ids() if hasattr(evaluator, "calib_ids") else None
     quant = quant_damage(evaluator.model, space, be, batches, calib, getattr(evaluator, "precision", "fp32"),
                          progress=progress)
-    gains = rank_gains(evaluator, attrs.evolve(space, bits=tuple(sorted(set(space.bits) | {ref_bits}))), steps, ref_bits,
-                       rank_probes, loo_blocks, progress)
-    cm = CostModel(space.bits, space.ranks, quant, gains, steps, ref_bits, time.perf_counter() - t0)
-    log.info("cost model in %.1f s: quantization damage %.4f-%.4f nats, rank gain at r=%d %.4f-%.4f nats",
-             cm.seconds, quant.max(1).min(), quant.max(), space.ranks[-1], gains[:, -1].min(), gains[:, -1].max())
+    probes = rank_probes(evaluator, attrs.evolve(space, bits=tuple(sorted(set(space.bits) | {ref_bits}))), steps,
+                         ref_bits, rank_probes_n, loo_blocks, t1, progress)
+    gains, info = rank_table(probes.loo, space.ranks, probes.whole, steps, final_steps or steps) if probes.loo \
+        else (np.zeros((space.n_units, len(space.ranks))), {})
+    cm = CostModel(space.bits, space.ranks, quant, gains, steps, ref_bits, time.perf_counter() - t0,
+                   rank_gain_probe=probe_table(probes, space.ranks) if probes.loo else gains, rank_info=info)
+    log.info("cost model in %.1f s: quantization damage %.4f-%.4f nats, rank gain at r=%d %.4f-%.4f nats "
+             "(horizon factor %.2f)", cm.seconds, quant.max(1).min(), quant.max(), space.ranks[-1], gains[:, -1].min(),
+             gains[:, -1].max(), info.get("horizon_factor", 1.0))
     return cm
 
 
