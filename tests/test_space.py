@@ -88,3 +88,24 @@ def test_module_map_and_lora_config(tiny):
     assert "model.layers.0.mlp.down_proj" not in cfg.target_modules
     with pytest.raises(ValueError, match="nothing to fine-tune"):
         sp.lora_config(sp.uniform(4, 0))
+
+
+def test_llama_spec_keeps_its_short_form(tiny):
+    """Llama units stay [name, modules, shapes] (trial stores and benchmark caches key on the spec)."""
+    from autoqra.space import Unit
+
+    sp = SearchSpace.from_model(tiny)
+    u = sp.spec()["units"][0]
+    assert len(u) == 3 and u[0] == "model.layers.0" and len(u[1]) == 7 and u[2][0] == [128, 128]
+    assert Unit(u[0], tuple(u[1]), tuple(map(tuple, u[2]))) == sp.units[0]
+    assert [t.kind for t in sp.units[0].tensors] == ["linear"] * 7
+    assert SearchSpace.from_spec(sp.spec()) == sp and SearchSpace.from_spec(sp.to_dict()).coverage == sp.coverage
+    assert sp.coverage.share == 1.0
+
+
+def test_space_for_infers_module_granularity(tiny):
+    from autoqra.apply import space_for
+
+    sp = SearchSpace.from_model(tiny, bits=(4, 8), ranks=(0, 8), granularity="module", target_modules=["q_proj"])
+    a = sp.make([4, 8], [8, 0])
+    assert space_for(tiny, a).unit_names == sp.unit_names
