@@ -46,6 +46,7 @@ from autoqra.memory.model import measure_memory
 from autoqra.quant_backends import QuantBackend
 from autoqra.quant_backends._experts import export_info as experts_export_info
 from autoqra.quant_backends._experts import placeholder_ids as experts_placeholder_ids
+from autoqra.units import is_linear_like
 
 __all__ = ["ADAPTER_FILES", "FORMAT", "INFO_FILE", "WEIGHT_FILES", "Artifact", "ArtifactError", "export_model",
            "library_versions", "load", "load_artifact", "merge_adapter", "read_info"]
@@ -165,6 +166,8 @@ def merge_adapter(model: nn.Module, backend: QuantBackend) -> nn.Module:
             continue
         inner = mod.get_base_layer()
         delta = sum(mod.get_delta_weight(a) for a in mod.active_adapters if a in mod.lora_A)
+        if getattr(mod, "fan_in_fan_out", False) and backend.owns(inner):
+            delta = delta.t()  # peft turned fan_in_fan_out on for a GPT-2 Conv1D; quantized layers are (out, in)
         owned = backend.owns(inner)
         if owned and backend.name == "hqq":
             lin = nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None, device="meta")
@@ -178,6 +181,10 @@ def merge_adapter(model: nn.Module, backend: QuantBackend) -> nn.Module:
             new.weight = nn.Parameter((inner.weight + delta).detach(), requires_grad=False)
             if inner.bias is not None:
                 new.bias = nn.Parameter(inner.bias.detach(), requires_grad=False)
+        elif not owned and is_linear_like(inner):  # a 16-bit GPT-2 Conv1D: weight (in, out), delta from peft alike
+            new = copy.copy(inner)
+            new._parameters = {**inner._parameters,
+                               "weight": nn.Parameter((inner.weight + delta).detach(), requires_grad=False)}
         else:
             raise ValueError(f"cannot merge LoRA into {type(inner).__name__} layers ({name}): only 16-bit and HQQ "
                              "layers can be merged; export without merge")
