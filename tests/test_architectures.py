@@ -199,7 +199,8 @@ def test_optimize_three_trials_ok(family, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ export
-@pytest.mark.parametrize("family, backend", [("phi3", "hqq"), ("mixtral", "hqq"), ("mixtral", "gptq")])
+@pytest.mark.parametrize("family, backend", [("phi3", "hqq"), ("mixtral", "hqq"), ("mixtral", "gptq"), ("mixtral", "bnb"),
+                                             ("gpt_oss", "hqq"), ("gpt2", "gptq")])
 def test_export_load_parity(family, backend, tmp_path):
     from autoqra.artifact import export_model, load_artifact
 
