@@ -180,6 +180,25 @@ td:first-child,th:first-child{text-align:left}tr.chosen{background:#fff6cc;font-
 code{font-size:.85em;word-break:break-word}"""
 
 
+def _final_rung(result: Result) -> str:
+    """The final rung's table (entrants, validation score after the final recipe, top-rung score), or ''."""
+    fr = result.info.get("final_rung") or []
+    if not fr:
+        return ""
+    chosen = result.best.assignment.to_dict() if result.best is not None else None
+    order = sorted(fr, key=lambda e: -(e["val_score"] if e["val_score"] is not None else -math.inf))
+    rows = [[e["label"], "uniform baseline" if e["uniform"] else "search candidate",
+             f"{e['val_score']:.4f}" if e["val_score"] is not None else "failed",
+             " / ".join(f"{v:.4f}" for v in e["val_scores"] if v is not None), f"{e['top_rung_score']:.4f}"]
+            for e in order]
+    cls = ["chosen" if e["assignment"] == chosen else "" for e in order]
+    steps = result.config.get("final_steps") or "final_steps"
+    return (f"<h2>Final rung ({len(fr)} entrants, trained with the final recipe: {_e(steps)} steps)</h2>"
+            "<p>The answer is the entrant with the best mean validation score after exactly the training "
+            "<code>Result.train()</code> runs; the fitting uniform baselines are entrants too.</p>"
+            + _table(["entrant", "kind", "validation score (mean)", "per training seed", "top-rung score"], rows, cls))
+
+
 def write_report(result: Result, out_dir: str | Path, *, title: str | None = None) -> Path:
     """Write ``pareto.png``, ``layers.png``, ``progress.png`` and ``report.html`` into ``out_dir``.
 
@@ -242,13 +261,14 @@ def write_report(result: Result, out_dir: str | Path, *, title: str | None = Non
         assign_html = "<p>No chosen point.</p>"
     figs = "".join(f'<figure><img alt="{k}" src="{src}"><figcaption>{_e(cap)}</figcaption></figure>'
                    for k, (src, cap) in imgs.items())
+    final_html = _final_rung(result)
     summary = "".join(f"<li>{_e(s)}</li>" for s in _summary(result, labels))
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"
             f"<p>Score = {_e(plots.score_meaning(result))} (higher is better). Memory figures are the "
             "memory model's exact prediction (1 MB = 10<sup>6</sup> bytes); the last front column is "
             f"measured on the live model.</p><h2>Summary</h2><ul>{summary}</ul><h2>Figures</h2>{figs}"
-            f"<h2>Pareto front ({len(front)} trials, by memory)</h2>{front_html}"
+            f"{final_html}<h2>Pareto front ({len(front)} trials, by memory)</h2>{front_html}"
             f"<h2>Chosen per-unit assignment</h2>{assign_html}</body></html>")
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")

@@ -140,6 +140,8 @@ def test_result_train_reads_the_final_rung_back(tiny, tmp_path):
     again.train(model=tiny, progress=False, seed=5, out=tmp_path / "other")
     assert again.final.resumed_from == 0
     assert "final rung" in res.summary()
+    page = res.report(tmp_path / "report").read_text()
+    assert "Final rung" in page and page.count("uniform baseline") >= 1
 
 
 def test_final_rung_off_restores_the_top_rung_choice(tiny):
@@ -167,3 +169,21 @@ def test_cli_no_final_rung(tmp_path):
                  "--no-progress", "--no-report", "--out", str(out)]) == 0
     res = autoqra.load_result(out)
     assert res.config["final_rung"] is False and not any(t.phase == "final" for t in res.history)
+
+
+def test_a_search_stopped_in_the_final_rung_resumes_it(tiny, tmp_path):
+    kw = dict(preset="tiny", bits=(2, 4, 8), ranks=(0, 4, 8), train=TrainSpec(batch_size=2, seq_len=32, lr=2e-3),
+              progress=False, seed=0, store=tmp_path / "t.db")
+    full = autoqra.optimize(tiny, "4bit", **kw)
+    n_final = sum(t.phase == "final" for t in full.history)
+    n_before = len(full.history) - n_final
+    assert n_final >= 2
+    (tmp_path / "t.db").unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "t.db.final")
+    cut = autoqra.optimize(tiny, "4bit", max_trials=n_before + 1, **kw)  # stopped after one final training
+    assert cut.info["stopped"] and sum(t.phase == "final" for t in cut.history) == 1
+    again = autoqra.optimize(tiny, "4bit", **kw)
+    assert again.info["n_run"] == n_final - 1  # the finished final training is read back
+    assert again.best.key == full.best.key and again.info["final_rung"] == full.info["final_rung"]
