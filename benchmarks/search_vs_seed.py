@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import Cache
 
 import autoqra
 from autoqra.api import prepare
@@ -49,23 +50,6 @@ from autoqra.trial import Trial
 
 log = logging.getLogger("search_vs_seed")
 ROOT = Path(__file__).resolve().parent
-
-
-class Cache:
-    """A JSON file of finished measurements (searches, final trainings), written after each one."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {}
-
-    def get(self, key: str):
-        return self.data.get(key)
-
-    def put(self, key: str, value) -> None:
-        self.data[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        tmp.replace(self.path)
 
 
 def budgets(model, tok) -> dict[str, int]:
