@@ -196,7 +196,8 @@ def prepare(model: nn.Module, cfg: OptimizeConfig, backend: QuantBackend | None 
         model.to(device)
     precision = resolve_precision(cfg.precision, device)
     be = backend or backend_for_precision(cfg.backend, precision, cfg.backend_options)
-    space = SearchSpace.from_model(model, cfg.bits, cfg.ranks, cfg.granularity, cfg.target_modules, backend=be)
+    space = SearchSpace.from_model(model, cfg.bits, cfg.ranks, cfg.granularity, cfg.target_modules, backend=be,
+                                   embeddings=cfg.embeddings)
     memory = MemoryModel(model, space, be, train=cfg.train, precision=precision)
     budget_bytes = memory.budget_bytes(cfg.budget, target=cfg.target)
     tok_name = "given" if tokenizer is not None else "the evaluator's"

@@ -293,7 +293,10 @@ def quantized_layers(
         stats = cache.calib[ckey]
     src_mods = dict(model.named_modules())
     out: dict[str, nn.Module] = {}
+    tied = _tied_heads(src_mods, to_quant)
     for name in to_quant:
+        if name in tied:
+            continue
         bits = module_bits[name]
         src = src_mods[name]
         key = (name, bits, spec, *_placement(next(src.parameters())))
@@ -304,14 +307,29 @@ def quantized_layers(
             q.requires_grad_(False)
             cache.put(key, q, be)
         out[name] = q
+    for head, emb in tied.items():
+        if module_bits[head] != module_bits[emb]:
+            raise ValueError(f"{head} is tied to {emb}: both need the same bits, got {module_bits[head]} and "
+                             f"{module_bits[emb]}")
+        out[head] = be.tied_head(out[emb])  # the embedding's own quantized storage, no bytes of its own
     return out
+
+
+def _tied_heads(mods: dict[str, nn.Module], names: list[str]) -> dict[str, str]:
+    """``{head module: embedding module}`` among ``names`` where a linear's weight is an embedding's tensor."""
+    embs = {id(mods[n].weight): n for n in names if isinstance(mods[n], nn.Embedding)}
+    return {n: embs[id(mods[n].weight)] for n in names
+            if isinstance(mods[n], nn.Linear) and id(mods[n].weight) in embs}
 
 
 def quantize_module(backend: QuantBackend, module: nn.Module, bits: int, calib: Any = None) -> nn.Module:
     """The quantized replacement of one module of the space: an ``nn.Linear`` or GPT-2 ``Conv1D`` through
-    ``backend.quantize``, a mixture-of-experts module per expert slice (:func:`quantize_experts`)."""
+    ``backend.quantize``, a mixture-of-experts module per expert slice (:func:`quantize_experts`), a token
+    embedding through ``backend.quantize_embedding``."""
     if expert_params(module):
         return quantize_experts(backend, module, bits, calib=calib)
+    if isinstance(module, nn.Embedding):
+        return backend.quantize_embedding(module, bits)
     if not is_linear_like(module):
         raise ValueError(f"cannot quantize {type(module).__name__}: not a linear, Conv1D or experts module")
     return backend.quantize(as_linear(module), bits, calib=calib)
@@ -319,8 +337,8 @@ def quantize_module(backend: QuantBackend, module: nn.Module, bits: int, calib: 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted ``name`` of ``model`` with ``module``."""
-    parent_name, child = name.rsplit(".", 1)
-    setattr(model.get_submodule(parent_name), child, module)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def quantize_model(
@@ -398,13 +416,27 @@ def lora_custom_modules(backend: QuantBackend) -> dict[type[nn.Module], type[nn.
 
 
 def space_for(model: nn.Module, assignment: Assignment) -> SearchSpace:
-    """Rebuild the search space an assignment was made in (granularity inferred from unit names)."""
+    """Rebuild the search space an assignment was made in (granularity inferred from unit names; embedding /
+    head units when the assignment names them)."""
+    from autoqra.units import embedding_units
+
+    emb = {u.name: u for u in embedding_units(model)}
+    named = [n for n in assignment.units if n in emb]
     bits = sorted(set(assignment.bits))
     ranks = sorted(set(assignment.ranks))
-    space = SearchSpace.from_model(model, bits=bits, ranks=ranks, granularity="block")
-    if space.unit_names == assignment.units:
-        return space
-    space = SearchSpace.from_model(model, bits=bits, ranks=ranks, granularity="module")
+    if named:  # their options: every bit-width they use, on a ladder wide enough to hold them
+        own = {n: sorted({b for n2, b in zip(assignment.units, assignment.bits) if n2 == n} | {UNQUANTIZED_BITS})
+               for n in named}
+        width = max(len(v) for v in own.values())
+        bits = sorted(set(bits) | {b for v in own.values() for b in v}) if len(bits) < width else bits
+    for gran in ("block", "module"):
+        space = SearchSpace.from_model(model, bits=bits, ranks=ranks, granularity=gran)
+        if named:
+            first = tuple(emb[n] for n in named if emb[n].kind == "embedding")
+            last = tuple(emb[n] for n in named if emb[n].kind != "embedding")
+            space = attrs.evolve(space, units=(*first, *space.units, *last), own_bits=own)
+        if space.unit_names == assignment.units:
+            return space
     keep = set(assignment.units)
     units = tuple(u for u in space.units if u.name in keep)
     if tuple(u.name for u in units) != assignment.units:

@@ -197,6 +197,9 @@ class OptimizeConfig:
         evaluator_options: extra keyword arguments of the evaluator (e.g. ``task``, ``limit``).
         phase1 / phase2: searcher names (phase2 ``None`` skips Phase II).
         bits / ranks / granularity / target_modules: the search space.
+        embeddings: ``"search"`` (default: the token embedding and the output head are units with bits
+            16 / 8 / 4 where the backend stores them, no rank; one unit when tied) or ``"keep"`` (16-bit,
+            outside the space: the paper's space). Budget references (``"4bit"``) keep them 16-bit either way.
         target: the budget applies to "model" bytes or "train" bytes.
         data: "pydoc" (embedded) or a JSONL path / datasets name.
         preset: "demo", "tiny" or "default": fills fidelities and sizes not given explicitly.
@@ -271,6 +274,7 @@ class OptimizeConfig:
     ranks: tuple[int, ...] = attrs.field(default=(0, 4, 8, 16), converter=_int_tuple)
     granularity: str = attrs.field(default="block", validator=_one_of("block", "module"))
     target_modules: tuple[str, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
+    embeddings: str = attrs.field(default="search", validator=_one_of("search", "keep"))
     target: str = attrs.field(default="model", validator=_one_of("model", "train"))
     data: str = "pydoc"
     train: TrainSpec = attrs.field(factory=TrainSpec, converter=lambda v: TrainSpec.from_dict(v) if isinstance(v, dict) else v)

@@ -3,6 +3,14 @@ r"""The search space: units (decoder blocks or single modules) Ã— a bit ladder Ã
 A unit is a named group of weight tensors (:mod:`autoqra.units`): by default every weight matrix of the
 decoder blocks (``nn.Linear`` incl. fused projections, GPT-2 ``Conv1D``, mixture-of-experts tensors), routers
 and norms aside. The share of decoder weights the space covers is kept in :attr:`SearchSpace.coverage`.
+
+With ``embeddings="search"`` the token embedding and the output head join as units of their own
+(one unit when tied): they have their own bit options (:data:`EMBEDDING_BITS` that the backend stores,
+plus 16) and no LoRA rank. **Per-unit options**: :meth:`SearchSpace.unit_bits` / :meth:`SearchSpace.unit_ranks`;
+the integer encoding indexes each unit's own options (``upper`` is per unit), so every searcher proposes
+allowed options only. A unit's options are never more than the space's ladders (``len(unit_bits(u)) <=
+len(bits)``): tables of width ``len(bits)`` / ``len(ranks)`` hold every unit, padded past its ``upper``.
+A rank given to a unit without one is accepted and means 0 (``space.encode`` maps it to 0).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from peft import LoraConfig
 from torch import nn
 
 from autoqra.quant_backends import UNQUANTIZED_BITS, get_backend
-from autoqra.units import Coverage, Unit, WeightTensor, coverage, discover, matches
+from autoqra.units import Coverage, Unit, WeightTensor, coverage, discover, embedding_units, matches
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,10 @@ __all__ = ["DEFAULT_BITS", "DEFAULT_RANKS", "Assignment", "Coverage", "SearchSpa
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_RANKS = (0, 4, 8, 16)
+#: Quantized bit options of embedding / head units (each where the backend stores it; 16 is always an option).
+EMBEDDING_BITS = (4, 8)
+#: ``embeddings=``: ``"search"`` (embedding / head are units) or ``"keep"`` (16-bit, outside the space: the paper's).
+EMBEDDING_MODES = ("search", "keep")
 _BLOCK_RE = re.compile(r"^(.*\.(?:layers|h|blocks|layer)\.\d+)\.")
 
 
@@ -90,6 +102,24 @@ class SearchSpace:
     ranks: tuple[int, ...]
     granularity: str = "block"
     coverage: Coverage | None = attrs.field(default=None, eq=False, repr=False)
+    #: ``((unit name, bit options), ...)`` of units with their own options (embedding / head; no rank).
+    own_bits: tuple[tuple[str, tuple[int, ...]], ...] = attrs.field(
+        default=(), converter=lambda v: tuple((str(n), tuple(sorted(int(b) for b in bs))) for n, bs in
+                                              (v.items() if isinstance(v, dict) else v)))
+    _ub: tuple[tuple[int, ...], ...] = attrs.field(init=False, eq=False, repr=False)
+    _ur: tuple[tuple[int, ...], ...] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        own = dict(self.own_bits)
+        unknown = set(own) - {u.name for u in self.units}
+        if unknown:
+            raise ValueError(f"own_bits names units that are not in the space: {sorted(unknown)}")
+        self._ub = tuple(own.get(u.name, self.bits) for u in self.units)
+        self._ur = tuple(self.ranks if u.has_rank else (0,) for u in self.units)
+        for u, opts in zip(self.units, self._ub):
+            if len(opts) > len(self.bits):
+                raise ValueError(f"unit {u.name!r} has {len(opts)} bit options {list(opts)}, more than the ladder's "
+                                 f"{len(self.bits)}; every unit's options must fit the ladder's width")
 
     @classmethod
     def from_model(
@@ -100,6 +130,7 @@ class SearchSpace:
         granularity: str = "block",
         target_modules: Sequence[str] | None = None,
         backend: Any = None,
+        embeddings: str = "keep",
     ) -> SearchSpace:
         """Discover the units of a HF causal LM.
 
@@ -118,8 +149,15 @@ class SearchSpace:
             target_modules: narrow the space to modules whose last name (``q_proj``, ``fc1``,
                 ``experts``) or dotted name suffix is listed; an expert parameter name
                 (``gate_up_proj``) selects its experts module. Default: everything.
-            backend: optional backend (name or object); its supported bits are checked now.
+            backend: optional backend (name or object); its supported bits are checked now, and it decides
+                which bit options the embedding / head units get (default: HQQ's).
+            embeddings: ``"search"``: the token embedding and the output head become units (one when tied)
+                with bits :data:`EMBEDDING_BITS` (where the backend stores them) or 16 and no rank;
+                ``"keep"`` (default here; :class:`~autoqra.config.Config` defaults to ``"search"``): they
+                stay 16-bit outside the space.
         """
+        if embeddings not in EMBEDDING_MODES:
+            raise ValueError(f"embeddings={embeddings!r} is not allowed; use one of {list(EMBEDDING_MODES)}")
         bits_t, ranks_t = _ladder("bits", bits, 1, 16), _ladder("ranks", ranks, 0, 4096)
         if granularity not in ("block", "module"):
             raise ValueError(f"granularity={granularity!r} is not allowed; use 'block' or 'module'")
@@ -144,14 +182,26 @@ class SearchSpace:
         warn = cov.warning()
         if warn:
             log.warning("%s", warn)
-        return cls(units=units, bits=bits_t, ranks=ranks_t, granularity=granularity, coverage=cov)
+        own: list[tuple[str, tuple[int, ...]]] = []
+        if embeddings == "search":
+            first: list[Unit] = []
+            last: list[Unit] = []
+            for eu in embedding_units(model):
+                opts = embedding_options(eu, backend, len(bits_t))
+                if len(opts) < 2:
+                    continue
+                own.append((eu.name, opts))
+                (first if eu.kind == "embedding" else last).append(eu)
+            units = (*first, *units, *last)
+        return cls(units=units, bits=bits_t, ranks=ranks_t, granularity=granularity, coverage=cov, own_bits=own)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> SearchSpace:
         """Inverse of :meth:`spec` and :meth:`to_dict` (the coverage comes back when the dict has it)."""
         cov = Coverage.from_dict(spec["coverage"]) if spec.get("coverage") else None
         return cls(units=tuple(Unit.from_spec(u) for u in spec["units"]), bits=tuple(spec["bits"]),
-                   ranks=tuple(spec["ranks"]), granularity=spec["granularity"], coverage=cov)
+                   ranks=tuple(spec["ranks"]), granularity=spec["granularity"], coverage=cov,
+                   own_bits=spec.get("unit_bits") or {})
 
     def to_dict(self) -> dict[str, Any]:
         """:meth:`spec` plus the coverage (for saving; :meth:`spec` alone identifies the space in caches)."""
@@ -171,23 +221,51 @@ class SearchSpace:
         return [m for u in self.units for m in u.modules]
 
     def spec(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "units": [u.to_spec() for u in self.units],
             "bits": list(self.bits),
             "ranks": list(self.ranks),
             "granularity": self.granularity,
         }
+        if self.own_bits:
+            d["unit_bits"] = {n: list(b) for n, b in self.own_bits}
+        return d
+
+    # ------------------------------------------------------ per-unit options
+    def unit_bits(self, u: int) -> tuple[int, ...]:
+        """Bit options of unit ``u`` (ascending; the ladder unless the unit has its own)."""
+        return self._ub[u]
+
+    def unit_ranks(self, u: int) -> tuple[int, ...]:
+        """Rank options of unit ``u`` (``(0,)`` for a unit without a rank)."""
+        return self._ur[u]
+
+    @property
+    def all_bits(self) -> tuple[int, ...]:
+        """Every bit option of any unit (the ladder plus the embedding / head units' own), ascending."""
+        return tuple(sorted(set(self.bits).union(*self._ub)))
+
+    @property
+    def has_own(self) -> bool:
+        """Whether some unit has its own options (embedding / head units)."""
+        return bool(self.own_bits)
+
+    def kind_of(self, u: int) -> str:
+        """``"block"``, ``"embedding"`` or ``"head"`` (:attr:`autoqra.units.Unit.kind`)."""
+        return self.units[u].kind
 
     def validate(self, a: Assignment) -> None:
         """Raise ``ValueError`` if ``a`` does not belong to this space."""
         if a.units != self.unit_names:
             raise ValueError(f"assignment units do not match the space ({len(a.units)} vs {self.n_units} units)")
-        bad_b = sorted(set(a.bits) - set(self.bits))
-        bad_r = sorted(set(a.ranks) - set(self.ranks))
+        bad_b = sorted({b for b, ub in zip(a.bits, self._ub) if b not in ub})
+        ranks_ok = set(self.ranks) | {0}  # a unit without a rank accepts any ladder rank (it means 0)
+        bad_r = sorted({r for r, u in zip(a.ranks, self.units) if r not in (self.ranks if u.has_rank else ranks_ok)})
         if bad_b or bad_r:
+            own = {n: list(b) for n, b in self.own_bits}
             raise ValueError(
                 f"assignment uses bits {bad_b} / ranks {bad_r} outside the ladders "
-                f"bits={list(self.bits)} ranks={list(self.ranks)}"
+                f"bits={list(self.bits)} ranks={list(self.ranks)}" + (f" (own bit options: {own})" if own else "")
             )
 
     def with_unquantized(self) -> SearchSpace:
@@ -201,40 +279,66 @@ class SearchSpace:
         return a
 
     def uniform(self, bits: int, rank: int) -> Assignment:
-        """Every unit at ``bits`` and ``rank`` (both must be on the ladders)."""
-        return self.make([bits] * self.n_units, [rank] * self.n_units)
+        """Every block unit at ``bits`` and ``rank`` (both must be on the ladders); embedding / head units
+        keep 16 bits (the reference the budgets ``"4bit"`` etc. name), rank 0."""
+        own = dict(self.own_bits)
+        return self.make([UNQUANTIZED_BITS if u.name in own else bits for u in self.units],
+                         [rank if u.has_rank else 0 for u in self.units])
+
+    def uniform_encoded(self, bit_idx: int, rank_idx: int | np.ndarray) -> np.ndarray:
+        """The encoding of every block unit at ladder index ``bit_idx`` and rank index ``rank_idx`` (an int or
+        one per unit), embedding / head units at 16 bits (their top), rank 0 (the encoding of :meth:`uniform`)."""
+        n = self.n_units
+        up = self.upper
+        names = dict(self.own_bits)
+        own = np.array([u.name in names for u in self.units], dtype=bool)
+        xb = np.where(own, up[:n], bit_idx)
+        xr = np.minimum(np.broadcast_to(np.asarray(rank_idx, dtype=np.int64), (n,)), up[n:])
+        return np.concatenate([xb, xr]).astype(np.int64)
 
     def minimum(self) -> Assignment:
-        return self.uniform(self.bits[0], self.ranks[0])
+        """Every unit at its lowest option (embedding / head units at their lowest bits)."""
+        return self.decode(np.zeros(2 * self.n_units, dtype=np.int64))
 
     def maximum(self) -> Assignment:
-        return self.uniform(self.bits[-1], self.ranks[-1])
+        """Every unit at its highest option."""
+        return self.decode(self.upper)
 
     def sample(self, rng: np.random.Generator) -> Assignment:
-        """A uniformly random assignment."""
-        x = np.concatenate(
-            [rng.integers(0, len(self.bits), self.n_units), rng.integers(0, len(self.ranks), self.n_units)]
-        )
-        return self.decode(x)
+        """A uniformly random assignment (each unit's options uniformly)."""
+        return self.decode(rng.integers(0, self.upper + 1))
 
     # --------------------------------------------------------------- encoding
     @property
     def upper(self) -> np.ndarray:
-        """Inclusive upper bounds of the integer encoding (lower bounds are 0)."""
-        return np.array([len(self.bits) - 1] * self.n_units + [len(self.ranks) - 1] * self.n_units)
+        """Inclusive upper bounds of the integer encoding, per variable (lower bounds are 0): each unit's
+        bit options, then each unit's rank options (0 for a unit without a rank)."""
+        return np.array([len(b) - 1 for b in self._ub] + [len(r) - 1 for r in self._ur], dtype=np.int64)
 
     def encode(self, a: Assignment) -> np.ndarray:
-        """Ladder indices ``[bit_idx_1..L, rank_idx_1..L]`` as an int array of length 2L."""
+        """Indices into each unit's options ``[bit_idx_1..L, rank_idx_1..L]`` as an int array of length 2L
+        (for units without own options: ladder indices)."""
         self.validate(a)
-        bi = {b: i for i, b in enumerate(self.bits)}
-        ri = {r: i for i, r in enumerate(self.ranks)}
-        return np.array([bi[b] for b in a.bits] + [ri[r] for r in a.ranks], dtype=np.int64)
+        bi = [ub.index(b) for b, ub in zip(a.bits, self._ub)]
+        ri = [ur.index(r) if r in ur else 0 for r, ur in zip(a.ranks, self._ur)]
+        return np.array(bi + ri, dtype=np.int64)
 
     def decode(self, x: Sequence[int] | np.ndarray) -> Assignment:
-        """Inverse of :meth:`encode`; values are clipped to the ladders."""
+        """Inverse of :meth:`encode`; values are clipped to each unit's options."""
         x = np.clip(np.rint(np.asarray(x)).astype(np.int64), 0, self.upper)
         n = self.n_units
-        return Assignment(self.unit_names, [self.bits[i] for i in x[:n]], [self.ranks[i] for i in x[n:]])
+        return Assignment(self.unit_names, [ub[i] for ub, i in zip(self._ub, x[:n])],
+                          [ur[i] for ur, i in zip(self._ur, x[n:])])
+
+    def bits_grid(self) -> np.ndarray:
+        """``(n_units, len(bits))``: the bit value of each unit's option index (padded with its top option)."""
+        nb = len(self.bits)
+        return np.array([list(ub) + [ub[-1]] * (nb - len(ub)) for ub in self._ub], dtype=np.int64)
+
+    def ranks_grid(self) -> np.ndarray:
+        """``(n_units, len(ranks))``: the rank of each unit's option index (padded with its top option)."""
+        nr = len(self.ranks)
+        return np.array([list(ur) + [ur[-1]] * (nr - len(ur)) for ur in self._ur], dtype=np.int64)
 
     def ordinal(self, a: Assignment) -> np.ndarray:
         """Ladder positions scaled to [0, 1] (the paper's s_q, s_r), length 2L, float."""
@@ -260,14 +364,16 @@ class SearchSpace:
         return [t for u in self.units for t in u.tensors]
 
     def module_map(self, a: Assignment) -> dict[str, tuple[int, int]]:
-        """``{full_module_name: (bits, rank)}`` for every module in the space (linears and experts modules)."""
+        """``{full_module_name: (bits, rank)}`` for every module in the space (linears, experts modules,
+        embedding and head; rank 0 for units without one)."""
         self.validate(a)
-        return {m: (b, r) for u, b, r in zip(self.units, a.bits, a.ranks) for m in u.modules}
+        return {m: (b, r if u.has_rank else 0) for u, b, r in zip(self.units, a.bits, a.ranks) for m in u.modules}
 
     def tensor_map(self, a: Assignment) -> dict[str, tuple[WeightTensor, int, int]]:
         """``{full tensor name: (tensor, bits, rank)}`` for every weight tensor in the space."""
         self.validate(a)
-        return {t.name: (t, b, r) for u, b, r in zip(self.units, a.bits, a.ranks) for t in u.tensors}
+        return {t.name: (t, b, r if u.has_rank else 0) for u, b, r in zip(self.units, a.bits, a.ranks)
+                for t in u.tensors}
 
     def lora_config(self, a: Assignment, alpha_ratio: float = 2.0, dropout: float = 0.0,  # noqa: D417
                     alpha: float | None = None, **kw: Any) -> LoraConfig:
@@ -283,7 +389,7 @@ class SearchSpace:
         ``ParamWrapper``; :mod:`autoqra.quant_backends._experts` gives it a quantized base).
         """
         tm = self.tensor_map(a)
-        lin = {t.module: r for t, _, r in tm.values() if t.kind == "linear"}
+        lin = {t.module: r for t, _, r in tm.values() if t.kind == "linear"}  # embedding / head: never adapted
         par = {n: r for n, (t, _, r) in tm.items() if t.kind == "experts"}
         adapted = {m: r for m, r in lin.items() if r > 0}
         params = {n: r for n, r in par.items() if r > 0}
@@ -305,6 +411,23 @@ class SearchSpace:
             **extra,
             **kw,
         )
+
+
+def embedding_options(unit: Unit, backend: Any, width: int) -> tuple[int, ...]:
+    """The bit options of an embedding / head unit: 16 and each of :data:`EMBEDDING_BITS` the backend stores
+    for it (:meth:`~autoqra.quant_backends.QuantBackend.embedding_bits`; default backend HQQ), the lowest
+    dropped while there are more than ``width`` (the ladder's width)."""
+    from autoqra.quant_backends import get_backend as _get
+
+    try:
+        be = _get(backend if backend is not None else "hqq") if not hasattr(backend, "embedding_bits") else backend
+    except ImportError:  # no backend named and hqq missing: offer the options, apply checks them
+        return tuple(sorted({*EMBEDDING_BITS, UNQUANTIZED_BITS}))[-width:]
+    stored = set(be.embedding_bits(unit))
+    opts = tuple(sorted({b for b in EMBEDDING_BITS if b in stored} | {UNQUANTIZED_BITS}))
+    if len(opts) < len(EMBEDDING_BITS) + 1:
+        log.info("%s (%s): backend %r stores only bits %s for it", unit.name, unit.kind, be.name, list(opts))
+    return opts[-width:] if width > 0 else opts
 
 
 def _ladder(field: str, values: Iterable[int], lo: int, hi: int) -> tuple[int, ...]:

@@ -9,8 +9,12 @@ Each :class:`WeightTensor` has a *kind*:
 * ``experts``: a 3-D tensor of a mixture-of-experts layer, logical shape ``(E, out, in)``, stored
   ``(E, out, in)`` (Mixtral, Qwen3-MoE) or ``(E, in, out)`` (gpt-oss, ``transposed=True``), quantized per
   expert slice.
+* ``embedding``: the input token embedding ``(vocab, hidden)`` (quantized rows, dequantized on lookup);
+* ``head``: the output projection ``(vocab, hidden)``; when it is tied to the embedding (one tensor) it is
+  listed with ``tied=True`` in the embedding's unit and holds no bytes of its own.
 
-Later kinds (``embedding``, ``head``) slot in here. :func:`discover` walks the decoder blocks (the
+Embedding and head units (:func:`embedding_units`) have their own bit options and no LoRA rank
+(:data:`NO_RANK_KINDS`). :func:`discover` walks the decoder blocks (the
 model's largest ``nn.ModuleList`` of identical blocks) and returns every weight matrix in them with
 its kind, or the reason it is left out (a router, or a layout autoqra cannot quantize), so coverage is
 always known (:class:`Coverage`): nothing is matched against one family's projection names.
@@ -27,7 +31,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-KINDS = ("linear", "experts")
+KINDS = ("linear", "experts", "embedding", "head")
+#: Kinds that never get a LoRA adapter (a unit made of them has rank 0 only).
+NO_RANK_KINDS = ("embedding", "head")
 #: Parameter names of a transformers-5 experts module (``@use_experts_implementation``) that hold experts.
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 #: Share of decoder weights in the space below which :meth:`Coverage.warn` warns.
@@ -41,10 +47,12 @@ class WeightTensor:
     Attributes:
         name: full parameter name (``model.layers.0.self_attn.q_proj.weight``,
             ``model.layers.0.mlp.experts.gate_up_proj``).
-        kind: ``"linear"`` or ``"experts"``.
-        shape: logical shape: ``(out, in)`` for ``linear``, ``(E, out, in)`` for ``experts``.
+        kind: ``"linear"``, ``"experts"``, ``"embedding"`` or ``"head"``.
+        shape: logical shape: ``(out, in)`` for ``linear``, ``(E, out, in)`` for ``experts``,
+            ``(vocab, hidden)`` for ``embedding`` and ``head``.
         module: full name of the module that owns it (what :func:`autoqra.apply.quantized_layers` replaces).
         transposed: stored as ``(in, out)`` / ``(E, in, out)`` (GPT-2 ``Conv1D``, gpt-oss experts).
+        tied: a ``head`` that is the embedding's own tensor (no bytes of its own; quantized with it).
     """
 
     name: str
@@ -52,6 +60,7 @@ class WeightTensor:
     shape: tuple[int, ...] = attrs.field(converter=lambda s: tuple(int(x) for x in s))
     module: str
     transposed: bool = False
+    tied: bool = False
 
     @property
     def n_experts(self) -> int:
@@ -89,11 +98,11 @@ class WeightTensor:
         return self.name.rsplit(".", 1)[-1]
 
     def to_list(self) -> list[Any]:
-        return [self.name, self.kind, list(self.shape), self.module, self.transposed]
+        return [self.name, self.kind, list(self.shape), self.module, self.transposed] + ([True] if self.tied else [])
 
     @classmethod
     def from_list(cls, v: Sequence[Any]) -> WeightTensor:
-        return cls(v[0], v[1], tuple(v[2]), v[3], bool(v[4]) if len(v) > 4 else False)
+        return cls(v[0], v[1], tuple(v[2]), v[3], bool(v[4]) if len(v) > 4 else False, bool(v[5]) if len(v) > 5 else False)
 
 
 def _linear_tensors(modules: Sequence[str], shapes: Sequence[Sequence[int]]) -> tuple[WeightTensor, ...]:
@@ -137,8 +146,22 @@ class Unit:
 
     @property
     def lora_params_per_rank(self) -> int:
-        """LoRA parameters per unit of rank: ``sum(E · (in + out))`` over the unit's tensors."""
-        return sum(t.lora_params_per_rank for t in self.tensors)
+        """LoRA parameters per unit of rank: ``sum(E · (in + out))`` over the unit's tensors (0 without a rank)."""
+        return 0 if not self.has_rank else sum(t.lora_params_per_rank for t in self.tensors)
+
+    @property
+    def kind(self) -> str:
+        """``"embedding"`` (an embedding, with its tied head if any), ``"head"`` (an untied output head) or
+        ``"block"`` (linears / experts: bits and a rank)."""
+        kinds = {t.kind for t in self.tensors}
+        if "embedding" in kinds:
+            return "embedding"
+        return "head" if kinds == {"head"} else "block"
+
+    @property
+    def has_rank(self) -> bool:
+        """Whether the unit takes a LoRA rank (embedding and head units do not)."""
+        return not any(t.kind in NO_RANK_KINDS for t in self.tensors)
 
     @property
     def is_plain(self) -> bool:
@@ -280,6 +303,41 @@ def discover(model: nn.Module) -> list[Found]:
                     kind = "linear" if p.dim() == 2 else "experts"
                     out.append(Found(block, WeightTensor(full, kind, shape, mname), why))
     return out
+
+
+def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    if module is None:
+        return None
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    return None
+
+
+def embedding_units(model: nn.Module) -> list[Unit]:
+    """The token embedding and the output head as units: one unit (named after the embedding module) when the
+    head is tied to the embedding, else one each. Works on the meta device.
+
+    Found through ``get_input_embeddings()`` (an ``nn.Embedding``) and ``get_output_embeddings()`` (an
+    ``nn.Linear`` of ``(vocab, hidden)``, tied when it holds the embedding's very tensor). A model without
+    them (or with other module types) yields ``[]``.
+    """
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    emb_name = _module_name(model, emb) if isinstance(emb, nn.Embedding) else None
+    head_name = _module_name(model, head) if isinstance(head, nn.Linear) else None
+    units: list[Unit] = []
+    tied = emb_name is not None and head_name is not None and head.weight is emb.weight
+    if emb_name is not None:
+        tensors = [WeightTensor(f"{emb_name}.weight", "embedding", tuple(emb.weight.shape), emb_name)]
+        if tied:
+            tensors.append(WeightTensor(f"{head_name}.weight", "head", tuple(head.weight.shape), head_name, tied=True))
+        units.append(Unit.of(emb_name, tensors))
+    if head_name is not None and not tied:
+        units.append(Unit.of(head_name, [WeightTensor(f"{head_name}.weight", "head", tuple(head.weight.shape), head_name)]))
+    return units
 
 
 def matches(t: WeightTensor, targets: Sequence[str]) -> bool:

@@ -57,7 +57,10 @@ def mixed_result(backend, tmp_path):
     model, _ = load_model("tiny")
     budget = "16bit" if backend == "none" else "8bit"
     res = autoqra.optimize(model, budget, backend=backend, bits=bits, **FAST)
-    a = Assignment(res.space.unit_names, mb, mr)
+    # the embedding unit (HQQ: the tied embedding / head, a unit since embeddings="search") at 8 bits, no rank
+    bi, ri = iter(mb), iter(mr)
+    a = Assignment(res.space.unit_names, [8 if not u.has_rank else next(bi) for u in res.space.units],
+                   [0 if not u.has_rank else next(ri) for u in res.space.units])
     res.pareto = [attrs.evolve(res.best, assignment=a, key="mixed-" + backend)]
     res.history.append(res.pareto[0])
     res.save(tmp_path / "run")
@@ -75,7 +78,8 @@ def save_blocks(res, path):
 def test_export_load_parity_in_fresh_process(backend, tmp_path):
     res = mixed_result(backend, tmp_path)
     model = res.train(index=0, steps=3, progress=False)
-    assert list(res.final.trial.assignment.bits) == CASES[backend][1]
+    blocks = [b for b, u in zip(res.final.trial.assignment.bits, res.space.units) if u.has_rank]
+    assert blocks == CASES[backend][1]  # (HQQ: the tied embedding / head unit at 8 bits besides)
     assert (tmp_path / "run" / "final-0" / "state.json").is_file()
     info_path = res.export(tmp_path / "export")
     info = json.loads(info_path.read_text())
@@ -89,7 +93,7 @@ def test_export_load_parity_in_fresh_process(backend, tmp_path):
     if 0 in CASES[backend][2]:  # a rank-0 unit is excluded, not wrapped
         assert cfg["exclude_modules"]
     assert set(cfg["rank_pattern"].values()) <= {r for r in CASES[backend][2] if r}
-    assert info["assignment"]["bits"] == CASES[backend][1] and info["versions"]["torch"] == torch.__version__
+    assert info["assignment"]["bits"] == list(res.final.trial.assignment.bits) and info["versions"]["torch"] == torch.__version__
 
 
 @pytest.fixture(scope="module")

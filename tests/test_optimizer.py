@@ -180,12 +180,19 @@ def test_anchored_warm_start_reaches_phase1(tiny, run):
     assert res.info["seed_key"] == [t for t in res.history if t.assignment == first.assignment
                                     and t.fidelity.name == "high"][0].key  # the seed reached high fidelity
     other = path.with_name("priors.db")  # another recipe (cosine schedule): the store refuses to mix them
-    pri = autoqra.optimize(tiny, "4bit", store=other, seed=0, phase2=None, guidance="priors", max_trials=6, **FAST)
+    # the paper's operators in the paper's space (embedding 16-bit, outside the space): Eq. 6 sends a block to
+    # 2 bits where the anchored seed does not
+    pri = autoqra.optimize(tiny, "4bit", store=other, seed=0, phase2=None, guidance="priors", max_trials=6,
+                           embeddings="keep", **FAST)
     eq6_run = autoqra.optimize(tiny, "4bit", store=other, seed=0, phase2=None, warm_start="eq6", guidance="priors",
-                               max_trials=6, **FAST)
+                               max_trials=6, embeddings="keep", **FAST)
     first = next(t for t in pri.history if t.phase == "phase1")
     imp = pri.info["importance"]
     iq, ir = np.asarray(imp["q"], float), np.asarray(imp["r"], float)
+    space = pri.space
+    assert pri.budget_bytes == budget  # the "4bit" reference keeps the embedding 16-bit in both spaces
+    bytes_of = make_repair(MemoryModel(tiny, space, backend_from_spec(res.info["backend_spec"]), train=FAST["train"]),
+                           budget).bytes_encoded
     want = space.decode(ops.anchored_seed(space, iq, ir, bytes_of, budget))
     assert first.assignment == want
     eq6 = next(t for t in eq6_run.history if t.phase == "phase1")

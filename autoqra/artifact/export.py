@@ -88,9 +88,16 @@ def export_model(
     quant: dict[str, dict[str, Any]] = {}
     qtensors: dict[str, torch.Tensor] = {}
     owned: set[int] = set()  # tensors inside quantized layers (peft may register a layer under two names)
+    packed_at: dict[int, str] = {}  # storage of a packed weight -> the layer that exported it (tied heads)
     for name, mod in base.named_modules():
         if backend.owns(mod):
             clean = _clean_name(name)
+            ptrs = [t.untyped_storage().data_ptr() for t in backend.module_tensors(mod)[0]]
+            if ptrs and ptrs[0] in packed_at:  # a head tied to a quantized embedding: its storage, no copy
+                quant[clean] = {"tied": packed_at[ptrs[0]]}
+                owned |= {id(t) for t in [*mod.parameters(), *mod.buffers()]}
+                continue
+            packed_at.update(dict.fromkeys(ptrs, clean))
             tensors, meta = backend.export_module(mod)
             quant[clean] = {"meta": meta, "keys": sorted(tensors)}
             qtensors.update({f"{clean}.{k}": v.cpu() for k, v in tensors.items()})

@@ -90,6 +90,8 @@ def read_info(directory: str | Path) -> dict[str, Any]:
     _expect(info, "files", dict, f)
     _expect(info, "adapter", bool, f)
     for name, q in info["quantized"].items():
+        if isinstance(name, str) and isinstance(q, dict) and set(q) == {"tied"} and isinstance(q["tied"], str):
+            continue  # an output head tied to a quantized embedding (no tensors of its own)
         if not isinstance(name, str) or not isinstance(q, dict) or not isinstance(q.get("meta"), dict) \
                 or not isinstance(q.get("keys"), list) or not all(isinstance(k, str) for k in q["keys"]):
             raise ArtifactError(f"{f}: malformed entry for quantized layer {name!r}")

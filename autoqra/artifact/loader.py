@@ -77,14 +77,18 @@ def load_artifact(directory: str | Path, device: str | torch.device = "cpu", *, 
     rebuild_experts(model, info.get("experts") or {}, device)  # quantized MoE experts: per-slice layer slots
     qt = load_file(d / "quantized.safetensors", device=device)
     used: set[str] = set()
+    tied: dict[str, str] = {}
     for name, q in info["quantized"].items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise ArtifactError(f"{INFO_FILE} names layer {name!r}, which this model has not") from None
-        keys = {k: f"{name}.{k}" for k in q["keys"]}
+        if "tied" in q:  # an output head served by a quantized embedding's storage
+            tied[name] = str(q["tied"])
+            continue
+        keys = {k: f"{name}.{k}" for k in q.get("keys", ())}
         missing = [v for v in keys.values() if v not in qt]
-        if missing or not is_linear_like(old):
+        if missing or not (is_linear_like(old) or isinstance(old, nn.Embedding)):
             raise ArtifactError(f"quantized layer {name!r} is incomplete or not a linear layer ({missing[:3]})")
         try:
             new = backend.load_module({k: qt[v] for k, v in keys.items()}, q["meta"], device=device)
@@ -93,6 +97,13 @@ def load_artifact(directory: str | Path, device: str | torch.device = "cpu", *, 
         used |= set(keys.values())
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    for name, emb in tied.items():
+        try:
+            head = backend.tied_head(model.get_submodule(emb))
+        except (AttributeError, ValueError) as e:
+            raise ArtifactError(f"cannot rebuild the tied head {name!r} from {emb!r}: {e}") from None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, head)
     if set(qt) - used:
         raise ArtifactError(f"quantized.safetensors has tensors no layer claims: {sorted(set(qt) - used)[:3]}")
     for name, t in load_file(d / "base.safetensors", device=device).items():

@@ -31,7 +31,7 @@ import torch
 
 from autoqra.api import optimize
 from autoqra.bench.report import build_report, carry_rows
-from autoqra.bench.rows import BENCH_PRESETS, ROWS, BenchPreset, RowSpec
+from autoqra.bench.rows import BENCH_PRESETS, ROWS, BenchPreset, RowSpec, fixed_assignment
 from autoqra.bench.search import random_search, search_summary, stored_evaluation
 from autoqra.bench.table import write_outputs
 from autoqra.evaluators.base import Fidelity
@@ -109,8 +109,12 @@ class Bench:
         self.data = build_task_data("pydoc", tok, block_size=p.train.seq_len, seed=p.search_seed)
         self.space = SearchSpace.from_model(self.model, p.bits, p.ranks, "block")
         self.backends = {k: backend_for_precision(k, self.precision) for k in ("hqq", "bnb")}
+        self.backends["hqq+emb"] = self.backends["hqq"]  # the space with the embedding / head as units
+        emb = SearchSpace.from_model(self.model, p.bits, p.ranks, "block", backend=self.backends["hqq"],
+                                     embeddings="search")
         self.spaces = {"hqq": attrs.evolve(self.space, bits=tuple(sorted({*p.bits, 16}))),
-                       "bnb": attrs.evolve(self.space, bits=(4, 8, 16))}
+                       "bnb": attrs.evolve(self.space, bits=(4, 8, 16)),
+                       "hqq+emb": attrs.evolve(emb, bits=tuple(sorted({*p.bits, 16})))}
         self.memory = {k: MemoryModel(self.model, s, self.backends[k], train=p.train, precision=self.precision)
                        for k, s in self.spaces.items()}
         mm = self.memory["hqq"]
@@ -208,14 +212,23 @@ class Bench:
     # -------------------------------------------------------------------- run
     def row_point(self, row: RowSpec):
         """``(assignment, backend, search summary)`` of a row (searches run here)."""
-        if row.kind == "uniform":
+        if row.kind == "uniform" and row.emb_bits == 16:
             space = self.spaces[row.backend]
             return space.uniform(row.bits, row.rank), row.backend, None
+        if row.kind in ("uniform", "rule"):  # the embedding / head at emb_bits (issue 23's fixed rows)
+            rule = 8 if row.kind == "rule" else None
+            return fixed_assignment(self.spaces["hqq+emb"], row.bits, row.rank, row.emb_bits, rule), "hqq+emb", None
         if row.kind == "random":
             best, summary = self.random_search(row)
-            return (best.assignment if best else None), "hqq", summary
+            a = best.assignment if best else None
+            return a, self.backend_key(a), summary
         res = self.search(row.id)
-        return (res.best.assignment if res.best else None), "hqq", self.search_summary(res)
+        a = res.best.assignment if res.best else None
+        return a, self.backend_key(a), self.search_summary(res)
+
+    def backend_key(self, a) -> str:
+        """``"hqq+emb"`` for an HQQ assignment naming the embedding / head units (a search's default), else ``"hqq"``."""
+        return "hqq+emb" if a is not None and a.units != self.space.unit_names else "hqq"
 
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -39,7 +39,7 @@ BENCH_PRESETS: dict[str, BenchPreset] = {
                         seed_stores={f"search-s{s}-cost-{b}.db": f"benchmarks/runs/search_vs_seed/{n}-s{s}.db"
                                      for s in (0, 1) for b, n in (("4bit", "B4"), ("mid", "Bmid"))},
                         rows=("lora16-r8", "lora16-r16", "hqq8-r8", "hqq4-r8", "hqq4-r16", "nf4-r8", "nf4-r16",
-                              "hqq3-r8", "autoqra", "autoqra-mid", "autoqra-anchored", "autoqra-mid-anchored",
+                              "hqq3-r8", "hqq4-r8-emb8", "hqq4-r8-emb4", "rule-emb8", "autoqra", "autoqra-mid", "autoqra-anchored", "autoqra-mid-anchored",
                               "guided", "guided-mid", "guided-s1", "guided-mid-s1", "guided-adapted",
                               "guided-mid-adapted", "random")),
 }
@@ -61,6 +61,29 @@ class RowSpec:
     match_evals: str | None = None  # max_trials = this search row's number of evaluations
     parent: str | None = None  # the search row this one ablates or repeats (findings compare the two)
     repeat: bool = False  # the parent search again with another search seed (compared with uniform, too)
+    emb_bits: int = 16  # bits of the token embedding / output head units ("uniform" and "rule" rows)
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's ``use_more_bits`` (``llama-quant.cpp``, Q4_K_M's rule for ``attn_v`` / ``ffn_down``): block ``i``
+    of ``n`` gets the higher type when it lies in the first or last eighth, or every third block in between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def fixed_assignment(space, bits: int, rank: int, emb_bits: int = 16, rule_bits: int | None = None):
+    """Every block at ``bits`` / ``rank`` (blocks :func:`use_more_bits` favours at ``rule_bits`` when given), every
+    embedding / head unit of ``space`` at ``emb_bits`` (no rank): the harness's "uniform" and "rule" rows."""
+    blocks = [i for i, u in enumerate(space.units) if u.has_rank]
+    bset, rset = [], []
+    for i, u in enumerate(space.units):
+        if not u.has_rank:
+            bset.append(emb_bits)
+            rset.append(0)
+            continue
+        k = blocks.index(i)
+        bset.append(rule_bits if rule_bits is not None and use_more_bits(k, len(blocks)) else bits)
+        rset.append(rank)
+    return space.make(bset, rset)
 
 
 _NO_PRIORS, _NO_SURR, _NO_P2 = {"importance_blocks": 0}, {"use_surrogate": False}, {"phase2": None}
@@ -75,6 +98,11 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("nf4-r8", "uniform 4-bit bnb nf4 r8", "uniform", backend="bnb", bits=4, rank=8),
     RowSpec("nf4-r16", "uniform 4-bit bnb nf4 r16", "uniform", backend="bnb", bits=4, rank=16),
     RowSpec("hqq3-r8", "uniform 3-bit HQQ r8", "uniform", bits=3, rank=8),
+    # the embedding / output head as units (issue 23): fixed points that spend their bytes
+    RowSpec("hqq4-r8-emb8", "uniform 4-bit HQQ r8, 8-bit embedding/head", "uniform", bits=4, rank=8, emb_bits=8),
+    RowSpec("hqq4-r8-emb4", "uniform 4-bit HQQ r8, 4-bit embedding/head", "uniform", bits=4, rank=8, emb_bits=4),
+    RowSpec("rule-emb8", "rule: 8-bit embedding/head, 8 bits on llama.cpp's use_more_bits blocks, 4 elsewhere, r8",
+            "rule", bits=4, rank=8, emb_bits=8),
     # the paper's method (Eq. 6 warm start); the ablations below remove one piece of it
     RowSpec("autoqra", "AutoQRA, paper Eq. 6 warm start (≤ B4)", "search", options=_EQ6),
     RowSpec("autoqra-mid", "AutoQRA, paper Eq. 6 warm start (≤ Bmid)", "search", budget="mid", options=_EQ6),

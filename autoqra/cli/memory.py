@@ -54,18 +54,33 @@ def cmd_memory(args: argparse.Namespace) -> int:
     model = _load_for_memory(args)
     bits_list = args.bits or [2, 3, 4, 8]
     train = TrainSpec(batch_size=args.batch_size, seq_len=args.seq_len)
-    space = SearchSpace.from_model(
-        model, bits=bits_list, ranks=sorted({0, args.rank}), granularity=args.granularity,
-        target_modules=args.target_modules,
-    )
     precision = precision_of(next(model.parameters()).dtype)
     be = backend_for_precision(args.backend, precision)  # quantization metadata in the model's dtype
+    emb_bits = list(getattr(args, "embedding_bits", None) or [])
+    space = SearchSpace.from_model(
+        model, bits=sorted({*bits_list, 16, *emb_bits} if emb_bits else bits_list), ranks=sorted({0, args.rank}),
+        granularity=args.granularity, target_modules=args.target_modules, backend=be,
+        embeddings="search" if emb_bits else "keep",
+    )
     mm = MemoryModel(model, space, be, train=train, precision=precision)
     cols = {f"{b}-bit r{args.rank}": mm.predict(space.uniform(b, args.rank)) for b in bits_list}
+    own = {u.name: list(space.unit_bits(i)) for i, u in enumerate(space.units) if not u.has_rank}
+    for e in emb_bits:  # the same uniform points with the embedding / head units at e bits
+        if e == 16:
+            continue
+        bad = [n for n, opts in own.items() if e not in opts]
+        if bad or not own:
+            raise SystemExit(f"--embedding-bits {e}: backend {args.backend!r} stores the embedding / head "
+                             f"units at {own or 'no bits (none found or all refused)'} only")
+        for b in bits_list:
+            u = space.uniform(b, args.rank)
+            a = space.make([e if not unit.has_rank else x for unit, x in zip(space.units, u.bits)], u.ranks)
+            cols[f"{b}-bit r{args.rank} emb{e}"] = mm.predict(a)
     if args.json:
         out = {"backend": mm.backend.spec(), "precision": precision, "train": train.to_dict(), "granularity": args.granularity,
                "n_units": space.n_units, "coverage": space.coverage.to_dict() if space.coverage else None,
-               "breakdowns": {k: v.to_dict() for k, v in cols.items()}}
+               "breakdowns": {k: v.to_dict() for k, v in cols.items()},
+               **({"embedding_options": own} if emb_bits else {})}
         json.dump(out, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
@@ -74,6 +89,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
         title = f"{args.model_config or args.model} · {precision} · backend {args.backend} · {space.n_units} units · batch {train.batch_size}×{train.seq_len}"
         console = Console()
         console.print(breakdown_table(cols, title))
+        for name, opts in own.items():
+            console.print(f"{name}: bit options {opts} (no rank)", markup=False)
         if space.coverage is not None:
             console.print(space.coverage.line(), markup=False)
             if space.coverage.warning():
@@ -92,6 +109,8 @@ def add_commands(sub) -> None:
     m.add_argument("--granularity", default="block", choices=["block", "module"])
     m.add_argument("--target-modules", nargs="+", help="narrow the space to these module names (default: every "
                    "weight matrix of the decoder blocks); the coverage line says what is left out")
+    m.add_argument("--embedding-bits", type=int, nargs="+", help="also tabulate each uniform point with the token "
+                   "embedding / output head units at these bits (e.g. 8 4; 16 = kept, the reference)")
     m.add_argument("--batch-size", type=int, default=4)
     m.add_argument("--seq-len", type=int, default=128)
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")

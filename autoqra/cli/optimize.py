@@ -29,6 +29,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--bits", type=int, nargs="+", help="bit ladder (default 2 3 4 8)")
     o.add_argument("--ranks", type=int, nargs="+", help="rank ladder (default 0 4 8 16)")
     o.add_argument("--granularity", choices=["block", "module"])
+    o.add_argument("--embeddings", choices=["search", "keep"],
+                   help="search: the token embedding / output head are units (16/8/4 bits, no rank; default); "
+                        "keep: 16-bit, outside the space (the paper's)")
     o.add_argument("--target", choices=["model", "train"], help="budget on model bytes or training bytes")
     o.add_argument("--data", help="'pydoc' (embedded) or a JSONL file")
     o.add_argument("--max-trials", type=int)
@@ -94,7 +97,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     options = {
         k: getattr(args, k) for k in ("budget", "evaluator", "preset", "bits", "ranks", "granularity", "target", "data",
-                  "warm_start")
+                  "warm_start", "embeddings")
         if getattr(args, k) is not None
     }
     if args.no_phase2:

@@ -79,11 +79,21 @@ class CostModel:
 
     def table(self, space: SearchSpace, quant_scale: float | None = None) -> np.ndarray:
         """``(n_units, len(space.bits), len(space.ranks))``: predicted score of each unit's option
-        (``quant_scale`` overrides the calibrated one, e.g. to hedge it)."""
-        bi = [self.bits.index(b) for b in space.bits]
-        ri = [self.ranks.index(r) for r in space.ranks]
+        (``quant_scale`` overrides the calibrated one, e.g. to hedge it), indexed like
+        ``SearchSpace.encode``: a unit with its own options (embedding / head) fills the first
+        ``len(space.unit_bits(u))`` × ``len(space.unit_ranks(u))`` entries, the rest is ``-inf`` (never chosen)."""
         c = self.quant_scale if quant_scale is None else quant_scale
-        return self.rank_gain[:, None, ri] - c * self.quant[:, bi, None]
+        if not getattr(space, "has_own", False):
+            bi = [self.bits.index(b) for b in space.bits]
+            ri = [self.ranks.index(r) for r in space.ranks]
+            return self.rank_gain[:, None, ri] - c * self.quant[:, bi, None]
+        out = np.full((space.n_units, len(space.bits), len(space.ranks)), -np.inf)
+        for u in range(space.n_units):
+            q = np.array([self.quant[u, self.bits.index(b)] if b in self.bits else 0.0 for b in space.unit_bits(u)])
+            g = np.array([self.rank_gain[u, self.ranks.index(r)] if r in self.ranks else 0.0
+                          for r in space.unit_ranks(u)])
+            out[u, :len(q), :len(g)] = g[None, :] - c * q[:, None]
+        return out
 
     def damage(self, a: Assignment) -> float:
         """Unscaled quantization damage ``Σ_u quant[u, b_u]`` of ``a`` (16 bits: 0)."""
@@ -91,7 +101,7 @@ class CostModel:
 
     def gain(self, a: Assignment) -> float:
         """Predicted adapter gain ``Σ_u rank_gain[u, r_u]`` of ``a`` (nats)."""
-        return float(sum(self.rank_gain[u, self.ranks.index(r)] for u, r in enumerate(a.ranks)))
+        return float(sum(self.rank_gain[u, self.ranks.index(r)] for u, r in enumerate(a.ranks) if r in self.ranks))
 
     def predict(self, a: Assignment) -> float:
         """Additive predicted score of ``a`` relative to the unquantized model without adapters (nats)."""
@@ -110,7 +120,11 @@ class CostModel:
 def quant_damage(model: nn.Module, space: SearchSpace, backend: QuantBackend, batches: list[torch.Tensor],
                  calib_ids: torch.Tensor | None = None, precision: str = "fp32", replay: bool = True,
                  progress: ProgressFn | None = None) -> np.ndarray:
-    """``(n_units, len(space.bits))``: mean next-token KL(unquantized ‖ only unit u at b), 0 at 16 bits.
+    """``(n_units, len(space.all_bits))``: mean next-token KL(unquantized ‖ only unit u at b), 0 at 16 bits.
+
+    Columns are every bit option of any unit (``space.all_bits``; the ladder when no unit has its own). A
+    bit-width a unit does not allow (an embedding at 2 bits) gets the damage of the unit's next higher
+    option (finite, never chosen: ``CostModel.table`` reads each unit's own options only).
 
     One structural copy of the model is made; each unit's linears are swapped for their quantized
     layers (cached: later trials reuse them), scored, and swapped back. With ``replay`` the decoder
@@ -125,12 +139,14 @@ def quant_damage(model: nn.Module, space: SearchSpace, backend: QuantBackend, ba
     with rp.record():
         ref = _logprobs(work, batches, precision)
     mods = dict(work.named_modules())
-    out = np.zeros((space.n_units, len(space.bits)))
+    cols = space.all_bits if hasattr(space, "all_bits") else space.bits
+    out = np.zeros((space.n_units, len(cols)))
     for u, unit in enumerate(space.units):
         originals = {m: mods[m] for m in unit.modules}
         start = rp.first_layer(unit.modules)
-        for j, b in enumerate(space.bits):
-            if b == UNQUANTIZED_BITS:
+        allowed = space.unit_bits(u) if hasattr(space, "unit_bits") else space.bits
+        for j, b in enumerate(cols):
+            if b == UNQUANTIZED_BITS or b not in allowed:
                 continue
             layers = quantized_layers(model, dict.fromkeys(unit.modules, b), backend, calib_ids, space.module_names)
             for name, q in layers.items():
@@ -141,6 +157,9 @@ def quant_damage(model: nn.Module, space: SearchSpace, backend: QuantBackend, ba
             out[u, j] = max(0.0, float(np.mean(kl)))
         for name, lin in originals.items():
             set_module(work, name, lin)
+        for j in reversed(range(len(cols))):  # options the unit does not have: its next higher option's damage
+            if cols[j] not in allowed:
+                out[u, j] = out[u, j + 1] if j + 1 < len(cols) else 0.0
         if progress is not None:
             progress("KL table", u + 1, space.n_units)
     return out
@@ -174,6 +193,10 @@ def leave_one_out(evaluator: Any, pm: nn.Module, space: SearchSpace, progress: P
         base, _ = evaluator.score(pm)
     out = np.zeros(space.n_units)
     for u, layers in enumerate(_unit_layers(pm, space)):
+        if not layers:  # no adapter in this unit (an embedding / head unit): nothing to switch off
+            if progress is not None:
+                progress("leave-one-out", u + 1, space.n_units)
+            continue
         saved = [dict(layer.scaling) for layer in layers]
         for layer in layers:
             for k in layer.scaling:
@@ -243,7 +266,7 @@ def rank_probes(evaluator: Any, space: SearchSpace, steps: int, ref_bits: int, p
         if loo_blocks is not None and saved is not None:
             evaluator.eval_blocks = min(loo_blocks, saved)
         for r in probed:
-            a = Assignment(space.unit_names, [ref_bits] * space.n_units, [r] * space.n_units)
+            a = space.uniform(ref_bits, r)  # embedding / head units: 16 bits, no rank
             pm = evaluator.build(a)
             what = f"rank probe r{r} training"
 
@@ -313,14 +336,28 @@ def measure_cost_model(evaluator: Any, space: SearchSpace, calib_blocks: torch.T
                          progress=progress)
     probes = rank_probes(evaluator, attrs.evolve(space, bits=tuple(sorted(set(space.bits) | {ref_bits}))), steps,
                          ref_bits, rank_probes_n, loo_blocks, t1, progress)
-    gains, info = rank_table(probes.loo, space.ranks, probes.whole, steps, final_steps or steps) if probes.loo \
+    gains, info = _rank_table(space, probes, steps, final_steps or steps) if probes.loo \
         else (np.zeros((space.n_units, len(space.ranks))), {})
-    cm = CostModel(space.bits, space.ranks, quant, gains, steps, ref_bits, time.perf_counter() - t0,
+    cm = CostModel(getattr(space, "all_bits", space.bits), space.ranks, quant, gains, steps, ref_bits,
+                   time.perf_counter() - t0,
                    rank_gain_probe=probe_table(probes, space.ranks) if probes.loo else gains, rank_info=info)
     log.info("cost model in %.1f s: quantization damage %.4f-%.4f nats, rank gain at r=%d %.4f-%.4f nats "
              "(horizon factor %.2f)", cm.seconds, quant.max(1).min(), quant.max(), space.ranks[-1], gains[:, -1].min(),
              gains[:, -1].max(), info.get("horizon_factor", 1.0))
     return cm
+
+
+def _rank_table(space: SearchSpace, probes: RankProbes, steps: int, final_steps: int) -> tuple[np.ndarray, dict]:
+    """:func:`rank_table` over the units that take a rank (embedding / head units: 0 gain, and left out of
+    the table's shrinkage and noise estimates)."""
+    mask = np.array([u.has_rank for u in space.units], dtype=bool)
+    if mask.all():
+        return rank_table(probes.loo, space.ranks, probes.whole, steps, final_steps)
+    sub, info = rank_table({r: np.asarray(v)[mask] for r, v in probes.loo.items()}, space.ranks, probes.whole, steps,
+                           final_steps)
+    out = np.zeros((space.n_units, len(space.ranks)))
+    out[mask] = sub
+    return out, info
 
 
 def calibrate_quant_scale(cm: CostModel, assignments: list[Assignment], scores: list[float],

@@ -109,7 +109,8 @@ def quant_sensitivity(
         progress("quantization sensitivity", 0, space.n_units)
     for u in range(space.n_units):
         bits = [UNQUANTIZED_BITS] * space.n_units
-        bits[u] = low
+        own = [b for b in space.unit_bits(u) if b != UNQUANTIZED_BITS] if hasattr(space, "unit_bits") else [low]
+        bits[u] = low if low in own else min(own or [UNQUANTIZED_BITS])  # an embedding: its lowest bits
         a = Assignment(space.unit_names, bits, [0] * space.n_units)
         qm = quantize_model(model, _with_16(space), a, backend, calib_ids=calib_ids)
         kl = [
@@ -130,7 +131,7 @@ def adaptation_demand(
     """Raw I_r: mean over batches of ‖∂loss/∂B_u‖² summed over unit u's LoRA B matrices.
     ``progress``: ``fn("adaptation demand", batches done, n_batches, "batches")``."""
     sp = _with_16(space, extra_ranks=(ref_rank,))
-    a = Assignment(space.unit_names, [ref_bits] * space.n_units, [ref_rank] * space.n_units)
+    a = attrs.evolve(sp, bits=tuple(sorted(set(sp.bits) | {ref_bits}))).uniform(ref_bits, ref_rank)
     pm = apply_assignment(model, a, backend, seed=seed, space=sp, dropout=0.0, calib_ids=calib_ids)
     pm.eval()
     mod_to_unit = {m: i for i, unit in enumerate(space.units) for m in unit.modules}

@@ -82,7 +82,7 @@ def anchored_cost_seed(space: SearchSpace, table: np.ndarray, bytes_of: BytesFn,
     """
     n = space.n_units
     for b in reversed(range(len(space.bits))):
-        x = np.concatenate([np.full(n, b), np.zeros(n)]).astype(np.int64)
+        x = space.uniform_encoded(b, 0)  # embedding / head units at 16 bits, as in a uniform reference
         if bytes_of(x) <= budget:
             return fill(x, np.asarray(space.upper, dtype=np.int64), table, bytes_of, budget)
     return np.zeros(2 * n, dtype=np.int64)

@@ -169,15 +169,17 @@ def activation_table(
     per_rank = np.zeros((space.n_units, len(space.ranks)), dtype=np.int64)
     per_bits = np.zeros((space.n_units, len(space.bits)), dtype=np.int64)
     delta = getattr(backend, "activation_delta", {}) or {}
+    bgrid, rgrid = _grids(space)
     for u, unit in enumerate(space.units):
-        # (tokens through the tensor, in_features): routed tokens for experts (each token visits top-k)
-        ins = [(n_tok * _routed(model, t), t.in_features) for t in unit.tensors]
-        for j, r in enumerate(space.ranks):
+        # (tokens through the tensor, in_features): routed tokens for experts (each token visits top-k);
+        # an embedding lookup runs no matmul (0); a quantized head runs the dequantize-matmul like a linear
+        ins = [(n_tok * _routed(model, t), t.in_features) for t in unit.tensors if t.kind != "embedding"]
+        for j, r in enumerate(rgrid[u]):
             if r > 0:
                 per_rank[u, j] = sum(4 * n * r + (5 * n * i if dropout else 0) for n, i in ins)
-        for j, b in enumerate(space.bits):
+        for j, b in enumerate(bgrid[u]):
             if b != UNQUANTIZED_BITS:
-                per_bits[u, j] = int(round(delta.get(b, 0.0) * sum(n * i for n, i in ins)))
+                per_bits[u, j] = int(round(delta.get(int(b), 0.0) * sum(n * i for n, i in ins)))
     return int(fixed), per_rank, per_bits
 
 
@@ -186,16 +188,19 @@ def _table_16bit(model: nn.Module, space, backend, train, precision: str) -> tup
     q = QUANT16[precision].get(getattr(backend, "name", ""), QUANT16_DEFAULT)
     hidden, inter, vocab, blocks = _dims(model)
     n = train.batch_size * train.seq_len
-    tensors = [t for unit in space.units for t in unit.tensors]
+    # embedding / head tensors are in the fixed terms already (vocab · hidden); their per-bits term below
+    tensors = [t for unit in space.units for t in unit.tensors if t.kind not in ("embedding", "head")]
     quantizes = bool(getattr(backend, "supported_bits", ())) and any(b != UNQUANTIZED_BITS for b in space.bits)
     dequant = q.dequant * max((o * i for o, i in (t.matrix for t in tensors)), default=0) if quantizes else 0.0
-    fixed = max(c.logits * n * vocab, dequant) + n * blocks * (c.block_hidden * hidden + c.block_inter * inter)
+    peak = max(c.logits * n * vocab, dequant)
+    fixed = peak + n * blocks * (c.block_hidden * hidden + c.block_inter * inter)
     fixed += c.elem * (vocab * hidden + sum(t.numel for t in tensors))
     dropout = train.lora_dropout > 0
     per_rank = np.zeros((space.n_units, len(space.ranks)), dtype=np.int64)
     per_bits = np.zeros((space.n_units, len(space.bits)), dtype=np.int64)
+    bgrid, rgrid = _grids(space)
     for u, unit in enumerate(space.units):
-        for j, r in enumerate(space.ranks):
+        for j, r in enumerate(rgrid[u]):
             if r > 0:
                 per_rank[u, j] = round(
                     sum(
@@ -205,13 +210,26 @@ def _table_16bit(model: nn.Module, space, backend, train, precision: str) -> tup
                         for nt in (n * _routed(model, t),)
                     )
                 )
-        for j, b in enumerate(space.bits):
+        for j, b in enumerate(bgrid[u]):
             if b != UNQUANTIZED_BITS:
+                b = int(b)
+                # a quantized head removes the frozen head's weight view like any quantized linear; an
+                # embedding lookup views no weight (a tied head counts once, as the head)
                 per_bits[u, j] = round(sum(
                     t.n_experts * _quant_delta(c, q, backend, t.out_features, t.in_features, b, 0)
                     + q.tok.get(b, 0.0) * n * _routed(model, t) * t.in_features
-                    for t in unit.tensors))
+                    # a quantized head's dequantization temporaries (vocab · hidden) may be the new peak
+                    + (max(0.0, q.dequant * t.numel - peak) if t.kind == "head" else 0.0)
+                    for t in unit.tensors if t.kind != "embedding"))
     return int(round(fixed)), per_rank, per_bits
+
+
+def _grids(space) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit's bit / rank value per option index (``SearchSpace.bits_grid``; plain ladders for old spaces)."""
+    if hasattr(space, "bits_grid"):
+        return space.bits_grid(), space.ranks_grid()
+    n = space.n_units
+    return np.tile(np.asarray(space.bits), (n, 1)), np.tile(np.asarray(space.ranks), (n, 1))
 
 
 def _quant_delta(c: Coef16, q: Quant16, backend, out_f: int, in_f: int, bits: int, n_tok: int) -> float:

@@ -54,7 +54,11 @@ def reference_bytes(mm: MemoryModel, bits: int, rank: int | None = None, target:
     if rank is None:
         nonzero = [r for r in space.ranks if r > 0] or list(space.ranks)
         rank = min(nonzero, key=lambda r: (abs(r - 8), r))
-    a = Assignment(space.unit_names, [bits] * space.n_units, [rank] * space.n_units)
+    # embedding / head units stay 16-bit in a reference (the budgets "4bit", ... mean what they meant before
+    # those units joined the space)
+    own = dict(getattr(space, "own_bits", ()))
+    a = Assignment(space.unit_names, [UNQUANTIZED_BITS if u.name in own else bits for u in space.units],
+                   [rank if u.has_rank else 0 for u in space.units])
     if bits != UNQUANTIZED_BITS:
         mm.backend.check_bits([bits])
     return _measure_any(mm, a, target)
@@ -62,7 +66,11 @@ def reference_bytes(mm: MemoryModel, bits: int, rank: int | None = None, target:
 
 def _measure_any(mm: MemoryModel, a, target: str) -> int:
     # the reference bits/rank may be off the ladder: predict through a temporary model of the same setup
-    if set(a.bits) <= set(mm.space.bits) and set(a.ranks) <= set(mm.space.ranks):
+    try:
+        mm.space.validate(a)
+    except ValueError:
+        pass
+    else:
         return _measure(mm, a, target)
     space = attrs.evolve(mm.space, bits=tuple(sorted(set(mm.space.bits) | set(a.bits))),
                          ranks=tuple(sorted(set(mm.space.ranks) | set(a.ranks))))

@@ -120,8 +120,8 @@ class MemoryModel:
         self.space = space
         self.lora_dtype = lora_dtype
         self.backend = get_backend(backend)
-        quant_bits = [b for b in space.bits if b != UNQUANTIZED_BITS]
-        self.backend.check_bits(space.bits)
+        quant_bits = [b for b in space.all_bits if b != UNQUANTIZED_BITS]
+        self.backend.check_bits(space.all_bits)
         self.train = train or TrainSpec()
         self.lora_elem = torch.empty((), dtype=lora_dtype).element_size()
         self.precision = precision
@@ -139,6 +139,9 @@ class MemoryModel:
                 base += _nbytes(t)
         self.base_bytes = base
         nb, nr = len(space.bits), len(space.ranks)
+        # Per-unit tables indexed by each unit's own option index (the encoding of ``SearchSpace.encode``),
+        # padded past a unit's last option with that option (a clipped index costs what decode gives).
+        bgrid, rgrid = space.bits_grid(), space.ranks_grid()
         self._packed = np.zeros((space.n_units, nb), dtype=np.int64)
         self._meta = np.zeros((space.n_units, nb), dtype=np.int64)
         self._unq = np.zeros((space.n_units, nb), dtype=np.int64)
@@ -146,12 +149,14 @@ class MemoryModel:
         self._lora_tensors = np.zeros((space.n_units, nr), dtype=np.int64)
         for u_i, unit in enumerate(space.units):
             for t in unit.tensors:
-                es = getattr(mods[t.module], t.param).element_size()
-                for b_i, b in enumerate(space.bits):
+                es = getattr(mods[t.module], t.param).element_size() if not t.tied else 0
+                for b_i, b in enumerate(bgrid[u_i]):
+                    if t.tied:  # a head tied to the embedding: the embedding's tensor holds its bytes
+                        continue
                     if b == UNQUANTIZED_BITS:
                         self._unq[u_i, b_i] += t.numel * es
                     else:
-                        p, m = self.backend.weight_bytes(t.out_features, t.in_features, b)
+                        p, m = self.backend.weight_bytes(t.out_features, t.in_features, int(b))
                         self._packed[u_i, b_i] += t.n_experts * p
                         self._meta[u_i, b_i] += t.n_experts * m
                         if t.kind == "experts":  # the zero-storage placeholder peft sizes LoRA from: one element
@@ -159,11 +164,10 @@ class MemoryModel:
             # one LoRA target (an A and a B) per linear module and per expert tensor
             n_targets = len({t.module for t in unit.tensors if t.kind == "linear"}) + sum(
                 t.kind == "experts" for t in unit.tensors)
-            for r_i, r in enumerate(space.ranks):
+            for r_i, r in enumerate(rgrid[u_i]):
                 self._lora_params[u_i, r_i] = r * unit.lora_params_per_rank
                 self._lora_tensors[u_i, r_i] = 2 * n_targets if r > 0 else 0
-        self._bit_index = {b: i for i, b in enumerate(space.bits)}
-        self._rank_index = {r: i for i, r in enumerate(space.ranks)}
+        self._bgrid = bgrid
         self._quant_bits = quant_bits
         self._rows = np.arange(space.n_units)
 
@@ -173,9 +177,9 @@ class MemoryModel:
 
     def predict(self, a: Assignment) -> MemoryBreakdown:
         """Exact static bytes and training-time bytes of ``a`` (activation term is an estimate)."""
-        bi = np.fromiter((self._bit_index[b] for b in a.bits), dtype=np.int64, count=len(a.bits))
-        ri = np.fromiter((self._rank_index[r] for r in a.ranks), dtype=np.int64, count=len(a.ranks))
-        return self._predict_idx(bi, ri, a)
+        x = self.space.encode(a)
+        n = self.space.n_units
+        return self._predict_idx(x[:n], x[n:], a)
 
     def predict_encoded(self, x: np.ndarray) -> MemoryBreakdown:
         """Same as :meth:`predict` for an integer encoding from ``SearchSpace.encode``."""
@@ -184,7 +188,7 @@ class MemoryModel:
 
     def _predict_idx(self, bi: np.ndarray, ri: np.ndarray, a: Assignment | None) -> MemoryBreakdown:
         rows = self._rows
-        used = {self.space.bits[i] for i in bi} - {UNQUANTIZED_BITS}
+        used = set(self._bgrid[rows, bi].tolist()) - {UNQUANTIZED_BITS}
         lora_p = int(self._lora_params[rows, ri].sum())
         lora_b = lora_p * self.lora_elem
         n_tensors = int(self._lora_tensors[rows, ri].sum())
@@ -207,8 +211,9 @@ class MemoryModel:
         rows = self._rows[None, :]
         static = (self._packed[rows, bi] + self._meta[rows, bi] + self._unq[rows, bi]).sum(1)
         lora = self._lora_params[rows, ri].sum(1) * self.lora_elem
+        vals = self._bgrid[rows, bi]
         shared = np.array(
-            [self.backend.shared_bytes(sorted({self.space.bits[i] for i in row} - {UNQUANTIZED_BITS})) for row in bi]
+            [self.backend.shared_bytes(sorted(set(row.tolist()) - {UNQUANTIZED_BITS})) for row in vals]
         )
         return static + lora + shared + self.base_bytes
 

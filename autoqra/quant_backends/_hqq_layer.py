@@ -33,3 +33,50 @@ class HQQLinear(_hqq.HQQLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return dequant_linear(x, self._dequant_t, self.compute_dtype, self.bias)
+
+
+class HQQEmbedding(HQQLinear):
+    """A token embedding whose ``(vocab, hidden)`` weight is an HQQ-quantized matrix (``axis=1``).
+
+    ``forward(ids)`` gathers only the packed rows it looks up (4 or 8 bits) and dequantizes those:
+    no dequantized copy of the table is kept or built. The same storage serves a tied output head
+    (:meth:`head`): an ``HQQLinear`` sharing ``W_q`` and the scales/zeros, i.e. the dequantize-matmul.
+    """
+
+    padding_idx: int | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return embed_rows(self, ids)
+
+    def head(self) -> HQQLinear:
+        """An ``HQQLinear`` over this embedding's storage (the tied output head)."""
+        h = HQQLinear.__new__(HQQLinear)
+        h.__dict__.update(self.__dict__)
+        h._parameters = dict(self._parameters)
+        h._buffers = dict(self._buffers)
+        h._modules = dict(self._modules)
+        h.__dict__.pop("padding_idx", None)
+        return h
+
+
+def embed_rows(q: HQQLinear, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of the dequantized ``(vocab, hidden)`` weight of ``q`` (``axis=1`` grouping, 4 or 8 bits)."""
+    meta = q.meta
+    nbits, g = int(meta["nbits"]), int(meta["group_size"])
+    vocab, hidden = meta["shape"]
+    k = hidden // g  # groups per row
+    flat = ids.reshape(-1).long()
+    gi = flat[:, None] * k + torch.arange(k, device=flat.device)  # (N, k) group indices
+    w = q.W_q
+    if nbits == 8:
+        vals = w[gi]
+    elif nbits == 4:
+        half = w.shape[0]
+        packed = w[gi % half]
+        vals = torch.where((gi < half)[..., None], packed >> 4, packed & 0xF)
+    else:  # pragma: no cover - the backend offers 4 and 8 bits only
+        raise ValueError(f"quantized embedding lookup supports 4 and 8 bits, not {nbits}")
+    scale = meta["scale"].reshape(-1)[gi][..., None]
+    zero = meta["zero"].reshape(-1)[gi][..., None]
+    rows = (vals.to(scale.dtype) - zero) * scale
+    return rows.reshape(*ids.shape, hidden).to(q.compute_dtype)

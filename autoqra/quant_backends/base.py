@@ -183,6 +183,37 @@ class QuantBackend(abc.ABC):
         parameters). ``metadata_bytes`` covers scales, zero points, absmax and similar.
         """
 
+    # ------------------------------------------------------------ embedding / head
+    def embedding_bits(self, unit: Any) -> tuple[int, ...]:
+        """Quantized bit-widths this backend stores for an embedding / head unit (:mod:`autoqra.units`).
+
+        Default: an untied output head (an ``nn.Linear``) takes every supported bit-width whose
+        :meth:`weight_bytes` accepts its shape; an embedding (with or without its tied head) none — a
+        backend that can look rows up in its quantized storage overrides this (HQQ).
+        """
+        if unit.kind != "head":
+            return ()
+        t = unit.tensors[0]
+        return tuple(b for b in self.supported_bits if self._shape_ok(t.out_features, t.in_features, b))
+
+    def _shape_ok(self, out_features: int, in_features: int, bits: int) -> bool:
+        try:
+            self.weight_bytes(out_features, in_features, bits)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    def quantize_embedding(self, embedding: nn.Embedding, bits: int) -> nn.Module:
+        """A module computing ``embedding`` (lookup of token rows) from quantized storage at ``bits``."""
+        raise ValueError(
+            f"backend {self.name!r} cannot quantize a token embedding (it has no quantized row lookup); "
+            "use backend 'hqq' for embeddings, or embeddings='keep'"
+        )
+
+    def tied_head(self, embedding: nn.Module) -> nn.Module:
+        """The output head computing ``x @ Wᵀ`` from the quantized embedding's own storage (tied weights)."""
+        raise ValueError(f"backend {self.name!r} cannot serve a tied output head from a quantized embedding")
+
     def shared_bytes(self, bits_used: Iterable[int]) -> int:
         """Bytes of tensors shared by all quantized layers (allocated once per model), e.g. a codebook."""
         return 0

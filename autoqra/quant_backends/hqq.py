@@ -216,6 +216,39 @@ class HQQBackend(QuantBackend):
             q.meta[key] = _compact(q.meta[key])
         return q
 
+    # ------------------------------------------------------------ embedding / head
+    def embedding_bits(self, unit: Any) -> tuple[int, ...]:
+        """4 and 8 bits for an embedding (its rows are looked up in the packed storage: ``axis=1`` and a
+        ``group_size`` dividing the hidden size) and for a head (tied or not: the dequantize-matmul)."""
+        t = unit.tensors[0]
+        if unit.kind == "embedding" and (self.axis != 1 or t.in_features % self.group_size):
+            return ()
+        return tuple(b for b in (4, 8) if self._shape_ok(t.out_features, t.in_features, b))
+
+    def quantize_embedding(self, embedding: nn.Embedding, bits: int) -> nn.Module:
+        """An :class:`~autoqra.quant_backends._hqq_layer.HQQEmbedding` of ``embedding`` at 4 or 8 bits
+        (its bytes are :meth:`weight_bytes` of ``(vocab, hidden)``)."""
+        bits = self._bits(bits)
+        if bits == UNQUANTIZED_BITS:
+            return embedding
+        vocab, hidden = embedding.weight.shape
+        if bits not in (4, 8) or self.axis != 1 or hidden % self.group_size:
+            raise ValueError(f"backend 'hqq' quantizes embeddings at 4 or 8 bits with axis=1 and a group_size "
+                             f"dividing the hidden size ({hidden}); got bits={bits}, axis={self.axis}, "
+                             f"group_size={self.group_size}")
+        require("hqq.core.quantize", _FEATURE)
+        from autoqra.quant_backends._experts import linear_shell
+        from autoqra.quant_backends._hqq_layer import HQQEmbedding
+
+        q = self.quantize(linear_shell(embedding.weight), bits)
+        q.__class__ = HQQEmbedding
+        q.padding_idx = embedding.padding_idx
+        return q
+
+    def tied_head(self, embedding: nn.Module) -> nn.Module:
+        """The tied output head over a quantized embedding's own storage (no bytes of its own)."""
+        return embedding.head()
+
     # ------------------------------------------------------------------ inspection
     def owns(self, module: nn.Module) -> bool:
         """Whether ``module`` is an ``HQQLinear``."""
@@ -241,7 +274,10 @@ class HQQBackend(QuantBackend):
     def export_module(self, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """hqq's own safetensors-compatible state (``W_q``, scale, zero, encoded config fields, bias)."""
         tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
-        return tensors, {"compute_dtype": str(module.compute_dtype).removeprefix("torch.")}
+        meta: dict[str, Any] = {"compute_dtype": str(module.compute_dtype).removeprefix("torch.")}
+        if hasattr(module, "head"):  # an HQQEmbedding
+            meta["embedding"] = {"padding_idx": module.padding_idx}
+        return tensors, meta
 
     def load_module(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: str = "cpu") -> nn.Module:
         layer_cls = _layer_class()
@@ -259,6 +295,11 @@ class HQQBackend(QuantBackend):
             q.bias = q.bias.to(dtype)
         q.ready = True
         q.in_gpu = str(device).startswith("cuda")
+        if "embedding" in meta:
+            from autoqra.quant_backends._hqq_layer import HQQEmbedding
+
+            q.__class__ = HQQEmbedding
+            q.padding_idx = meta["embedding"].get("padding_idx")
         return q
 
     def prepare_for_peft(self, model: nn.Module) -> None:

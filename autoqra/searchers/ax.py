@@ -92,7 +92,8 @@ class AxSearcher(Searcher):
     def _names(self) -> list[tuple[str, int, tuple[int, ...]]]:
         """``(parameter name, position in encode(), ladder)`` for every ladder with >= 2 values."""
         sp, n = self.ctx.space, self.ctx.space.n_units
-        out = [(f"b{i}", i, sp.bits) for i in range(n)] + [(f"r{i}", n + i, sp.ranks) for i in range(n)]
+        out = ([(f"b{i}", i, sp.unit_bits(i)) for i in range(n)]  # each unit's own options (embedding / head)
+               + [(f"r{i}", n + i, sp.unit_ranks(i)) for i in range(n)])
         return [t for t in out if len(t[2]) > 1]
 
     @property

@@ -63,10 +63,9 @@ def warm_start_seed(
 def _uniform_start(space: SearchSpace, rank_options: list[np.ndarray], bytes_of: Callable[[np.ndarray], int],
                    budget_bytes: int) -> np.ndarray | None:
     """All units at the highest bit-width where one of ``rank_options`` (tried in order) fits; None if none."""
-    n = space.n_units
     for b in reversed(range(len(space.bits))):
         for r in rank_options:
-            x = np.concatenate([np.full(n, b), r]).astype(np.int64)
+            x = space.uniform_encoded(b, r)  # embedding / head units at 16 bits (their top), rank 0
             if bytes_of(x) <= budget_bytes:
                 return x
     return None
@@ -275,8 +274,8 @@ class SwapMutation(Mutation):
 
     def move(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One byte-neutral move of a (repaired) encoding."""
-        upper = np.asarray(self.table.shape[1:], dtype=np.int64) - 1
-        upper = np.concatenate([np.full(self.table.shape[0], upper[0]), np.full(self.table.shape[0], upper[1])])
+        fin = np.isfinite(self.table)  # each unit's options: the finite prefix of its rows (embedding / head units)
+        upper = np.concatenate([fin.any(2).sum(1), fin.any(1).sum(1)]).astype(np.int64) - 1
         x = self.repair_fn(np.asarray(x, dtype=np.int64))
         if rng.random() < 0.5:
             return swap_down(x, upper, self.table, self.bytes_of, self.budget, rng, self.top)
