@@ -221,3 +221,20 @@ def test_an_8b_shaped_plan_lists_the_embedding_and_head_options():
         ref = mm.predict_encoded(sp.uniform_encoded(2, 2))  # both at 16 bits
         assert ref.model_bytes - bd.model_bytes == 2 * emb * 2 - want
         assert bd.activation_bytes > 0 and bd.train_bytes > bd.model_bytes
+
+
+@pytest.mark.slow
+def test_smollm2_embedding_options_are_exact(smollm2):
+    """SmolLM2's tied embedding at 8 and 4 bits (and 16): predicted model bytes = live tensors; the references
+    (B4 = uniform 4-bit r8 with the embedding 16-bit) keep their bytes."""
+    model, _ = smollm2
+    sp = SearchSpace.from_model(model, bits=(2, 3, 4, 8), ranks=(0, 8), embeddings="search")
+    assert sp.unit_names[0] == "model.embed_tokens" and sp.n_units == 31 and sp.unit_bits(0) == (4, 8, 16)
+    mm = MemoryModel(model, sp, "hqq")
+    keep = SearchSpace.from_model(model, bits=(2, 3, 4, 8), ranks=(0, 8))
+    assert mm.budget_bytes("4bit") == MemoryModel(model, keep, "hqq").budget_bytes("4bit")
+    rng = np.random.default_rng(0)
+    for e in (8, 4):
+        a = sp.sample(rng)
+        a = Assignment(a.units, [e, *a.bits[1:]], a.ranks)
+        assert mm.predict(a).model_bytes == measure_memory(apply_assignment(model, a, "hqq", space=sp)).model_bytes
