@@ -238,3 +238,12 @@ def test_smollm2_embedding_options_are_exact(smollm2):
         a = sp.sample(rng)
         a = Assignment(a.units, [e, *a.bits[1:]], a.ranks)
         assert mm.predict(a).model_bytes == measure_memory(apply_assignment(model, a, "hqq", space=sp)).model_bytes
+
+
+def test_layer_picture_labels_the_embedding_and_head_units():
+    from autoqra.report.layers import _unit_labels
+
+    tied = SearchSpace.from_model(tiny_llama(), embeddings="search")
+    untied = SearchSpace.from_model(untied_llama(), embeddings="search")
+    assert _unit_labels(tied) == (["embed+head", "0", "1"], "model.layers.")
+    assert _unit_labels(untied) == (["embed", "0", "1", "head"], "model.layers.")

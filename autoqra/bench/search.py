@@ -91,19 +91,21 @@ def random_search(bench: Any, ref_id: str) -> tuple[Any, dict[str, Any], int]:
     be, store = ev.backend, bench.store_for(ref.config, row.budget if row else "4bit")
     store.check_compatible({"model": bench.fp, "backend": be.spec(), "evaluator": ev.spec()})
     imp = Importance.from_dict(ref.info["importance"])
-    repair = make_repair(bench.memory["hqq"].with_space(bench.space), ref.budget_bytes, imp.q, imp.r, "model")
+    space = ref.space  # the reference search's space (with the embedding / head units by default)
+    mm = bench.memory["hqq"].with_space(space)
+    repair = make_repair(mm, ref.budget_bytes, imp.q, imp.r, "model")
     rng, cands = np.random.default_rng(bench.p.search_seed), []
     for _ in range(100 * max(n, 1)):
         if len(cands) >= n:
             break
-        a = repair(bench.space.sample(rng))
+        a = repair(space.sample(rng))
         if a not in cands:
             cands.append(a)
     high = Fidelity(cfg.resolved("high_steps"), "high")
     t0, ev_now, n_run, hist = time.perf_counter(), 0.0, 0, []
     for a in cands:
         key = trial_key(a, high, ev.spec(), be.spec(), bench.fp)
-        t, ran = stored_evaluation(store, key, ev, a, high, "random", bench.memory["hqq"].predict(a).to_dict(),
+        t, ran = stored_evaluation(store, key, ev, a, high, "random", mm.predict(a).to_dict(),
                                    bench.p.search_seed, {"budget_bytes": ref.budget_bytes})
         if ran:
             res = t.result

@@ -338,9 +338,13 @@ def measure_cost_model(evaluator: Any, space: SearchSpace, calib_blocks: torch.T
                          ref_bits, rank_probes_n, loo_blocks, t1, progress)
     gains, info = _rank_table(space, probes, steps, final_steps or steps) if probes.loo \
         else (np.zeros((space.n_units, len(space.ranks))), {})
-    cm = CostModel(getattr(space, "all_bits", space.bits), space.ranks, quant, gains, steps, ref_bits,
-                   time.perf_counter() - t0,
-                   rank_gain_probe=probe_table(probes, space.ranks) if probes.loo else gains, rank_info=info)
+    probe = probe_table(probes, space.ranks) if probes.loo else gains
+    ranks = tuple(space.ranks)
+    if 0 not in ranks and not all(u.has_rank for u in space.units):  # embedding / head units sit at rank 0
+        ranks = (0, *ranks)
+        gains, probe = (np.hstack([np.zeros((space.n_units, 1)), t]) for t in (gains, probe))
+    cm = CostModel(getattr(space, "all_bits", space.bits), ranks, quant, gains, steps, ref_bits,
+                   time.perf_counter() - t0, rank_gain_probe=probe, rank_info=info)
     log.info("cost model in %.1f s: quantization damage %.4f-%.4f nats, rank gain at r=%d %.4f-%.4f nats "
              "(horizon factor %.2f)", cm.seconds, quant.max(1).min(), quant.max(), space.ranks[-1], gains[:, -1].min(),
              gains[:, -1].max(), info.get("horizon_factor", 1.0))

@@ -22,6 +22,24 @@ def _strip_prefix(names: Sequence[str]) -> tuple[list[str], str]:
     return [n[len(pre):] for n in names], pre
 
 
+def _unit_labels(space) -> tuple[list[str], str]:
+    """Tick labels: block units without their common prefix (``0``, ``1``, ...), embedding / head units as
+    ``embed`` (``embed+head`` when tied) and ``head``."""
+    units = list(space.units)
+    blocks = [u.name for u in units if getattr(u, "has_rank", True)]
+    short, pre = _strip_prefix(blocks)
+    it = iter(short)
+    out = []
+    for u in units:
+        if getattr(u, "has_rank", True):
+            out.append(next(it))
+        elif u.kind == "embedding":
+            out.append("embed+head" if len(u.tensors) > 1 else "embed")
+        else:
+            out.append("head")
+    return out, pre
+
+
 def _heat_row(ax, colour: Sequence[float], text: Sequence[str] | None, cmap: str, label: str,
               vmin: float, vmax: float) -> None:
     arr = np.asarray(colour, dtype=float)[None, :]
@@ -74,13 +92,14 @@ def layers_figure(result) -> Figure:
     if not rows or n == 0:
         fig.text(0.5, 0.5, "no chosen point and no importance priors in this result", ha="center")
         return fig
-    short, pre = _strip_prefix(names)
+    short, pre = _unit_labels(result.space)
     axes = fig.subplots(len(rows), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (colour, txt, cmap, lab, lo, hi) in zip(axes, rows):
         _heat_row(ax, colour, txt, cmap, lab, lo, hi)
     step = max(1, math.ceil(n / 40))
     axes[-1].set_xticks(range(0, n, step), short[::step], fontsize=8, rotation=0 if n <= 40 else 90)
-    axes[-1].set_xlabel(f"unit ({pre}N)" if pre and all(x.isdigit() for x in short) else "unit")
+    blocks_only = [x for x, u in zip(short, result.space.units) if getattr(u, "has_rank", True)]
+    axes[-1].set_xlabel(f"unit ({pre}N)" if pre and all(x.isdigit() for x in blocks_only) else "unit")
     best = result.best
     title = "No feasible point chosen" if best is None else (
         f"Chosen point: mean {mean_bits(result, best):.2f} bits, "
