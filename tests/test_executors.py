@@ -305,7 +305,8 @@ def test_optimize_closes_only_its_own_executor_even_on_ctrl_c(tiny, parts, monke
 
     monkeypatch.setattr(Progress, "trial", interrupt)
     ev = ScoreEvaluator(parts[2])
-    opts = dict(evaluator=ev, bits=(2, 4, 8), ranks=(0, 4, 8), preset="tiny", progress=False)
+    opts = dict(evaluator=ev, bits=(2, 4, 8), ranks=(0, 4, 8), preset="tiny", progress=False,
+                embeddings="keep")  # the evaluator was built on the space without the embedding unit
     with pytest.raises(KeyboardInterrupt):
         autoqra.optimize(tiny, "4bit", **opts)
     assert len(closed) == 1 and closed[0].evaluator is ev
