@@ -49,7 +49,7 @@ def load():
 
 def budgets(model, tok) -> dict[str, int]:
     """The compare harness's budgets: B4 = uniform 4-bit HQQ r8 model bytes; Bmid = half-way to uniform 3-bit r8."""
-    su = prepare(model, OptimizeConfig(preset="demo"), tokenizer=tok)
+    su = prepare(model, OptimizeConfig(preset="demo", embeddings="keep"), tokenizer=tok)
     b4 = su.memory.predict(su.space.uniform(4, 8)).model_bytes
     b3 = su.memory.predict(su.space.uniform(3, 8)).model_bytes
     return {"B4": int(b4), "Bmid": int((b3 + b4) // 2)}

@@ -119,9 +119,11 @@ def test_ray_and_local_run_the_same_trials(tiny, ray_run):
     assert {t.key: t.score for t in res.history} == {t.key: t.score for t in local.history}
     assert [t.key for t in res.history] == [t.key for t in local.history]  # kept in candidate order
     assert res.best.key == local.best.key and len(res.history) >= 10
-    with TrialStore(path) as st:  # trials ran on both workers
-        workers = {t["extra"]["worker"]["pid"] for t in st.trials()}
+    with TrialStore(path) as st:  # search trials ran on both workers; the final rung's in this process
+        workers = {t["extra"]["worker"]["pid"] for t in st.trials() if t["phase"] != "final"}
+        final = {t["extra"]["worker"]["pid"] for t in st.trials() if t["phase"] == "final"}
     assert len(workers) == 2 and os.getpid() not in workers
+    assert final == {os.getpid()}
     assert 0 <= res.info["overhead_fraction"] < 1 and res.info["eval_seconds"] <= res.info["wall_seconds"]
 
 
