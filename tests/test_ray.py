@@ -158,7 +158,8 @@ def test_killed_worker_is_retried_then_recorded_failed(pool, tiny, tmp_path):
     ev = KillingEvaluator(tiny, space, "hqq", train=TRAIN, eval_blocks=2, seed=0, kills={4: 1, 2: 2},
                           marker_dir=tmp_path)
     pids = {w["pid"] for w in pool.workers_info()}
-    res = autoqra.optimize(tiny, "4bit", evaluator=ev, seed=0, executor=pool, **{**SMALL, "phase2": None})
+    res = autoqra.optimize(tiny, "4bit", evaluator=ev, seed=0, executor=pool, embeddings="keep",  # ev's space
+                           **{**SMALL, "phase2": None})
     base = {name.split("-")[1]: t for name, t in res.baselines.items()}
     assert base["4bit"].result.ok  # died once, retried on a restarted worker
     assert base["2bit"].result.status == "failed" and "worker died 2 times" in base["2bit"].result.error
