@@ -192,14 +192,13 @@ def main(argv=None) -> int:
     cands = candidates(su, budget)
     log.info("%d candidates at B4 = %d bytes (%s, %s)", len(cands), budget, cpu_name(), su.precision)
     if not args.report_only:
-        for name, a in cands.items():
+        for name, a in cands.items():  # every candidate's rungs first (minutes), then the final trainings
             key = a.to_json()
             for m in args.modes:
                 if cache.get(f"rungs:{m}:{key}") is None:
                     cache.put(f"rungs:{m}:{key}", rung_scores(model, tok, cfg, a, m))
                 log.info("%s rungs %s: %s", name, m, cache.get(f"rungs:{m}:{key}"))
-            if args.skip_finals:
-                continue
+        for name, a in ([] if args.skip_finals else cands.items()):
             for s in FINAL_SEEDS:
                 log.info("%s final seed %d: %s", name, s, final_scores(model, tok, cfg, a, s, cache))
             doc = report(cands, su, cache, ["constant", "wsd"])
