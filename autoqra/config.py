@@ -196,7 +196,10 @@ class OptimizeConfig:
         evaluator: "finetune" or "lm_eval".
         evaluator_options: extra keyword arguments of the evaluator (e.g. ``task``, ``limit``).
         phase1 / phase2: searcher names (phase2 ``None`` skips Phase II).
-        bits / ranks / granularity / target_modules: the search space.
+        bits / ranks / granularity / target_modules: the search space. ``ranks`` defaults to (4, 8, 16): an
+            adapter on every block. With rank 0 allowed the search sold adapters for 8-bit blocks and lost after
+            the final training every time it was compared on SmolLM2 (README, "Choosing for the training you
+            will run"); pass ``ranks=(0, 4, 8, 16)`` for the paper's ladder.
         embeddings: ``"search"`` (default: the token embedding and the output head are units with bits
             16 / 8 / 4 where the backend stores them, no rank; one unit when tied) or ``"keep"`` (16-bit,
             outside the space: the paper's space). Budget references (``"4bit"``) keep them 16-bit either way.
@@ -271,7 +274,7 @@ class OptimizeConfig:
     phase1: str = "nsga2"
     phase2: str | None = "local"
     bits: tuple[int, ...] = attrs.field(default=(2, 3, 4, 8), converter=_int_tuple)
-    ranks: tuple[int, ...] = attrs.field(default=(0, 4, 8, 16), converter=_int_tuple)
+    ranks: tuple[int, ...] = attrs.field(default=(4, 8, 16), converter=_int_tuple)
     granularity: str = attrs.field(default="block", validator=_one_of("block", "module"))
     target_modules: tuple[str, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
     embeddings: str = attrs.field(default="search", validator=_one_of("search", "keep"))

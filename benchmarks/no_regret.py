@@ -37,13 +37,13 @@ WORK = ROOT / "runs" / "no_regret"
 
 
 def search(model, tok, name: str, budget: int, seed: int, cache: Cache) -> dict:
-    key = f"search:{name}:{seed}"
+    cfg = OptimizeConfig(budget=budget, preset="demo", seed=seed)
+    key = search_key(name, seed, cfg)
     if cache.get(key) is not None:
         return cache.get(key)
     WORK.mkdir(parents=True, exist_ok=True)
-    cfg = OptimizeConfig(budget=budget, preset="demo", seed=seed)
     t0 = time.perf_counter()
-    res = autoqra.optimize(model, tokenizer=tok, config=cfg, store=WORK / f"{name}-s{seed}.db", progress=True)
+    res = autoqra.optimize(model, tokenizer=tok, config=cfg, store=WORK / f"{key.replace(':', '-')}.db", progress=True)
     wall = time.perf_counter() - t0
     cm = res.info.get("cost_model") or {}
     fr = res.info.get("final_rung") or []
@@ -60,6 +60,11 @@ def search(model, tok, name: str, budget: int, seed: int, cache: Cache) -> dict:
            "evaluations": len(res.history)}
     cache.put(key, out)
     return out
+
+
+def search_key(name: str, seed: int, cfg: OptimizeConfig) -> str:
+    """Cache key of one search: budget, seed and the rank ladder (the default ladder changed once)."""
+    return f"search:{name}:{seed}:r{'-'.join(map(str, cfg.ranks))}"
 
 
 def rank_spearman(cm: dict, final_rung: list[dict]) -> dict:
@@ -154,7 +159,7 @@ def main(argv=None) -> int:
     runs = []
     for name in args.budgets:
         for seed in args.seeds:
-            key = f"search:{name}:{seed}"
+            key = search_key(name, seed, OptimizeConfig(preset="demo"))
             if args.report_only and cache.get(key) is None:
                 continue
             run = search(model, tok, name, bud[name], seed, cache)

@@ -27,7 +27,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--evaluator", help="finetune | lm_eval (default finetune)")
     o.add_argument("--preset", help="demo (~15 min on 2 cores) | tiny | default")
     o.add_argument("--bits", type=int, nargs="+", help="bit ladder (default 2 3 4 8)")
-    o.add_argument("--ranks", type=int, nargs="+", help="rank ladder (default 0 4 8 16)")
+    o.add_argument("--ranks", type=int, nargs="+", help="rank ladder (default 4 8 16: an adapter on every block; add 0 to allow none)")
     o.add_argument("--granularity", choices=["block", "module"])
     o.add_argument("--embeddings", choices=["search", "keep"],
                    help="search: the token embedding / output head are units (16/8/4 bits, no rank; default); "
