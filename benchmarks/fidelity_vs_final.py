@@ -184,10 +184,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     cache = Cache(RESULTS / "fidelity_vs_final.cache.json")
     model, tok = load()
-    cfg0 = OptimizeConfig(preset="demo", embeddings="keep")  # the decoder blocks only, as in the earlier runs
+    cfg0 = OptimizeConfig(preset="demo", embeddings="keep", ranks=(0, 4, 8, 16))  # the space of the earlier runs
     su = prepare(model, cfg0, tokenizer=tok)
     budget = su.memory.predict(su.space.uniform(4, 8)).model_bytes
-    cfg = OptimizeConfig(preset="demo", budget=budget, embeddings="keep")
+    cfg = OptimizeConfig(preset="demo", budget=budget, embeddings="keep", ranks=(0, 4, 8, 16))
     su = prepare(model, cfg, tokenizer=tok)
     cands = candidates(su, budget)
     log.info("%d candidates at B4 = %d bytes (%s, %s)", len(cands), budget, cpu_name(), su.precision)
