@@ -184,9 +184,6 @@ class FinalCheckpoints:
     def __init__(self, root: str | Path, model_fp: str | None, every: int = 25) -> None:
         self.root, self.model_fp, self.every = Path(root), model_fp, int(every)
 
-    def folder(self, evaluator: FinetuneEvaluator, assignment: Any, steps: int) -> Path:
-        return self.root / identity_digest(training_identity(evaluator, assignment, steps, self.model_fp))
-
     def __call__(self, evaluator: FinetuneEvaluator, assignment: Any, steps: int) -> Checkpointer:
         ident = training_identity(evaluator, assignment, steps, self.model_fp)
         return Checkpointer(self.root / identity_digest(ident), ident, steps, self.every)

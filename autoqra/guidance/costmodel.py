@@ -29,9 +29,11 @@ trial scores (``Result.info["cost_model"]``).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -179,6 +181,20 @@ def _unit_layers(pm: nn.Module, space: SearchSpace) -> list[list[nn.Module]]:
     return out
 
 
+@contextlib.contextmanager
+def adapters_off(layers: list[nn.Module]) -> Iterator[None]:
+    """Switch the LoRA adapters of ``layers`` off (peft ``scaling = 0``) and restore their scalings after."""
+    saved = [dict(layer.scaling) for layer in layers]
+    for layer in layers:
+        for k in layer.scaling:
+            layer.scaling[k] = 0.0
+    try:
+        yield
+    finally:
+        for layer, sc in zip(layers, saved):
+            layer.scaling.update(sc)
+
+
 @torch.no_grad()
 def leave_one_out(evaluator: Any, pm: nn.Module, space: SearchSpace, progress: ProgressFn | None = None) -> np.ndarray:
     """Held-out loss increase when each unit's adapters are switched off in turn (nats/token).
@@ -197,14 +213,8 @@ def leave_one_out(evaluator: Any, pm: nn.Module, space: SearchSpace, progress: P
             if progress is not None:
                 progress("leave-one-out", u + 1, space.n_units)
             continue
-        saved = [dict(layer.scaling) for layer in layers]
-        for layer in layers:
-            for k in layer.scaling:
-                layer.scaling[k] = 0.0
-        with rp.below(rp.first_layer(space.units[u].modules)):
+        with adapters_off(layers), rp.below(rp.first_layer(space.units[u].modules)):
             s, _ = evaluator.score(pm)
-        for layer, sc in zip(layers, saved):
-            layer.scaling.update(sc)
         out[u] = base - s  # score = -loss: switching a useful adapter off lowers the score
         if progress is not None:
             progress("leave-one-out", u + 1, space.n_units)
@@ -216,15 +226,8 @@ def whole_gain(evaluator: Any, pm: nn.Module) -> float:
     """The gain of all adapters together: score with every adapter on minus with every adapter off (nats)."""
     layers = [m for m in pm.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)]
     on, _ = evaluator.score(pm)
-    saved = [dict(m.scaling) for m in layers]
-    for m in layers:
-        for k in m.scaling:
-            m.scaling[k] = 0.0
-    try:
+    with adapters_off(layers):
         off, _ = evaluator.score(pm)
-    finally:
-        for m, sc in zip(layers, saved):
-            m.scaling.update(sc)
     return float(on - off)
 
 
