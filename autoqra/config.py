@@ -172,16 +172,16 @@ def _check_executor(cfg: Any) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     # a SmolLM2 search: 18-25 min on 2 CPU cores with native bf16, 49 min on 2 fp32-only cores (README: demo section)
     "demo": {"low_steps": 0, "mid_steps": 10, "high_steps": 30, "pop_size": 10, "promote_k": 2,
-             "max_generations": 2, "phase2_iterations": 4, "eval_blocks": 16, "importance_blocks": 8,
-             "final_steps": 60, "final_seeds": 1, "final_eval_blocks": 0},
+             "max_generations": 2, "phase2_iterations": 2, "eval_blocks": 16, "importance_blocks": 8,
+             "final_steps": 60, "final_seeds": 1, "final_eval_blocks": 0, "final_candidates": 2},
     # seconds, for tests on the tiny model
     "tiny": {"low_steps": 0, "mid_steps": 2, "high_steps": 4, "pop_size": 4, "promote_k": 1, "max_generations": 2,
              "phase2_iterations": 2, "eval_blocks": 4, "importance_blocks": 4, "final_steps": 6, "final_seeds": 1,
-             "final_eval_blocks": 4},
+             "final_eval_blocks": 4, "final_candidates": 3},
     # a real search (hours on CPU; minutes per candidate on a GPU)
     "default": {"low_steps": 0, "mid_steps": 20, "high_steps": 60, "pop_size": 24, "promote_k": 4,
                 "max_generations": 12, "phase2_iterations": 20, "eval_blocks": 64, "importance_blocks": 16,
-                "final_steps": 300, "final_seeds": 2, "final_eval_blocks": 0},
+                "final_steps": 300, "final_seeds": 2, "final_eval_blocks": 0, "final_candidates": 3},
 }
 
 
@@ -234,7 +234,7 @@ class OptimizeConfig:
             best of them are trained with exactly the final recipe (``train``, ``final_steps``), paired, once
             per training seed, and the best mean validation score is the answer; ``Result.train()`` reads
             that training back. ``False``: choose on the top rung's score (the previous behaviour).
-        final_candidates: search candidates entered in the final rung.
+        final_candidates: search candidates entered in the final rung (preset: 2 in demo, 3 otherwise).
         final_seeds: training seeds of the final rung (``seed``, ``seed + 1``, ...; preset: 1 in demo/tiny,
             2 in default).
         final_eval_blocks: validation blocks the final rung scores (0 = the whole validation split).
@@ -297,7 +297,7 @@ class OptimizeConfig:
     knapsack_k: int = attrs.field(default=3, validator=_non_negative)
     final_steps: int | None = attrs.field(default=None, validator=_opt_positive_int)
     final_rung: bool = attrs.field(default=True, validator=_bool)
-    final_candidates: int = attrs.field(default=3, validator=_positive)
+    final_candidates: int | None = attrs.field(default=None, validator=_opt_positive_int)
     final_seeds: int | None = attrs.field(default=None, validator=_opt_positive_int)
     final_eval_blocks: int | None = attrs.field(default=None, validator=_opt_non_negative_int)
     final_uniform_margin: float = attrs.field(default=0.1, validator=_non_negative)

@@ -121,7 +121,7 @@ class SearchSettings:
             warm_start=cfg.warm_start, max_trials=cfg.max_trials, time_limit=cfg.time_limit,
             phase2_batch=cfg.phase2_batch, phase1_options=opts,
             final=FinalRungSettings(cfg.resolved("final_steps"), [cfg.seed + i for i in range(cfg.resolved("final_seeds"))],
-                                    cfg.final_candidates, cfg.final_uniform_margin) if cfg.final_rung else None)
+                                    cfg.resolved("final_candidates"), cfg.final_uniform_margin) if cfg.final_rung else None)
 
 
 class AutoQRA:

@@ -3,14 +3,16 @@ harness's budgets and the library's final recipe (``TrainSpec``, ``final_steps``
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
 
 import autoqra
 from autoqra.api import prepare
-from autoqra.config import OptimizeConfig
+from autoqra.config import PRESETS, OptimizeConfig
 from autoqra.evaluators.finetune import FinetuneEvaluator, heldout_metrics
 from autoqra.precision import compute_dtype, cpu_name, resolve_precision
 from autoqra.space import Assignment
@@ -20,8 +22,8 @@ RESULTS = ROOT / "results"
 FINAL_SEEDS = (0, 1)
 FINAL_TEST_BLOCKS = 64
 
-__all__ = ["FINAL_SEEDS", "FINAL_TEST_BLOCKS", "RESULTS", "ROOT", "Cache", "budgets", "cpu_name", "final_scores",
-           "load"]
+__all__ = ["EMBEDDING_UNITS", "FINALS", "FINAL_SEEDS", "FINAL_TEST_BLOCKS", "RESULTS", "ROOT", "SEARCHES", "Cache",
+           "budgets", "cpu_name", "demo_search", "final_key", "final_scores", "load", "search_key"]
 
 
 class Cache:
@@ -55,14 +57,36 @@ def budgets(model, tok) -> dict[str, int]:
     return {"B4": int(b4), "Bmid": int((b3 + b4) // 2)}
 
 
+#: SmolLM2's embedding / head unit (tied): at 16 bits it is the same model as a space without it
+EMBEDDING_UNITS = ("model.embed_tokens", "lm_head")
+FINALS = RESULTS / "finals.cache.json"
+SEARCHES = RESULTS / "searches.cache.json"
+
+
+def final_key(a: Assignment, seed: int, steps: int = 60) -> str:
+    """Cache key of one final training: the assignment without 16-bit embedding / head units (the same model
+    with ``embeddings="keep"``), the training seed, the steps when not 60."""
+    keep = [i for i, (u, b) in enumerate(zip(a.units, a.bits)) if not (u in EMBEDDING_UNITS and b == 16)]
+    c = Assignment([a.units[i] for i in keep], [a.bits[i] for i in keep], [a.ranks[i] for i in keep])
+    return f"final:{c.to_json()}:{seed}" + ("" if steps == 60 else f":{steps}")
+
+
 def final_scores(model, tok, cfg: OptimizeConfig, a: Assignment, seed: int, cache: Cache | None = None) -> dict:
     """The library's final recipe (``cfg.train``, ``final_steps``, its schedule) with training seed ``seed``:
-    test loss on 64 test blocks and loss on the whole validation split; cached by (assignment, seed, steps)."""
+    test loss on 64 test blocks and loss on the whole validation split; cached by (assignment, seed, steps) in
+    the benchmarks' shared ``results/finals.cache.json`` (``cache``: another file, for a study of its own)."""
     steps = cfg.resolved("final_steps")
-    key = f"final:{a.to_json()}:{seed}" + ("" if steps == 60 else f":{steps}")
-    if cache is not None and cache.get(key) is not None:
+    key = final_key(a, seed, steps)
+    cache = cache if cache is not None else Cache(FINALS)
+    if cache.get(key) is not None:
         return cache.get(key)
     su = prepare(model, cfg, tokenizer=tok)
+    a = Assignment.from_dict(a.to_dict())
+    if list(a.units) != list(su.space.unit_names):  # a space without the embedding unit: add it at 16 bits
+        bits = dict(zip(a.units, a.bits))
+        ranks = dict(zip(a.units, a.ranks))
+        a = Assignment(su.space.unit_names, [bits.get(u, 16) for u in su.space.unit_names],
+                       [ranks.get(u, 0) for u in su.space.unit_names])
     ev = FinetuneEvaluator(model, su.space.with_unquantized(), su.backend, data=su.evaluator.data, tokenizer=tok,
                            train=cfg.train, eval_blocks=FINAL_TEST_BLOCKS, eval_split="test", seed=seed,
                            track_peak=False, precision=su.precision)
@@ -70,6 +94,46 @@ def final_scores(model, tok, cfg: OptimizeConfig, a: Assignment, seed: int, cach
     ev.fit(pm, steps)
     out = {"test": ev.score(pm)[1]["loss"],
            "val": heldout_metrics(pm, ev.data.validation, ev.eval_batch_size, ev.precision)["loss"]}
-    if cache is not None:
-        cache.put(key, out)
+    cache.put(key, out)
+    return out
+
+
+def search_key(name: str, seed: int, cfg: OptimizeConfig) -> str:
+    """Cache key of one demo search: budget name, seed, rank ladder and a digest of the preset's sizes (the
+    default ladder and the demo preset changed once; a key names exactly what ran)."""
+    sizes = json.dumps({k: cfg.resolved(k) for k in sorted(PRESETS[cfg.preset])}, sort_keys=True)
+    return (f"search:{name}:{seed}:r{'-'.join(map(str, cfg.ranks))}:e-{cfg.embeddings}:"
+            f"{hashlib.sha256(sizes.encode()).hexdigest()[:8]}")
+
+
+def demo_search(model, tok, name: str, budget: int, seed: int, work: Path | None = None) -> dict:
+    """One ``autoqra.optimize`` at the demo preset's defaults (final rung included) with search seed ``seed``,
+    cached in the benchmarks' shared ``results/searches.cache.json`` (no_regret and every_byte read the same
+    runs); its trial store lives under ``runs/searches/`` so an interrupted search resumes."""
+    cfg = OptimizeConfig(budget=budget, preset="demo", seed=seed)
+    key = search_key(name, seed, cfg)
+    cache = Cache(SEARCHES)
+    if cache.get(key) is not None:
+        return cache.get(key)
+    work = work or ROOT / "runs" / "searches"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res = autoqra.optimize(model, tokenizer=tok, config=cfg, store=work / f"{key.replace(':', '-')}.db",
+                           progress=True)
+    wall = time.perf_counter() - t0
+    fr = res.info.get("final_rung") or []
+    a = res.best.assignment
+    out = {"budget": name, "budget_bytes": budget, "search_seed": seed, "cpu": cpu_name(),
+           "precision": res.info.get("precision"), "search_wall_seconds": wall,
+           "final_rung_seconds": res.info.get("final_rung_seconds"),
+           "chosen": {**a.to_dict(), "model_bytes": res.best.memory.model_bytes},
+           "chosen_label": next((e["label"] for e in fr if e["assignment"] == a.to_dict()), None),
+           "embedding_bits": {u.name: b for u, b in zip(res.space.units, a.bits) if not u.has_rank},
+           "baselines": {n: {**t.assignment.to_dict(), "model_bytes": t.memory.model_bytes}
+                         for n, t in res.baselines.items()},
+           "final_rung": [{"label": e["label"], "assignment": e["assignment"], "val_score": e["val_score"],
+                           "top_rung_score": e["top_rung_score"]} for e in fr],
+           "cost_model": res.info.get("cost_model") or {}, "stop_reasons": res.info.get("stop_reasons"),
+           "evaluations": len(res.history), "key": key}
+    cache.put(key, out)
     return out

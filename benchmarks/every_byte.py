@@ -9,8 +9,9 @@ Rows (no search): uniform 4-bit r8 (= B4), the same with the embedding / head at
 r8. Runs: the default search (``embeddings="search"``, whatever final choice is current) at B4 and Bmid with
 search seeds 0 and 1, each chosen point trained with the final recipe at final seeds 0 and 1.
 
-Resumable: every finished measurement is written to ``results/every_byte.cache.json`` at once (commit it) and
-every search keeps its trial store in ``runs/every_byte/``. ``--dry-run`` builds every row and prints its bytes.
+Resumable: every final training is written to the benchmarks' shared ``results/finals.cache.json`` at once and
+every search to ``results/searches.cache.json`` (the same searches as ``no_regret.py``; commit both); a search
+keeps its trial store in ``runs/searches/``. ``--dry-run`` builds every row and prints its bytes.
 
     python benchmarks/every_byte.py [--dry-run] [--budgets B4 Bmid] [--search-seeds 0 1] [--threads 2]
 """
@@ -21,12 +22,10 @@ import argparse
 import json
 import logging
 import sys
-import time
 
 import torch
-from _common import FINAL_SEEDS, RESULTS, ROOT, Cache, budgets, cpu_name, final_scores, load
+from _common import FINAL_SEEDS, RESULTS, budgets, cpu_name, demo_search, final_scores, load
 
-import autoqra
 from autoqra.api import prepare
 from autoqra.bench.rows import fixed_assignment
 from autoqra.config import OptimizeConfig
@@ -34,7 +33,6 @@ from autoqra.memory.model import MemoryModel
 from autoqra.space import Assignment
 
 log = logging.getLogger("every_byte")
-WORK = ROOT / "runs" / "every_byte"
 CONFIG = dict(preset="demo")  # the compare harness's search preset; embeddings="search" is the default
 
 
@@ -60,26 +58,9 @@ def spend(space, a: Assignment, mm: MemoryModel) -> dict:
     return {"model_bytes": int(mm.predict(a).model_bytes), "embedding_bits": emb}
 
 
-def tests(model, tok, a: Assignment, cache: Cache) -> list[float]:
+def tests(model, tok, a: Assignment) -> list[float]:
     cfg = OptimizeConfig(**CONFIG)
-    return [final_scores(model, tok, cfg, a, s, cache)["test"] for s in FINAL_SEEDS]
-
-
-def search(model, tok, name: str, budget: int, seed: int, cache: Cache) -> dict:
-    key = f"search:{name}:{seed}"
-    if cache.get(key) is not None:
-        return cache.get(key)
-    WORK.mkdir(parents=True, exist_ok=True)
-    cfg = OptimizeConfig(budget=budget, seed=seed, **CONFIG)
-    t0 = time.perf_counter()
-    res = autoqra.optimize(model, tokenizer=tok, config=cfg, store=WORK / f"{name}-s{seed}.db", progress=True)
-    a = res.best.assignment
-    out = {"budget": name, "budget_bytes": budget, "search_seed": seed,
-           "chosen": {**a.to_dict(), "model_bytes": res.best.memory.model_bytes},
-           "embedding_bits": {u.name: b for u, b in zip(res.space.units, a.bits) if not u.has_rank},
-           "search_wall_seconds": time.perf_counter() - t0, "precision": res.info.get("precision")}
-    cache.put(key, out)
-    return out
+    return [final_scores(model, tok, cfg, a, s)["test"] for s in FINAL_SEEDS]
 
 
 def gap_closed(x: float, lo: float, hi: float) -> float:
@@ -131,18 +112,18 @@ def main(argv=None) -> int:
                           {u.name: list(space.unit_bits(i)) for i, u in enumerate(space.units) if not u.has_rank},
                           "rows": info}, indent=1))
         return 0
-    cache = Cache(RESULTS / "every_byte.cache.json")
     doc: dict = {"cpu": cpu_name(), "precision": None, "budgets": bud,
                  "bytes": {k: v["model_bytes"] for k, v in info.items()}, "runs": []}
     for k, a in fixed.items():
-        doc[f"{k}_test"] = tests(model, tok, a, cache)
+        doc[f"{k}_test"] = tests(model, tok, a)
         write(doc)
     for name in args.budgets:
         for seed in args.search_seeds:
-            run = search(model, tok, name, bud[name], seed, cache)
+            run = {k: v for k, v in demo_search(model, tok, name, bud[name], seed).items()
+                   if k not in ("cost_model", "baselines")}
             doc["precision"] = doc["precision"] or run.get("precision")
             a = Assignment.from_dict({k: run["chosen"][k] for k in ("units", "bits", "ranks")})
-            doc["runs"].append({**run, "chosen_test": tests(model, tok, a, cache)})
+            doc["runs"].append({**run, "chosen_test": tests(model, tok, a)})
             write(doc)
     write(doc)
     return 0

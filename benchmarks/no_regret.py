@@ -10,7 +10,8 @@ previous one (``old``: the smallest rank's raw leave-one-out gains for every ran
 
 Run: .venv/bin/python benchmarks/no_regret.py [--budgets B4 Bmid] [--seeds 0 1 2] [--report-only]
 -> benchmarks/results/no_regret.json / .md, rewritten after each finished run. Resumable across sessions: every
-finished search and final training is kept in benchmarks/results/no_regret.cache.json (committed).
+finished search is kept in benchmarks/results/searches.cache.json and every final training in
+benchmarks/results/finals.cache.json (both committed, shared with every_byte.py).
 """
 
 from __future__ import annotations
@@ -19,52 +20,38 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import FINAL_SEEDS, RESULTS, ROOT, Cache, budgets, cpu_name, final_scores, load
+from _common import (
+    EMBEDDING_UNITS,
+    FINAL_SEEDS,
+    RESULTS,
+    SEARCHES,
+    Cache,
+    budgets,
+    cpu_name,
+    demo_search,
+    final_scores,
+    load,
+    search_key,
+)
 
-import autoqra
 from autoqra.config import OptimizeConfig
 from autoqra.guidance.costmodel import CostModel
 from autoqra.guidance.importance import spearman
 from autoqra.space import Assignment
 
 log = logging.getLogger("no_regret")
-WORK = ROOT / "runs" / "no_regret"
+EMB = EMBEDDING_UNITS
 
 
-def search(model, tok, name: str, budget: int, seed: int, cache: Cache) -> dict:
-    cfg = OptimizeConfig(budget=budget, preset="demo", seed=seed)
-    key = search_key(name, seed, cfg)
-    if cache.get(key) is not None:
-        return cache.get(key)
-    WORK.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    res = autoqra.optimize(model, tokenizer=tok, config=cfg, store=WORK / f"{key.replace(':', '-')}.db", progress=True)
-    wall = time.perf_counter() - t0
-    cm = res.info.get("cost_model") or {}
-    fr = res.info.get("final_rung") or []
-    out = {"budget": name, "budget_bytes": budget, "search_seed": seed, "cpu": cpu_name(),
-           "precision": res.info.get("precision"), "search_wall_seconds": wall,
-           "final_rung_seconds": res.info.get("final_rung_seconds"),
-           "chosen": {**res.best.assignment.to_dict(), "model_bytes": res.best.memory.model_bytes},
-           "chosen_label": next((e["label"] for e in fr if e["assignment"] == res.best.assignment.to_dict()), None),
-           "baselines": {n: {**t.assignment.to_dict(), "model_bytes": t.memory.model_bytes}
-                         for n, t in res.baselines.items()},
-           "final_rung": [{"label": e["label"], "assignment": e["assignment"], "val_score": e["val_score"],
-                           "top_rung_score": e["top_rung_score"]} for e in fr],
-           "rank_spearman": rank_spearman(cm, fr), "stop_reasons": res.info.get("stop_reasons"),
-           "evaluations": len(res.history)}
-    cache.put(key, out)
-    return out
-
-
-def search_key(name: str, seed: int, cfg: OptimizeConfig) -> str:
-    """Cache key of one search: budget, seed and the rank ladder (the default ladder changed once)."""
-    return f"search:{name}:{seed}:r{'-'.join(map(str, cfg.ranks))}"
+def search(model, tok, name: str, budget: int, seed: int) -> dict:
+    """The shared demo search (``_common.demo_search``) plus the rank tables' Spearman on its final rung."""
+    run = dict(demo_search(model, tok, name, budget, seed))
+    run["rank_spearman"] = rank_spearman(run.pop("cost_model", {}), run["final_rung"])
+    return run
 
 
 def rank_spearman(cm: dict, final_rung: list[dict]) -> dict:
@@ -81,24 +68,25 @@ def rank_spearman(cm: dict, final_rung: list[dict]) -> dict:
     return {name: float(spearman(np.array([m.predict(a) for a, _ in pts]), y)) for name, m in (("old", old), ("new", new))}
 
 
-def tests_of(model, tok, budget: int, a: dict, cache: Cache) -> list[float]:
+def tests_of(model, tok, budget: int, a: dict) -> list[float]:
     cfg = OptimizeConfig(budget=budget, preset="demo")
     asg = Assignment(a["units"], a["bits"], a["ranks"])
-    return [final_scores(model, tok, cfg, asg, s, cache)["test"] for s in FINAL_SEEDS]
+    return [final_scores(model, tok, cfg, asg, s)["test"] for s in FINAL_SEEDS]
 
 
-def complete(model, tok, run: dict, cache: Cache) -> dict:
+def complete(model, tok, run: dict) -> dict:
     """The run's final trainings (chosen point, fitting uniform baselines, uniform 4-bit r8)."""
     b = run["budget_bytes"]
     out = dict(run)
-    out["chosen_test"] = tests_of(model, tok, b, run["chosen"], cache)
+    out["chosen_test"] = tests_of(model, tok, b, run["chosen"])
     fitting = {n: a for n, a in run["baselines"].items() if a["model_bytes"] <= b and not n.startswith("16bit")}
-    tests = {n: tests_of(model, tok, b, a, cache) for n, a in fitting.items()}
+    tests = {n: tests_of(model, tok, b, a) for n, a in fitting.items()}
     best = min(tests, key=lambda n: np.mean(tests[n]))
     out["best_uniform_fitting"] = {"name": best, "test": tests[best]}
     out["uniform_fitting_tests"] = tests
-    u4 = next(a for n, a in run["baselines"].items() if n.startswith("uniform-4bit"))
-    out["uniform4_r8_test"] = tests_of(model, tok, b, {**u4, "ranks": [8] * len(u4["ranks"])}, cache)
+    units = run["chosen"]["units"]
+    out["uniform4_r8_test"] = tests_of(model, tok, b, {"units": units, "bits": [16 if u in EMB else 4 for u in units],
+                                                       "ranks": [0 if u in EMB else 8 for u in units]})
     out["chosen_minus_best_uniform"] = float(np.mean(out["chosen_test"]) - np.mean(tests[best]))
     return out
 
@@ -153,28 +141,29 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    cache = Cache(RESULTS / "no_regret.cache.json")
+    searches = Cache(SEARCHES)
     model, tok = load()
     bud = budgets(model, tok)
     runs = []
-    for name in args.budgets:
-        for seed in args.seeds:
-            key = search_key(name, seed, OptimizeConfig(preset="demo"))
-            if args.report_only and cache.get(key) is None:
+    for seed in args.seeds:  # seeds outer: seeds 0 and 1 at both budgets are also every_byte.py's searches
+        for name in args.budgets:
+            key = search_key(name, seed, OptimizeConfig(budget=bud[name], preset="demo", seed=seed))
+            if args.report_only and searches.get(key) is None:
                 continue
-            run = search(model, tok, name, bud[name], seed, cache)
-            runs.append(run if args.report_only else complete(model, tok, run, cache))
-            write(runs, bud, model, tok, cache, args)
-    write(runs, bud, model, tok, cache, args)
+            run = search(model, tok, name, bud[name], seed)
+            runs.append(run if args.report_only else complete(model, tok, run))
+            write(runs, bud, model, tok, args)
+    write(runs, bud, model, tok, args)
     return 0
 
 
-def write(runs, bud, model, tok, cache, args) -> None:
+def write(runs, bud, model, tok, args) -> None:
     u16 = None
     if runs and not args.report_only:
         a = runs[0]["baselines"]
         ref = next(v for n, v in a.items() if n.startswith("16bit"))
-        u16 = tests_of(model, tok, bud["B4"], {**ref, "ranks": [8] * len(ref["ranks"])}, cache)
+        u16 = tests_of(model, tok, bud["B4"], {**ref, "bits": [16] * len(ref["bits"]),
+                                               "ranks": [0 if u in EMB else 8 for u in ref["units"]]})
     doc = {"cpu": cpu_name(), "precision": runs[0]["precision"] if runs else None, "budgets": bud, "runs": runs,
            "lora16_r8_test": u16, "verdict": verdict(runs)}
     (RESULTS / "no_regret.json").write_text(json.dumps(doc, indent=1))

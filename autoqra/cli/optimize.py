@@ -41,7 +41,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--no-final-rung", action="store_true",
                    help="choose on the top rung's score instead of training the finalists and the fitting uniform "
                         "baselines with the final recipe (the previous behaviour; an ablation)")
-    o.add_argument("--final-candidates", type=int, help="search candidates in the final rung (default 3)")
+    o.add_argument("--final-candidates", type=int, help="search candidates in the final rung (default: 2 in the demo preset, 3 otherwise)")
     o.add_argument("--rung-schedule", choices=["wsd", "constant"],
                    help="rungs end with a short decay (wsd, default) or are scored at the constant rate")
     o.add_argument("--warm-start", choices=["eq6", "anchored", "none"],
