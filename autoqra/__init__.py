@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # the names below are imported on first use (see __getattr__)
     from autoqra import evaluators, executors, models, quant_backends, searchers
     from autoqra.api import optimize
     from autoqra.apply import apply_assignment, quantize_model
-    from autoqra.artifact import Artifact, ArtifactError, load, load_artifact
+    from autoqra.artifact import Artifact, ArtifactError, load_artifact
     from autoqra.config import OptimizeConfig, TrainSpec
     from autoqra.memory import (
         MemoryBreakdown,
@@ -37,7 +37,7 @@ _EXPORTS = {
     "optimize": "autoqra.api",
     "apply_assignment": "autoqra.apply",
     "quantize_model": "autoqra.apply",
-    **{name: "autoqra.artifact" for name in ("Artifact", "ArtifactError", "load", "load_artifact")},  # load: deprecated
+    **{name: "autoqra.artifact" for name in ("Artifact", "ArtifactError", "load_artifact")},
     "OptimizeConfig": "autoqra.config",
     "TrainSpec": "autoqra.config",
     **{name: "autoqra.memory" for name in ("MemoryBreakdown", "MemoryModel", "measure_memory", "measure_peak",
@@ -82,7 +82,6 @@ __all__ = [
     "apply_assignment",
     "evaluators",
     "executors",
-    "load",
     "load_artifact",
     "load_result",
     "measure_memory",

@@ -8,7 +8,6 @@ r"""Two-objective Pareto utilities: maximise score, minimise memory (bytes).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -119,12 +118,3 @@ class HVStagnation:
         self.history.append(float(hv))
         self.stopped = self.stopped or self.should_stop()
         return self.should_stop()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"window": self.window, "rel_eps": self.rel_eps, "history": list(self.history), "stopped": self.stopped}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.window = int(state["window"])
-        self.rel_eps = float(state["rel_eps"])
-        self.history = [float(v) for v in state["history"]]
-        self.stopped = bool(state.get("stopped", False))

@@ -142,11 +142,6 @@ class TrialStore:
             self._conn.close()
             raise
 
-    @classmethod
-    def open(cls, path: str | Path | None) -> TrialStore:
-        """Open (or create) the store at ``path``; same as ``TrialStore(path)``."""
-        return cls(path)
-
     @staticmethod
     def _precheck(path: Path) -> bool:
         """Validate an existing file from its raw header bytes; True when it is a non-empty store."""
@@ -210,11 +205,6 @@ class TrialStore:
         self._exec("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value_json=excluded.value_json",
                    (key, _dumps(value)))
 
-    def get_meta(self, key: str, default: Any = None) -> Any:
-        """Decoded meta value of ``key``, or ``default``."""
-        rows = self._exec("SELECT value_json FROM meta WHERE key=?", (key,))
-        return json.loads(rows[0][0]) if rows else default
-
     def meta(self) -> dict[str, Any]:
         """All meta values, decoded."""
         return {k: json.loads(v) for k, v in self._exec("SELECT key, value_json FROM meta ORDER BY key")}
@@ -239,21 +229,16 @@ class TrialStore:
                 if k not in stored:
                     self.set_meta(k, v)
 
-    def put(self, trial: Trial | dict[str, Any]) -> None:
+    def put(self, trial: Trial) -> None:
         """Insert or update one trial, committed (fsync'd) before returning.
 
         Args:
             trial: a :class:`~autoqra.trial.Trial` (``key`` from :func:`trial_key`; ``memory`` = the
                 predicted breakdown; ``measured_memory`` defaults to ``result.memory``, ``seconds`` to
-                ``result.seconds``). The dict form of earlier releases is accepted too
-                (:meth:`Trial.from_record`). Re-putting a key overwrites it but keeps its ``seq`` and
-                ``created_at``.
+                ``result.seconds``). Re-putting a key overwrites it but keeps its ``seq`` and ``created_at``.
         """
         if not isinstance(trial, Trial):
-            try:
-                trial = Trial.from_record(trial)
-            except ValueError as e:
-                raise ValueError(f"TrialStore.put: {e}") from None
+            raise TypeError(f"TrialStore.put takes an autoqra.Trial, not {type(trial).__name__}")
         if not trial.key:
             raise ValueError("TrialStore.put: the trial has no key (use trial_key())")
         res, now = trial.result, _now()
@@ -303,13 +288,9 @@ class TrialStore:
         rows = self._select(phase=phase, fidelity_name=fidelity_name, status=status)
         return [self._decode(r) for r in rows]
 
-    def count(self, phase: str | None = None, fidelity_name: str | None = None, status: str | None = None) -> int:
-        """Number of trials matching the filters."""
-        where, args = self._where(phase=phase, fidelity_name=fidelity_name, status=status)
-        return int(self._exec(f"SELECT count(*) FROM trials{where}", args)[0][0])
-
     def __len__(self) -> int:
-        return self.count()
+        """Number of stored trials."""
+        return int(self._exec("SELECT count(*) FROM trials")[0][0])
 
     def summary(self) -> dict[str, Any]:
         """``{"total", "seconds", "by_phase", "by_fidelity", "by_status"}`` (counts; seconds summed)."""

@@ -5,14 +5,10 @@ A trial is identified by its ``key`` (:func:`autoqra.store.trial_key`, a hash of
 ``measured_memory`` is what the evaluator measured on live tensors (``result.memory``). Store-side
 bookkeeping (``seq``, ``seed``, ``seconds``, timestamps, ``extra``) is carried along but not written to
 ``result.json`` (its format is unchanged).
-
-Reading a trial like the dict the store returned before (``t["score"]``) still works for one release,
-with a ``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import attrs
@@ -80,40 +76,3 @@ class Trial:
         return cls(Assignment.from_dict(d["assignment"]), Fidelity.from_dict(d["fidelity"]), d["phase"],
                    EvalResult.from_dict(d["result"]), MemoryBreakdown.from_dict(d["memory"]), d.get("key", ""),
                    d.get("name", ""))
-
-    @classmethod
-    def from_record(cls, d: dict[str, Any]) -> Trial:
-        """A trial from the dict form :meth:`autoqra.store.TrialStore.put` accepted before it took trials:
-        ``key``, ``assignment``, ``fidelity``, ``phase``, ``result`` (objects or dicts), optional
-        ``predicted_memory``, ``measured_memory``, ``seconds``, ``seed``, ``extra``."""
-        for f in ("key", "assignment", "fidelity", "phase", "result"):
-            if d.get(f) is None:
-                raise ValueError(f"a trial needs {f!r}; got keys {sorted(d)}")
-        a, fid, res = d["assignment"], d["fidelity"], d["result"]
-        pm = d.get("predicted_memory")
-        return cls(
-            a if isinstance(a, Assignment) else Assignment.from_dict(a),
-            fid if isinstance(fid, Fidelity) else Fidelity.from_dict(fid),
-            str(d["phase"]),
-            res if isinstance(res, EvalResult) else EvalResult.from_dict(res),
-            pm if isinstance(pm, MemoryBreakdown) else MemoryBreakdown.from_dict(pm or {}),
-            str(d["key"]), str(d.get("name", "")), seed=d.get("seed"), seconds=d.get("seconds"),
-            measured_memory=_as_dict(d.get("measured_memory")), extra=dict(d.get("extra") or {}),
-        )
-
-    # ---------------------------------------------------------- the old dict view (one release)
-    def _legacy(self) -> dict[str, Any]:
-        return {"key": self.key, "seq": self.seq, "phase": self.phase, "status": self.status,
-                "assignment": self.assignment, "fidelity": self.fidelity, "score": self.score, "result": self.result,
-                "predicted_memory": None if self.memory == _EMPTY else self.memory.to_dict(),
-                "measured_memory": self.measured_memory, "seconds": self.seconds, "seed": self.seed,
-                "created_at": self.created_at, "updated_at": self.updated_at, "extra": self.extra}
-
-    def __getitem__(self, name: str) -> Any:
-        warnings.warn(f"trial[{name!r}] is deprecated: trials are typed, use the attribute (autoqra.Trial)",
-                      DeprecationWarning, stacklevel=2)
-        return self._legacy()[name]
-
-
-def _as_dict(v: Any) -> Any:
-    return v.to_dict() if hasattr(v, "to_dict") else v

@@ -34,7 +34,7 @@ LOADER = textwrap.dedent("""
     from safetensors.torch import load_file
     import autoqra
     from autoqra.evaluators.finetune import heldout_metrics
-    art = autoqra.load(sys.argv[1])
+    art = autoqra.load_artifact(sys.argv[1])
     blocks = load_file(sys.argv[2])["b"]
     m = heldout_metrics(art.model, blocks)
     mem = autoqra.measure_memory(art.model)

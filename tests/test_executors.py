@@ -104,7 +104,7 @@ def test_batch_results_in_candidate_order_and_stored_as_they_finish(parts):
     st = TrialStore(None)
     puts = []
     put = st.put
-    st.put = lambda t: (puts.append(t["key"]), put(t))
+    st.put = lambda t: (puts.append(t.key), put(t))
     run = make_run(parts, ev, ex, store=st)
     cs = cands(parts)
     res = run.evaluate_many(cs, LOW, "phase1")
@@ -112,8 +112,8 @@ def test_batch_results_in_candidate_order_and_stored_as_they_finish(parts):
     keys = [run.key_of(a, LOW) for a in cs]
     assert puts == keys[::-1]  # stored in completion order ...
     assert run.run_keys == keys  # ... recorded in candidate order
-    assert [t["key"] for t in run.trials()] == keys and len(st) == 4
-    assert all(t["extra"]["worker"] == {"executor": "reversed"} for t in st.trials())
+    assert [t.key for t in run.trials()] == keys and len(st) == 4
+    assert all(t.extra["worker"] == {"executor": "reversed"} for t in st.trials())
     assert run.eval_seconds > 0 and run.trial_seconds == pytest.approx(0.04)
     # stored trials are read back, repeats within a batch run once
     ev.calls.clear()

@@ -1,4 +1,4 @@
-"""The package's public surface and layout: one Problem, typed trials, one registry type, deprecated names."""
+"""The package's public surface and layout: one Problem, typed trials, one registry type."""
 
 import json
 import subprocess
@@ -62,15 +62,10 @@ def test_store_reads_and_writes_typed_trials(tiny, tmp_path):
         assert t.score == -1.5 and t.status == "ok" and t.memory == MemoryBreakdown(quant_weight_bytes=7)
         assert t.measured_memory == {"peak_bytes": 9} and t.seconds == 2.0 and t.extra == {"generation": 1}
         assert [x.key for x in st.trials()] == ["k1"]
-        # the dict form of earlier releases is still accepted, and read back typed
-        st.put({"key": "k2", "assignment": space.uniform(2, 0).to_dict(), "fidelity": {"steps": 3, "name": "low"},
-                "phase": "baseline", "result": EvalResult(status="failed", error="x")})
-        t2 = st.get("k2")
-        assert isinstance(t2, Trial) and t2.status == "failed" and t2.memory == MemoryBreakdown()
-        with pytest.warns(DeprecationWarning, match="typed"):
-            assert t2["score"] == t2.score and t2["predicted_memory"] is None
-        with pytest.raises(ValueError, match="'result'"):
-            st.put({"key": "k3", "assignment": space.uniform(2, 0), "fidelity": Fidelity(3, "low"), "phase": "x"})
+        with pytest.raises(TypeError, match="Trial"):  # trials only (no dict form)
+            st.put(_trial(space).to_dict())
+        with pytest.raises(TypeError):  # typed attributes, no dict access
+            _ = t["score"]
     # result.json keeps its trial format
     assert set(_trial(space).to_dict()) == {"assignment", "fidelity", "phase", "result", "memory", "key", "name"}
     assert Trial.from_dict(json.loads(json.dumps(_trial(space).to_dict()))).to_dict() == _trial(space).to_dict()
@@ -85,13 +80,12 @@ def test_one_registry_type_for_every_plugin_kind():
     assert EXECUTORS.get("local") is LocalExecutor and EXECUTORS.get("ray") is RayExecutor
 
 
-def test_public_surface_and_deprecated_load(tmp_path):
+def test_public_surface():
     for name in ("optimize", "OptimizeConfig", "Problem", "Result", "Trial", "load_artifact", "load_result",
                  "MemoryModel", "SearchSpace", "executors"):
         assert name in autoqra.__all__ and hasattr(autoqra, name)
+    assert "load" not in autoqra.__all__ and not hasattr(autoqra, "load")  # load_artifact / load_result only
     assert (Path(autoqra.__file__).parent / "py.typed").is_file()
-    with pytest.warns(DeprecationWarning, match="load_artifact"), pytest.raises(autoqra.ArtifactError):
-        autoqra.load(tmp_path / "missing")
 
 
 def test_optional_library_error_names_the_feature_and_the_install():

@@ -62,7 +62,7 @@ def test_history_phases_are_this_runs_own(tiny, run, tmp_path):
     assert copy_store(path, shared)  # WAL-safe copy
     with TrialStore(shared) as st:
         st._exec("UPDATE trials SET phase = 'another-search'")  # as if another search had stored them all
-        assert st.count(phase="another-search") == len(res.history)
+        assert len(st.trials(phase="another-search")) == len(res.history)
     again = autoqra.optimize(tiny, "4bit", store=shared, seed=0, **FAST)
     assert again.info["n_run"] == 0
     assert [(t.key, t.phase) for t in again.history] == [(t.key, t.phase) for t in res.history]
@@ -134,7 +134,7 @@ def test_killed_search_loses_at_most_the_trial_in_flight(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with TrialStore(store) as st:
-        before = {t["key"] for t in st.trials()}
+        before = {t.key for t in st.trials()}
     assert len(before) >= 5
     m = autoqra.models.tiny_llama()
     res = autoqra.optimize(m, "4bit", store=store, seed=0, **FAST)

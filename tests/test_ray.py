@@ -120,8 +120,8 @@ def test_ray_and_local_run_the_same_trials(tiny, ray_run):
     assert [t.key for t in res.history] == [t.key for t in local.history]  # kept in candidate order
     assert res.best.key == local.best.key and len(res.history) >= 10
     with TrialStore(path) as st:  # search trials ran on both workers; the final rung's in this process
-        workers = {t["extra"]["worker"]["pid"] for t in st.trials() if t["phase"] != "final"}
-        final = {t["extra"]["worker"]["pid"] for t in st.trials() if t["phase"] == "final"}
+        workers = {t.extra["worker"]["pid"] for t in st.trials() if t.phase != "final"}
+        final = {t.extra["worker"]["pid"] for t in st.trials() if t.phase == "final"}
     assert len(workers) == 2 and os.getpid() not in workers
     assert final == {os.getpid()}
     assert 0 <= res.info["overhead_fraction"] < 1 and res.info["eval_seconds"] <= res.info["wall_seconds"]
@@ -150,7 +150,7 @@ def test_batch_runs_concurrently_and_is_stored_as_it_finishes(pool, tiny, tmp_pa
     assert res[0].metrics["rows_seen"] >= 1  # another result was stored while this trial ran
     assert len({r.metrics["pid"] for r in res}) == 2
     assert wall < 3.6  # 4 trials of >= 1 s on 2 workers; one at a time would take >= 4 s
-    assert len(st) == 4 and [t["key"] for t in run.trials()] == run.run_keys
+    assert len(st) == 4 and [t.key for t in run.trials()] == run.run_keys
 
 
 def test_killed_worker_is_retried_then_recorded_failed(pool, tiny, tmp_path):
@@ -186,7 +186,7 @@ def test_ctrl_c_mid_batch_and_the_store_resumes(pool, tiny, ray_run, tmp_path, m
         autoqra.optimize(tiny, "4bit", store=path, seed=0, executor=pool, **SMALL)
     monkeypatch.setattr(Progress, "trial", real_trial)
     with TrialStore(path) as st:
-        before = {t["key"] for t in st.trials()}
+        before = {t.key for t in st.trials()}
     assert len(before) == 5  # stored before the interrupt reached the progress line
     res = autoqra.optimize(tiny, "4bit", store=path, seed=0, executor=pool, **SMALL)
     assert res.info["n_run"] == len(res.history) - len(before)  # nothing finished was re-run

@@ -18,6 +18,7 @@ from autoqra.evaluators.base import EvalResult, Fidelity
 from autoqra.memory.model import MemoryBreakdown
 from autoqra.space import Assignment
 from autoqra.store import APP_ID, TrialStore, model_fingerprint, trial_key
+from autoqra.trial import Trial
 
 REPO = Path(__file__).resolve().parents[1]
 A = Assignment(("m.layers.0", "m.layers.1"), (4, 2), (8, 0))
@@ -28,9 +29,9 @@ FP = "f" * 64
 KEY_ARGS = (A, F, EV, BK, FP)
 
 
-def _trial(key, phase="phase1", score=1.5, status="ok", **kw):
+def _trial(key, phase="phase1", score=1.5, status="ok", fidelity=F, memory=None, **kw):
     res = EvalResult(score=score, metrics={"loss": 2.0}, status=status, seconds=3.0, memory={"peak_bytes": 7})
-    return {"key": key, "assignment": A, "fidelity": F, "phase": phase, "result": res, **kw}
+    return Trial(A, fidelity, phase, res, MemoryBreakdown() if memory is None else memory, key, **kw)
 
 
 def _run(code: str, **kw) -> subprocess.Popen:
@@ -41,41 +42,42 @@ def _run(code: str, **kw) -> subprocess.Popen:
 def test_round_trip_every_field(tmp_path):
     pred = MemoryBreakdown(quant_weight_bytes=10, lora_bytes=3)
     with TrialStore(tmp_path / "sub" / "s.db") as st:
-        st.put(_trial("k1", predicted_memory=pred, seed=7, extra={"gen": 2}, seconds=9.5))
+        st.put(_trial("k1", memory=pred, seed=7, extra={"gen": 2}, seconds=9.5))
         st.put(_trial("k2", phase="baseline", score=-math.inf, status="oom"))
         t = st.get("k1")
-        assert t["assignment"] == A and t["fidelity"] == F and t["phase"] == "phase1"
-        assert t["result"] == EvalResult(1.5, {"loss": 2.0}, "ok", "", 3.0, {"peak_bytes": 7})
-        assert t["predicted_memory"] == pred.to_dict() and t["measured_memory"] == {"peak_bytes": 7}
-        assert MemoryBreakdown.from_dict(t["predicted_memory"]) == pred
-        assert (t["score"], t["status"], t["seconds"], t["seed"], t["extra"]) == (1.5, "ok", 9.5, 7, {"gen": 2})
-        assert t["created_at"].endswith("+00:00") and t["seq"] == 1
+        assert isinstance(t, Trial) and t.assignment == A and t.fidelity == F and t.phase == "phase1"
+        assert t.result == EvalResult(1.5, {"loss": 2.0}, "ok", "", 3.0, {"peak_bytes": 7})
+        assert t.memory == pred and t.measured_memory == {"peak_bytes": 7}
+        assert (t.score, t.status, t.seconds, t.seed, t.extra) == (1.5, "ok", 9.5, 7, {"gen": 2})
+        assert t.created_at.endswith("+00:00") and t.seq == 1
         t2 = st.get("k2")
-        assert t2["score"] == -math.inf and t2["result"].score == -math.inf and t2["status"] == "oom"
-        assert t2["seed"] is None and t2["predicted_memory"] is None and t2["seconds"] == 3.0
+        assert t2.score == -math.inf and t2.result.score == -math.inf and t2.status == "oom"
+        assert t2.seed is None and t2.memory == MemoryBreakdown() and t2.seconds == 3.0
         assert st.get("nope") is None and st.has("k1") and not st.has("nope")
         raw = st._exec("SELECT score FROM trials WHERE key='k2'")[0][0]
         assert raw is None  # -inf is stored as NULL
-    with TrialStore.open(tmp_path / "sub" / "s.db") as st:  # reopen: still there
-        assert [t["key"] for t in st.trials()] == ["k1", "k2"]
-    with pytest.raises(ValueError, match="'result'"):
+    with TrialStore(tmp_path / "sub" / "s.db") as st:  # reopen: still there
+        assert [t.key for t in st.trials()] == ["k1", "k2"]
+    with pytest.raises(TypeError, match="Trial"):
         TrialStore(None).put({"key": "x", "assignment": A, "fidelity": F, "phase": "p"})
+    with pytest.raises(ValueError, match="no key"):
+        TrialStore(None).put(_trial(""))
 
 
 def test_order_filters_update_and_summary():
     st = TrialStore(None)
     for i, (ph, st_) in enumerate([("baseline", "ok"), ("phase1", "ok"), ("phase1", "failed"), ("final", "ok")]):
         st.put(_trial(f"k{i}", phase=ph, status=st_, score=float(i) if st_ == "ok" else -math.inf))
-    assert [t["key"] for t in st.trials()] == ["k0", "k1", "k2", "k3"]
-    assert [t["key"] for t in st.trials(phase="phase1")] == ["k1", "k2"]
-    assert [t["key"] for t in st.trials(phase="phase1", status="ok")] == ["k1"]
-    assert st.count(fidelity_name="low") == 4 and st.count(fidelity_name="high") == 0 and len(st) == 4
-    created = st.get("k1")["created_at"]
+    assert [t.key for t in st.trials()] == ["k0", "k1", "k2", "k3"]
+    assert [t.key for t in st.trials(phase="phase1")] == ["k1", "k2"]
+    assert [t.key for t in st.trials(phase="phase1", status="ok")] == ["k1"]
+    assert len(st.trials(fidelity_name="low")) == 4 and st.trials(fidelity_name="high") == [] and len(st) == 4
+    created = st.get("k1").created_at
     st.put(_trial("k1", phase="phase2", score=9.0, fidelity=Fidelity(200, "high")))
     t = st.get("k1")
-    assert (t["seq"], t["created_at"], t["phase"], t["score"]) == (2, created, "phase2", 9.0)
-    assert t["fidelity"] == Fidelity(200, "high") and t["updated_at"] >= created
-    assert [t["key"] for t in st.trials()] == ["k0", "k1", "k2", "k3"] and len(st) == 4
+    assert (t.seq, t.created_at, t.phase, t.score) == (2, created, "phase2", 9.0)
+    assert t.fidelity == Fidelity(200, "high") and t.updated_at >= created
+    assert [t.key for t in st.trials()] == ["k0", "k1", "k2", "k3"] and len(st) == 4
     s = st.summary()
     assert s["total"] == 4 and s["seconds"] == 12.0
     assert s["by_phase"] == {"baseline": 1, "final": 1, "phase1": 1, "phase2": 1}
@@ -139,7 +141,7 @@ def test_put_survives_sigkill(tmp_path):
             p.kill()
     assert p.exitcode == -signal.SIGKILL
     with TrialStore(db) as st:
-        assert [(t["key"], t["score"]) for t in st.trials()] == [("k0", 0.0), ("k1", 1.0), ("k2", 2.0)]
+        assert [(t.key, t.score) for t in st.trials()] == [("k0", 0.0), ("k1", 1.0), ("k2", 2.0)]
 
 
 def test_concurrent_writers(tmp_path):
@@ -153,7 +155,7 @@ def test_concurrent_writers(tmp_path):
         p.join(60)
         assert p.exitcode == 0
     with TrialStore(db) as st:
-        assert st.count() == 80 and len({t["seq"] for t in st.trials()}) == 80
+        assert len(st) == 80 and len({t.seq for t in st.trials()}) == 80
 
 
 def _assert_refused(path: Path, match: str) -> None:
@@ -203,7 +205,7 @@ def test_meta_and_check_compatible():
     st = TrialStore(None)
     meta = {"model": "abc", "backend": {"name": "hqq", "group_size": 64}, "space": {"bits": [2, 4]}}
     st.check_compatible(meta)  # records on a fresh store
-    assert st.get_meta("backend") == {"group_size": 64, "name": "hqq"} and st.get_meta("nope", 1) == 1
+    assert st.meta()["backend"] == {"group_size": 64, "name": "hqq"} and "nope" not in st.meta()
     st.check_compatible(meta)
     st.check_compatible({"model": "abc"})
     st.set_meta("config", {"budget": 3.0})
@@ -213,7 +215,7 @@ def test_meta_and_check_compatible():
     msg = str(ei.value)
     assert "model" in msg and "backend.group_size" in msg and "64" in msg and "128" in msg and "space" not in msg
     st.check_compatible({"evaluator": {"name": "finetune"}}, record=False)
-    assert st.get_meta("evaluator") is None
+    assert "evaluator" not in st.meta()
 
 
 def test_blobs(tmp_path):

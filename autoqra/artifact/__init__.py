@@ -11,6 +11,6 @@ Only safetensors and JSON are read: nothing is unpickled or executed.
 
 from autoqra.artifact.export import export_model, merge_adapter
 from autoqra.artifact.format import Artifact, ArtifactError, read_info
-from autoqra.artifact.loader import load, load_artifact
+from autoqra.artifact.loader import load_artifact
 
-__all__ = ["Artifact", "ArtifactError", "export_model", "load", "load_artifact", "merge_adapter", "read_info"]
+__all__ = ["Artifact", "ArtifactError", "export_model", "load_artifact", "merge_adapter", "read_info"]

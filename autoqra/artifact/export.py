@@ -41,7 +41,7 @@ from autoqra.artifact.format import (
     library_versions,
     read_info,
 )
-from autoqra.artifact.loader import load, load_artifact
+from autoqra.artifact.loader import load_artifact
 from autoqra.memory.model import measure_memory
 from autoqra.quant_backends import QuantBackend
 from autoqra.quant_backends._experts import export_info as experts_export_info
@@ -49,7 +49,7 @@ from autoqra.quant_backends._experts import placeholder_ids as experts_placehold
 from autoqra.units import is_linear_like
 
 __all__ = ["ADAPTER_FILES", "FORMAT", "INFO_FILE", "WEIGHT_FILES", "Artifact", "ArtifactError", "export_model",
-           "library_versions", "load", "load_artifact", "merge_adapter", "read_info"]
+           "library_versions", "load_artifact", "merge_adapter", "read_info"]
 
 log = logging.getLogger(__name__)
 

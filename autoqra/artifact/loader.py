@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -146,9 +145,3 @@ def _load_tokenizer(d: Path, info: dict[str, Any], config: Any) -> Any:
         return ByteTokenizer(int(info["tokenizer"].get("vocab_size") or config.vocab_size))
     return None
 
-
-def load(directory: str | Path, device: str | torch.device = "cpu", *, allow_version_mismatch: bool = False) -> Artifact:
-    """Deprecated name of :func:`load_artifact` (kept for one release)."""
-    warnings.warn("autoqra.load() is deprecated; use autoqra.load_artifact() (load_result() loads a search result)",
-                  DeprecationWarning, stacklevel=2)
-    return load_artifact(directory, device, allow_version_mismatch=allow_version_mismatch)
