@@ -1,17 +1,14 @@
 import json
-import time
 
 import pytest
 import torch
 
-from autoqra import models
+from autoqra import measure_peak, models
 
 
-def test_tiny_llama_is_deterministic_and_fast():
-    models.tiny_llama(seed=0)  # warm the import
-    t0 = time.perf_counter()
+def test_tiny_llama_is_deterministic_and_tiny():
     a = models.tiny_llama(seed=3)
-    assert time.perf_counter() - t0 < 1.0
+    assert sum(p.numel() for p in a.parameters()) < 500_000  # what keeps every test on it fast
     b = models.tiny_llama(seed=3)
     c = models.tiny_llama(seed=4)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
@@ -29,10 +26,9 @@ def test_from_config_on_meta(tmp_path):
     }
     p = tmp_path / "config.json"
     p.write_text(json.dumps(cfg))
-    t0 = time.perf_counter()
-    m = models.from_config(p)
-    assert time.perf_counter() - t0 < 30
-    assert next(m.parameters()).device.type == "meta"
+    m, allocated = measure_peak(lambda: models.from_config(p))
+    smallest = min(q.numel() * q.element_size() for q in m.parameters() if q.dim() == 2)
+    assert all(q.device.type == "meta" for q in m.parameters()) and allocated < smallest  # no weight allocated
     n = sum(p.numel() for p in m.parameters())
     assert 7.0e9 < n < 8.1e9
     with pytest.raises(FileNotFoundError):
