@@ -63,8 +63,8 @@ shape at 1×64 with HQQ/GPTQ, where the peak sits inside a quantized layer's bac
 (``load_model(dtype=torch.bfloat16)``); with fp32 weights under bf16 autocast a tiny check was
 +3 … +5 %. Note that the tracker's view counting (above, and the fp32 "transients") makes the
 estimate count the frozen unquantized weights a second time (they are in ``model_bytes`` too):
-the estimate follows the measurement, not device memory. ``benchmarks/activation_fit.py`` reproduces
-the runs (``benchmarks/results/activation_fit.json``).
+the estimate follows the measurement, not device memory. ``benchmarks/studies/activation_fit.py``
+reproduces the runs (``benchmarks/studies/results/activation_fit.json``).
 """
 
 from __future__ import annotations

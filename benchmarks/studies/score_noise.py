@@ -13,7 +13,10 @@ assignment, the mean and sd over seeds of its paired difference to the warm star
 With ``--bounds`` also the space's maximum (every unit at 8 bits and rank 16, far over budget) and uniform 3-bit:
 how much better than the warm start *any* point can be at this fidelity.
 
-Run: .venv/bin/python benchmarks/score_noise.py → benchmarks/results/score_noise.json / .md
+A one-off study on the points of ``benchmarks/search_vs_seed.py``'s run B4/seed 0 (read from its
+``benchmarks/results/search_vs_seed.cache.json``).
+
+Run: .venv/bin/python benchmarks/studies/score_noise.py [--bounds] → benchmarks/studies/results/score_noise.json / .md
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from pathlib import Path
 
 import torch
 
-import autoqra
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared _common
+from _common import RESULTS, Cache, load
+
 from autoqra.api import prepare
 from autoqra.config import OptimizeConfig
-from autoqra.precision import cpu_bf16_native, cpu_name
+from autoqra.precision import cpu_name
 from autoqra.space import Assignment
 
 ROOT = Path(__file__).resolve().parent
@@ -86,9 +91,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    cache = json.loads((ROOT / "results" / "search_vs_seed.cache.json").read_text())
-    run = cache["search:B4:0"]
-    model, tok = autoqra.models.load_default(dtype="bf16" if cpu_bf16_native() else "fp32")
+    run = Cache(RESULTS / "search_vs_seed.cache.json").get("search:B4:0")
+    model, tok = load()
     su0 = prepare(model, OptimizeConfig(budget=run["budget_bytes"], preset="demo"), tokenizer=tok)
     assignments = {"seed": Assignment.from_dict(run["seed"]), "chosen": Assignment.from_dict(run["chosen"]),
                    "uniform4_r8": su0.space.uniform(4, 8)}

@@ -13,12 +13,16 @@ GPTQ 4, uniform assignments at ranks 8/16 with dropout 0 and 0.05 plus two mixed
 
 Usage::
 
-    python benchmarks/activation_fit.py                # all runs, bf16 and fp16 (~40 min on 2 busy cores)
-    python benchmarks/activation_fit.py --quick        # a subset (~1-2 min), SmolLM2 skipped
-    python benchmarks/activation_fit.py --precisions bf16 --smollm2 no   # bf16 tiny runs only (~12 min)
-    python benchmarks/activation_fit.py --fit          # also refit the per-block coefficients
+    python benchmarks/studies/activation_fit.py                # all runs, bf16 and fp16 (~40 min on 2 busy cores)
+    python benchmarks/studies/activation_fit.py --quick        # a subset (~1-2 min), SmolLM2 skipped
+    python benchmarks/studies/activation_fit.py --precisions bf16 --smollm2 no   # bf16 tiny runs only (~12 min)
+    python benchmarks/studies/activation_fit.py --fit          # also refit the per-block coefficients
 
-Writes ``benchmarks/results/activation_fit.json`` (``activation_fit_quick.json`` with ``--quick``; ``--out``).
+A one-off study: it fitted the shipped per-block coefficients (``COEF16`` in :mod:`autoqra.memory.activations`);
+rerun it to refit them.
+
+Writes ``benchmarks/studies/results/activation_fit.json`` (``activation_fit_quick.json`` with ``--quick``;
+``--out``).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import numpy as np
 import torch
 
 from autoqra import MemoryModel, SearchSpace, TrainSpec, apply_assignment
-from autoqra.memory.activations import COEF16, _dims
+from autoqra.memory.activations import COEF16
 from autoqra.memory.trace import measure_peak
 from autoqra.models import load_default, tiny_llama
 from autoqra.quant_backends import get_backend
@@ -117,7 +121,7 @@ def measure(model, run: dict, precision: str) -> dict:
     pred = MemoryModel(model, space, be, train=train, precision=precision).predict(a)
     measured = peak - pred.lora_grad_bytes
     est = pred.activation_bytes
-    hidden, inter, vocab, blocks = _dims(model)
+    hidden, inter, blocks = (getattr(model.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
     return {
         **{k: v for k, v in run.items() if k != "shape"},
         "shape": list(run["shape"]) if isinstance(run["shape"], tuple) else run["shape"],

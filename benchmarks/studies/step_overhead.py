@@ -1,6 +1,7 @@
 """Per-step time of the finetune evaluator's loop vs a plain peft + torch loop (same model, batch, steps).
 
-Run: .venv/bin/python benchmarks/step_overhead.py [--steps 6]  → benchmarks/results/step_overhead.json
+A one-off check (README: the evaluator's loop at 1.019× a plain loop). Run:
+.venv/bin/python benchmarks/studies/step_overhead.py [--steps 6]  → benchmarks/studies/results/step_overhead.json
 """
 
 import argparse

@@ -7,7 +7,8 @@ at 4 bits, 30 steps, leave-one-out on 8 held-out blocks) measured with and witho
 timings compare the forward passes only. Each variant runs ``--repeats`` times, alternating; the tables
 must be equal.
 
-Run: .venv/bin/python benchmarks/cost_model_speed.py → benchmarks/results/cost_model_speed.json
+A one-off study of that change. Run: .venv/bin/python benchmarks/studies/cost_model_speed.py
+→ benchmarks/studies/results/cost_model_speed.json
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import autoqra
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared _common
+from _common import load
+
 from autoqra.api import prepare
 from autoqra.apply import quantized_layers
 from autoqra.config import OptimizeConfig
@@ -46,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "cost_model_speed.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, tok = autoqra.models.load_default(dtype="bf16" if cpu_bf16_native() else "fp32")
+    model, tok = load()
     cfg = OptimizeConfig(preset="demo", budget="4bit")
     su = prepare(model, cfg, tokenizer=tok)
     ev, space = su.evaluator, su.space

@@ -10,11 +10,16 @@ beat the seed by 0.020 inside that run. Here, with evaluator seeds 0-4 (LoRA ini
 * best_random: the run's best random byte-neutral edit (a max of 8: is its +0.020 real?);
 * chosen: the search's chosen point (+0.0057 inside the run).
 
-Run: .venv/bin/python benchmarks/rank_slack.py → benchmarks/results/rank_slack.json / .md
+A one-off study on ``benchmarks/search_vs_seed.py``'s run B4/1 (its cache entry and its trial store
+``benchmarks/runs/search_vs_seed/B4-s1.db``). The cost model's rank table is measured again with the run's
+settings (``autoqra.guidance.measure_cost_model``: the same seed, so the run's table) and kept in the output.
+
+Run: .venv/bin/python benchmarks/studies/rank_slack.py → benchmarks/studies/results/rank_slack.json / .md
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import statistics
@@ -24,11 +29,15 @@ from pathlib import Path
 import attrs
 import torch
 
-import autoqra
-from autoqra.api import _cost_model, prepare
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared _common
+from _common import RESULTS, Cache, load
+from _common import ROOT as BENCHMARKS
+
+from autoqra.api import prepare
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Fidelity
-from autoqra.precision import cpu_bf16_native, cpu_name
+from autoqra.guidance import CostModel, measure_cost_model
+from autoqra.precision import cpu_name
 from autoqra.space import Assignment
 from autoqra.store import TrialStore
 
@@ -36,20 +45,34 @@ ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("rank_slack")
 
 
+def cost_model(su, cfg: OptimizeConfig, doc: dict) -> CostModel:
+    """The run's cost model, measured with the search's settings (``importance_blocks`` calibration blocks, the
+    high / mid / final horizons) or read back from ``doc["cost_model"]``."""
+    if doc.get("cost_model"):
+        return CostModel.from_dict(doc["cost_model"])
+    steps = cfg.resolved("high_steps")
+    cm = measure_cost_model(su.evaluator, su.space, su.evaluator.data.train[:cfg.resolved("importance_blocks")], steps,
+                            final_steps=cfg.resolved("final_steps"), t1=cfg.resolved("mid_steps") or max(1, steps // 3))
+    doc["cost_model"] = json.loads(json.dumps(cm.to_dict(), default=lambda o: o.tolist()))  # numpy scalars
+    return cm
+
+
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(2)
-    cache = json.loads((ROOT / "results" / "search_vs_seed.cache.json").read_text())
-    run = cache["search:B4:1"]
-    db = ROOT / "runs" / "search_vs_seed" / "B4-s1.db"
+    run = Cache(RESULTS / "search_vs_seed.cache.json").get("search:B4:1")
+    db = BENCHMARKS / "runs" / "search_vs_seed" / "B4-s1.db"
     if not db.exists():
         raise SystemExit(f"{db} is missing: run `python benchmarks/search_vs_seed.py --seeds 0 1 --budgets B4` first")
-    model, tok = autoqra.models.load_default(dtype="bf16" if cpu_bf16_native() else "fp32")
+    model, tok = load()
     cfg0 = OptimizeConfig(budget=run["budget_bytes"], preset="demo", seed=1)
     su0 = prepare(model, cfg0, tokenizer=tok)
     with TrialStore(db) as store:
         best_random = max(store.trials(phase="local-random"), key=lambda t: t.score).assignment
-        cm = _cost_model(su0.space, su0.backend, su0.evaluator, cfg0, store)  # the run's, read back from its store
+    out = ROOT / "results" / "rank_slack.json"
+    doc = json.loads(out.read_text()) if out.exists() else {"scores": {}}
+    cm = cost_model(su0, cfg0, doc)
     seed = Assignment.from_dict(run["seed"])
     ranks = list(seed.ranks)
     gain = cm.rank_gain[:, cm.ranks.index(4)]
@@ -60,8 +83,6 @@ def main() -> int:
     points = {"seed": seed, "seed+fill": su0.space.make(list(seed.bits), ranks),
               "best_random": best_random,
               "chosen": Assignment.from_dict(run["chosen"])}
-    out = ROOT / "results" / "rank_slack.json"
-    doc = json.loads(out.read_text()) if out.exists() else {"scores": {}}
     doc.update(cpu=cpu_name(), precision=su0.precision, budget_bytes=su0.budget_bytes,
                points={k: {"assignment": a.to_dict(), "model_bytes": su0.memory.predict(a).model_bytes}
                        for k, a in points.items()})
