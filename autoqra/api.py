@@ -13,8 +13,8 @@ import attrs
 from torch import nn
 
 from autoqra.config import OptimizeConfig
-from autoqra.evaluators.base import Evaluator, evaluator_class
-from autoqra.evaluators.data import ByteTokenizer, build_task_data
+from autoqra.evaluators.base import Evaluator
+from autoqra.evaluators.build import build_evaluator
 from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.executors import EXECUTORS, Executor, make_executor
 from autoqra.executors.ray import require_ray
@@ -188,28 +188,24 @@ class Setup:
 
 def prepare(model: nn.Module, cfg: OptimizeConfig, backend: QuantBackend | None = None,
             evaluator: Evaluator | None = None, tokenizer: Any = None) -> Setup:
-    """Resolve device and precision (moving the model if asked), build backend, space, memory model,
-    budget and evaluator exactly as :func:`optimize` does."""
+    """Resolve device and precision (moving the model if asked), build backend, space (``cfg.bits_for``: the
+    backend's own subset of the default bit ladder unless ``bits`` are given), memory model, budget and
+    evaluator (:func:`~autoqra.evaluators.build.build_evaluator`) exactly as :func:`optimize` does."""
     device = resolve_device(cfg.device, model)
     if device != model_device(model):
         log.info("moving the model to %s", device)
         model.to(device)
     precision = resolve_precision(cfg.precision, device)
     be = backend or backend_for_precision(cfg.backend, precision, cfg.backend_options)
-    space = SearchSpace.from_model(model, cfg.bits, cfg.ranks, cfg.granularity, cfg.target_modules, backend=be,
-                                   embeddings=cfg.embeddings)
+    space = SearchSpace.from_model(model, cfg.bits_for(be), cfg.ranks, cfg.granularity, cfg.target_modules,
+                                   backend=be, embeddings=cfg.embeddings)
     memory = MemoryModel(model, space, be, train=cfg.train, precision=precision)
     budget_bytes = memory.budget_bytes(cfg.budget, target=cfg.target)
     tok_name = "given" if tokenizer is not None else "the evaluator's"
     if evaluator is None:
         if tokenizer is None:
             tokenizer, tok_name = tokenizer_for(model)
-        tok = tokenizer or ByteTokenizer(model.config.vocab_size)
-        data = build_task_data(cfg.data, tok, block_size=cfg.train.seq_len, seed=cfg.seed)
-        kw = dict(data=data, tokenizer=tokenizer, train=cfg.train, eval_blocks=cfg.resolved("eval_blocks"),
-                  seed=cfg.seed, precision=precision, rungs=cfg.guidance == "cost", rung_schedule=cfg.rung_schedule,
-                  decay_fraction=cfg.decay_fraction, **cfg.evaluator_options)
-        evaluator = evaluator_class(cfg.evaluator)(model, space.with_unquantized(), be, **kw)
+        evaluator = build_evaluator(cfg, model, space=space, backend=be, precision=precision, tokenizer=tokenizer)
     return Setup(device, precision, be, space, memory, budget_bytes, evaluator, tok_name)
 
 

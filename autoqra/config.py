@@ -36,6 +36,41 @@ def _one_of(*allowed: Any):
     return check
 
 
+#: How a plug-in's name becomes known (said when a name is not registered).
+_PLUGIN_HINT = ("a plug-in registers its name when its module is imported: import it first (on the command line: "
+                "--plugin MODULE)")
+
+
+def registry(kind: str) -> Any:
+    """The registry of a plug-in kind (``"backend"``, ``"evaluator"``, ``"executor"``, ``"searcher"``), with its
+    built-ins registered (imported here, not at the top: those packages import this module)."""
+    if kind == "backend":
+        from autoqra.quant_backends import BACKENDS as reg
+    elif kind == "evaluator":
+        from autoqra.evaluators import EVALUATORS as reg
+    elif kind == "executor":
+        from autoqra.executors import EXECUTORS as reg
+    elif kind == "searcher":
+        from autoqra.searchers import SEARCHERS as reg
+    else:
+        raise ValueError(f"unknown plug-in kind {kind!r}")
+    return reg
+
+
+def _registered(kind: str, optional: bool = False):
+    """Validator: the value names a registered ``kind`` (``None`` too where ``optional``)."""
+
+    def check(inst: Any, att: attrs.Attribute, value: Any) -> None:
+        if value is None and optional:
+            return
+        reg = registry(kind)
+        if not isinstance(value, str) or value not in reg:
+            raise ValueError(f"{att.name}={value!r} is not a registered {kind}; registered {kind}s: {reg.names()}"
+                             + (" or None" if optional else "") + f"; {_PLUGIN_HINT}")
+
+    return check
+
+
 def _probability(inst: Any, att: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"{att.name}={value!r} is not allowed; it must be in [0, 1)")
@@ -148,8 +183,22 @@ def _int_tuple(v: Any) -> tuple[int, ...]:
 WORKER_RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type")
 
 
+#: Executor fields of the config and the executor constructor parameter each one is passed as.
+_EXECUTOR_PARAMS = (("ray_address", "address"), ("workers", "workers"), ("worker_resources", "resources"))
+
+
 def _check_executor(cfg: Any) -> None:
-    """Executor fields: ray options only with executor="ray"; worker_resources are Ray actor options."""
+    """Executor fields: ray options only with executor="ray"; worker_resources are Ray actor options; a plug-in
+    executor is given only the fields its constructor takes (``address``, ``workers``, ``resources``)."""
+    if cfg.executor not in ("local", "ray"):
+        from autoqra.registry import accepted_names
+
+        takes = accepted_names(registry("executor").get(cfg.executor), skip=1)
+        for field, param in _EXECUTOR_PARAMS:
+            given = getattr(cfg, field)
+            if given not in (None, {}) and takes is not None and param not in takes:
+                raise ValueError(f"{field}={given!r} is not allowed with executor={cfg.executor!r}: its constructor "
+                                 f"does not take {param!r} (it takes {sorted(takes)})")
     if cfg.executor == "local":
         for name, bad in (("ray_address", cfg.ray_address is not None), ("workers", (cfg.workers or 1) > 1),
                           ("worker_resources", bool(cfg.worker_resources))):
@@ -191,12 +240,20 @@ class OptimizeConfig:
 
     Attributes:
         budget: bytes, a size string ("3.5GB") or a reference ("4bit").
-        backend: quantization backend name ("hqq", "bnb", "gptq", "none").
+        backend: quantization backend name: a registered one (``"hqq"``, ``"bnb"``, ``"gptq"``, ``"none"`` or a
+            plug-in's ``@register_backend`` name).
         backend_options: keyword arguments of the backend.
-        evaluator: "finetune" or "lm_eval".
-        evaluator_options: extra keyword arguments of the evaluator (e.g. ``task``, ``limit``).
-        phase1 / phase2: searcher names (phase2 ``None`` skips Phase II).
-        bits / ranks / granularity / target_modules: the search space. ``ranks`` defaults to (4, 8, 16): an
+        evaluator: a registered evaluator name: ``"finetune"``, ``"lm_eval"`` or a plug-in's
+            ``@register_evaluator`` name (built by :func:`autoqra.evaluators.build.build_evaluator`).
+        evaluator_options: extra keyword arguments of the evaluator (e.g. ``task``, ``limit``); each must be a
+            parameter of its constructor.
+        phase1 / phase2: registered searcher names (``@register_searcher``; phase2 ``None`` skips Phase II).
+            Names are checked against the registries when the config is built: a plug-in's module must be
+            imported first (the CLI: ``--plugin MODULE``).
+        bits: the bit ladder; ``None`` (default): the backend's own subset of :data:`autoqra.space.DEFAULT_BITS`
+            (2, 3, 4, 8 on HQQ and GPTQ; 4, 8 on bitsandbytes; see :meth:`bits_for`). Explicit bits the backend
+            does not support raise a ``ValueError`` naming the supported ones.
+        ranks / granularity / target_modules: the search space. ``ranks`` defaults to (4, 8, 16): an
             adapter on every block. With rank 0 allowed the search sold adapters for 8-bit blocks and lost after
             the final training every time it was compared on SmolLM2 (README, "Choosing for the training you
             will run"); pass ``ranks=(0, 4, 8, 16)`` for the paper's ladder.
@@ -252,7 +309,9 @@ class OptimizeConfig:
             cheap, much worse point can win when a useless low-bit point stretches the score range).
         max_trials: cap on evaluations (all fidelities). time_limit: seconds.
         seed: drives everything.
-        executor: "local" (trials one at a time in this process) or "ray" (one trial per Ray worker).
+        executor: "local" (trials one at a time in this process), "ray" (one trial per Ray worker) or a
+            plug-in's ``@register_executor`` name (given ``address`` / ``workers`` / ``resources`` where its
+            constructor takes them).
         ray_address: an existing Ray cluster ("auto", "ray://host:10001"); None starts a local Ray.
         workers: Ray workers (default: as many as the cluster's resources hold); "local" runs 1.
         worker_resources: Ray actor options per worker/trial, e.g. ``{"num_gpus": 1}`` (the default on
@@ -267,13 +326,13 @@ class OptimizeConfig:
     """
 
     budget: Any = "4bit"
-    backend: str = "hqq"
+    backend: str = attrs.field(default="hqq", validator=_registered("backend"))
     backend_options: dict = attrs.Factory(dict)
-    evaluator: str = attrs.field(default="finetune", validator=_one_of("finetune", "lm_eval"))
+    evaluator: str = attrs.field(default="finetune", validator=_registered("evaluator"))
     evaluator_options: dict = attrs.Factory(dict)
-    phase1: str = "nsga2"
-    phase2: str | None = "local"
-    bits: tuple[int, ...] = attrs.field(default=(2, 3, 4, 8), converter=_int_tuple)
+    phase1: str = attrs.field(default="nsga2", validator=_registered("searcher"))
+    phase2: str | None = attrs.field(default="local", validator=_registered("searcher", optional=True))
+    bits: tuple[int, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(_int_tuple))
     ranks: tuple[int, ...] = attrs.field(default=(4, 8, 16), converter=_int_tuple)
     granularity: str = attrs.field(default="block", validator=_one_of("block", "module"))
     target_modules: tuple[str, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
@@ -308,7 +367,7 @@ class OptimizeConfig:
     max_trials: int | None = attrs.field(default=None, validator=_opt_positive_int)
     time_limit: float | None = attrs.field(default=None, validator=_opt_positive)
     seed: int = 0
-    executor: str = attrs.field(default="local", validator=_one_of("local", "ray"))
+    executor: str = attrs.field(default="local", validator=_registered("executor"))
     ray_address: str | None = None
     workers: int | None = attrs.field(default=None, validator=_opt_positive_int)
     worker_resources: dict = attrs.Factory(dict)
@@ -345,6 +404,19 @@ class OptimizeConfig:
             return None
         return v
 
+    def bits_for(self, backend: Any) -> tuple[int, ...]:
+        """The bit ladder of the search on ``backend`` (an instance or class, or its name): ``bits`` when given,
+        else the backend's own subset of :data:`autoqra.space.DEFAULT_BITS` (16 = unquantized alone for a
+        backend that quantizes none of them, e.g. ``"none"``)."""
+        if self.bits is not None:
+            return self.bits
+        from autoqra.quant_backends import UNQUANTIZED_BITS
+        from autoqra.space import DEFAULT_BITS
+
+        cls = registry("backend").get(backend) if isinstance(backend, str) else backend
+        supported = set(getattr(cls, "supported_bits", ()))
+        return tuple(b for b in DEFAULT_BITS if b in supported) or (UNQUANTIZED_BITS,)
+
     def __attrs_post_init__(self) -> None:
         lo, hi = self.resolved("low_steps"), self.resolved("high_steps")
         if lo > hi:
@@ -355,11 +427,21 @@ class OptimizeConfig:
         if self.resolved("promote_k") > self.resolved("pop_size"):
             raise ValueError(f"promote_k={self.resolved('promote_k')} must not exceed pop_size={self.resolved('pop_size')}")
         _check_executor(self)
+        self._check_evaluator_options()
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction={self.decay_fraction!r} is not allowed; it must be in (0, 1]")
         ib = self.resolved("importance_blocks")
         if isinstance(ib, bool) or not isinstance(ib, int) or ib < 0:
             raise ValueError(f"importance_blocks={ib!r} is not allowed; it must be an integer >= 0")
+
+    def _check_evaluator_options(self) -> None:
+        """Every ``evaluator_options`` key is a parameter of the evaluator's constructor."""
+        if not isinstance(self.evaluator_options, dict):
+            raise ValueError(f"evaluator_options={self.evaluator_options!r} is not allowed; it must be a dict")
+        from autoqra.registry import check_options
+
+        check_options(registry("evaluator").get(self.evaluator), f"evaluator {self.evaluator!r}",
+                      self.evaluator_options, skip=3)
 
     def to_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self, recurse=False)

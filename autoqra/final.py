@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autoqra.config import OptimizeConfig
-from autoqra.evaluators.data import ByteTokenizer, build_task_data
+from autoqra.evaluators.build import build_evaluator
 from autoqra.evaluators.finetune import FinetuneEvaluator, FitHooks
 from autoqra.fingerprint import model_fingerprint
 from autoqra.models import load_model
@@ -299,12 +299,9 @@ def evaluator_for(result: Any, model: nn.Module, tokenizer: Any, seed: int | Non
     cfg = OptimizeConfig.from_dict(result.config)
     spec = result.info.get("backend_spec")
     backend = backend_from_spec(spec) if spec else get_backend(cfg.backend, **cfg.backend_options)
-    seed = cfg.seed if seed is None else seed
-    tok = tokenizer or ByteTokenizer(model.config.vocab_size)
-    data = build_task_data(cfg.data, tok, block_size=cfg.train.seq_len, seed=cfg.seed)
-    return FinetuneEvaluator(model, result.space.with_unquantized(), backend, data=data, tokenizer=tokenizer, train=cfg.train,
-                             eval_blocks=eval_blocks, eval_split=eval_split, seed=seed, track_peak=False,
-                             precision=precision or result.info.get("precision") or cfg.precision)
+    return build_evaluator(cfg, model, eval_split, final=True, space=result.space, backend=backend, tokenizer=tokenizer,
+                           seed=seed, eval_blocks=eval_blocks,
+                           precision=precision or result.info.get("precision") or cfg.precision)
 
 
 def pick_trial(result: Any, index: int | None) -> Any:

@@ -5,12 +5,18 @@ registrations win, so a user can replace a built-in); ``names()`` lists what is 
 returns the class or raises one ``ValueError`` naming the kind, the bad name and the registered ones.
 Each kind's module keeps its historical helpers (``register_backend``, ``get_searcher``...) as thin
 wrappers over its registry.
+
+A registered class is built with two kinds of keyword arguments (:func:`constructor_kwargs`): *options*
+the user chose, every one of which the constructor must take (else one ``ValueError`` naming the plug-in
+and the options it takes), and *offered* settings of the run, passed only where the constructor takes
+them, so that a small plug-in need not accept settings it has no use for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -67,3 +73,39 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
+
+
+def accepted_names(cls: type, skip: int = 0) -> set[str] | None:
+    """Keyword parameters of ``cls``'s constructor after its first ``skip`` positional ones (those its
+    builder passes positionally); ``None`` when it takes ``**kwargs`` (then every name is accepted)."""
+    init = cls.__init__  # type: ignore[misc]
+    if init is object.__init__:
+        return set()
+    params = list(inspect.signature(init).parameters.values())[1:]  # without self
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    skipped = {p.name for p in positional[:skip]}
+    return {p.name for p in params if p.name not in skipped and p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def check_options(cls: type, what: str, options: Mapping[str, Any], skip: int = 0) -> None:
+    """Raise ``ValueError`` naming ``what`` (e.g. ``"searcher 'mine'"``) and the options it takes when
+    ``cls``'s constructor does not take every key of ``options``."""
+    takes = accepted_names(cls, skip)
+    bad = [] if takes is None else sorted(set(options) - takes)
+    if bad:
+        raise ValueError(f"{what} does not take the option(s) {bad}; the options it takes: {sorted(takes or ())}")
+
+
+def constructor_kwargs(cls: type, what: str, options: Mapping[str, Any] | None = None,
+                       offered: Mapping[str, Any] | None = None, skip: int = 0) -> dict[str, Any]:
+    """Keyword arguments to build ``cls`` with: every one of ``options`` (:func:`check_options`) and those of
+    ``offered`` its constructor takes (an option wins over an offered setting of the same name)."""
+    options = dict(options or {})
+    check_options(cls, what, options, skip)
+    takes = accepted_names(cls, skip)
+    kept = {k: v for k, v in (offered or {}).items() if takes is None or k in takes}
+    return {**kept, **options}

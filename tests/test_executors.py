@@ -17,7 +17,6 @@ from autoqra.guidance.repair import make_repair
 from autoqra.memory.model import MemoryModel
 from autoqra.optimizer import AutoQRA, LimitReached, SearchSettings
 from autoqra.problem import Problem
-from autoqra.searchers.base import SearchContext
 from autoqra.searchers.turbo import TurboSearcher
 from autoqra.space import SearchSpace
 from autoqra.store import TrialStore
@@ -178,7 +177,7 @@ def test_turbo_batch_ask_returns_q_distinct_feasible_points(parts):
     space, mm, _ = parts
     budget = mm.predict(space.uniform(4, 8)).model_bytes
     imp = Importance.uniform(space.n_units)
-    ctx = SearchContext(space, mm, budget, repair=make_repair(mm, budget, imp.q, imp.r, "model"), seed=0)
+    ctx = Problem(space, mm, budget, repair=make_repair(mm, budget, imp.q, imp.r, "model"), seed=0)
     s = TurboSearcher(batch_size=4, n_candidates=128)
     s.bind(ctx)
     rng = np.random.default_rng(1)
@@ -191,7 +190,7 @@ def test_turbo_batch_ask_returns_q_distinct_feasible_points(parts):
 
 
 def test_executor_options_are_validated():
-    with pytest.raises(ValueError, match=r"executor='dask' is not allowed; choose one of \['local', 'ray'\]"):
+    with pytest.raises(ValueError, match=r"executor='dask' is not a registered executor; registered executors: \['local', 'ray'\]"):
         OptimizeConfig(executor="dask")
     with pytest.raises(ValueError, match="workers=2 is not allowed with executor='local'"):
         OptimizeConfig(workers=2)
@@ -222,8 +221,8 @@ def test_cli_executor_flags():
                     "worker_resources": {"num_gpus": 1.0}}
     OptimizeConfig.from_dict(opts)  # valid as config
     assert _executor_options(p.parse_args(["optimize"])) == {}
-    with pytest.raises(SystemExit):
-        p.parse_args(["optimize", "--executor", "dask"])
+    with pytest.raises(ValueError, match="executor='dask' is not a registered executor"):  # the config checks names
+        OptimizeConfig.from_dict(_executor_options(p.parse_args(["optimize", "--executor", "dask"])))
 
 
 def test_missing_ray_is_a_clear_import_error(monkeypatch, tiny):

@@ -16,7 +16,7 @@ from autoqra.memory import MemoryBreakdown, MemoryModel
 from autoqra.problem import Problem
 from autoqra.quant_backends import BACKENDS
 from autoqra.registry import Registry
-from autoqra.searchers import SEARCHERS, SearchContext
+from autoqra.searchers import SEARCHERS
 from autoqra.space import SearchSpace
 from autoqra.store import TrialStore
 from autoqra.trial import Trial
@@ -40,7 +40,6 @@ def test_problem_build_repairs_to_the_budget(tiny):
     assert not p.feasible(big) and p.bytes_of(big) == mm.predict(big).model_bytes
     fixed = p.make_feasible(big)
     assert p.feasible(fixed) and p.bytes_of(fixed) <= budget
-    assert SearchContext is Problem  # the former name still works
     pt = Problem.build(space, mm, mm.predict(space.uniform(4, 4)).train_bytes, target="train")
     assert pt.bytes_of(big) == mm.predict(big).train_bytes
     with pytest.raises(ValueError, match="target='peak'"):

@@ -34,9 +34,10 @@ from autoqra.bench.report import build_report, carry_rows
 from autoqra.bench.rows import BENCH_PRESETS, ROWS, BenchPreset, RowSpec, fixed_assignment
 from autoqra.bench.search import random_search, search_summary, stored_evaluation
 from autoqra.bench.table import write_outputs
+from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Fidelity
+from autoqra.evaluators.build import build_evaluator
 from autoqra.evaluators.data import ByteTokenizer, build_task_data
-from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.memory.model import MemoryModel
 from autoqra.models import load_model
 from autoqra.precision import compute_dtype, resolve_precision
@@ -177,11 +178,12 @@ class Bench:
 
     # ------------------------------------------------------------ final runs
     def final_evaluator(self, backend: str, seed: int):
+        """The final recipe (:func:`~autoqra.evaluators.build.build_evaluator`) on the test split at ``seed``."""
         if (backend, seed) not in self.evaluators:
-            self.evaluators[backend, seed] = FinetuneEvaluator(
-                self.model, self.spaces[backend], self.backends[backend], data=self.data, tokenizer=self.tok,
-                train=self.p.train, eval_split="test", eval_blocks=self.p.final_eval_blocks, seed=seed,
-                precision=self.precision)
+            cfg = OptimizeConfig(train=self.p.train, seed=self.p.search_seed, precision=self.precision)
+            self.evaluators[backend, seed] = build_evaluator(
+                cfg, self.model, "test", final=True, space=self.spaces[backend], backend=self.backends[backend],
+                data=self.data, tokenizer=self.tok, eval_blocks=self.p.final_eval_blocks, seed=seed, track_peak=True)
         return self.evaluators[backend, seed]
 
     def final(self, row: RowSpec, a, backend: str, seed: int) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 r"""Command line: ``autoqra memory | optimize | train | export | report | bench``.
 
+Every command takes ``--plugin MODULE`` (repeatable): a module imported before the command runs, so the
+evaluators, executors, searchers and backends it registers are selectable by name (``--evaluator``,
+``--executor``, ``--phase1`` / ``--phase2``, ``--backend``, or the ``--config`` file).
+
 This module stays light: the command modules (and through them torch, peft and bitsandbytes) are imported
 only after :func:`quiet_libraries` has run, because some libraries talk when they are imported (bitsandbytes
 logs a missing optional kernel on AVX512-BF16 CPUs as soon as peft imports it).
@@ -8,11 +12,14 @@ logs a missing optional kernel on AVX512-BF16 CPUs as soon as peft imports it).
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +36,57 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_commands(sub)
     for cmd in sub.choices.values():  # also after the command: `autoqra optimize -q ...`
         add_verbosity(cmd, inner=True)
+        add_plugin_option(cmd)
     return p
+
+
+def add_plugin_option(p: argparse.ArgumentParser) -> None:
+    """``--plugin MODULE`` (repeatable): import a module that registers plug-ins before the command runs."""
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (a dotted module name, found from the current directory too, or a "
+                        "path to a .py file; repeatable): the evaluators, executors, searchers and backends it "
+                        "registers (@register_evaluator, @register_executor, @register_searcher, "
+                        "@register_backend) can then be chosen by name")
+
+
+def load_plugins(specs: Sequence[str]) -> list:
+    """Import each plug-in module of ``specs`` (dotted names or ``.py`` paths) and return the modules.
+
+    Raises:
+        FileNotFoundError: a ``.py`` path that does not exist.
+        ImportError: a module that cannot be imported (the message names the ``--plugin`` value).
+    """
+    mods = []
+    for spec in specs:
+        if spec.endswith(".py") or os.sep in spec or "/" in spec:
+            path = Path(spec).expanduser().resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"--plugin {spec}: no such file")
+            name = f"autoqra_plugin_{path.stem}"
+            mod = sys.modules.get(name)
+            if mod is None or getattr(mod, "__file__", None) != str(path):
+                loader_spec = importlib.util.spec_from_file_location(name, path)
+                if loader_spec is None or loader_spec.loader is None:
+                    raise ImportError(f"--plugin {spec}: not an importable Python file")
+                mod = importlib.util.module_from_spec(loader_spec)
+                sys.modules[name] = mod
+                try:
+                    loader_spec.loader.exec_module(mod)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+        else:
+            if os.getcwd() not in sys.path:  # a module beside the user, as with `python -m`
+                sys.path.append(os.getcwd())
+            try:
+                mod = importlib.import_module(spec)
+            except ModuleNotFoundError as e:
+                if e.name is not None and (spec == e.name or spec.startswith(e.name + ".")):
+                    raise ImportError(f"--plugin {spec}: no module named {e.name!r} (give a dotted module name "
+                                      "importable here, or a path to a .py file)") from e
+                raise
+        mods.append(mod)
+    return mods
 
 
 def add_verbosity(p: argparse.ArgumentParser, inner: bool = False) -> None:
@@ -93,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("autoqra").setLevel(logging.INFO if verbose == 1 else logging.NOTSET)
     try:
+        load_plugins(getattr(args, "plugin", None) or [])
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, ImportError) as e:
         from rich.console import Console

@@ -9,7 +9,7 @@ import sys
 from rich.table import Table
 
 from autoqra import models
-from autoqra.config import TrainSpec
+from autoqra.config import OptimizeConfig, TrainSpec
 from autoqra.memory.model import MemoryBreakdown, MemoryModel
 from autoqra.precision import precision_of
 from autoqra.quant_backends import backend_for_precision
@@ -52,10 +52,10 @@ def _load_for_memory(args: argparse.Namespace):
 
 def cmd_memory(args: argparse.Namespace) -> int:
     model = _load_for_memory(args)
-    bits_list = args.bits or [2, 3, 4, 8]
     train = TrainSpec(batch_size=args.batch_size, seq_len=args.seq_len)
     precision = precision_of(next(model.parameters()).dtype)
     be = backend_for_precision(args.backend, precision)  # quantization metadata in the model's dtype
+    bits_list = list(args.bits or OptimizeConfig().bits_for(be))  # default: the backend's subset of 2 3 4 8
     emb_bits = list(getattr(args, "embedding_bits", None) or [])
     space = SearchSpace.from_model(
         model, bits=sorted({*bits_list, 16, *emb_bits} if emb_bits else bits_list), ranks=sorted({0, args.rank}),
@@ -103,8 +103,8 @@ def add_commands(sub) -> None:
     src = m.add_mutually_exclusive_group()
     src.add_argument("--model", default="default", help="'default' (SmolLM2), 'tiny', or a local HF directory")
     src.add_argument("--model-config", help="an HF config.json: plan memory on the meta device (no weights)")
-    m.add_argument("--backend", default="hqq", help="hqq | bnb | gptq | none")
-    m.add_argument("--bits", type=int, nargs="+", help="bit-widths to tabulate (default 2 3 4 8; 16 = unquantized)")
+    m.add_argument("--backend", default="hqq", help="hqq | bnb | gptq | none | a plug-in's (--plugin)")
+    m.add_argument("--bits", type=int, nargs="+", help="bit-widths to tabulate (default: the backend's subset of 2 3 4 8; 16 = unquantized)")
     m.add_argument("--rank", type=int, default=8, help="LoRA rank of every unit (0 = none)")
     m.add_argument("--granularity", default="block", choices=["block", "module"])
     m.add_argument("--target-modules", nargs="+", help="narrow the space to these module names (default: every "

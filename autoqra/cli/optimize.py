@@ -23,10 +23,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--config", help="YAML/JSON file with OptimizeConfig fields (flags override it)")
     o.add_argument("--model", default="default", help="'default' (SmolLM2), 'tiny', or a local HF directory")
     o.add_argument("--budget", help="bytes, '3.5GB', '900MiB', or a reference like '4bit' (default 4bit)")
-    o.add_argument("--backend", help="hqq | bnb | gptq | none (default hqq)")
-    o.add_argument("--evaluator", help="finetune | lm_eval (default finetune)")
+    o.add_argument("--backend", help="a registered backend: hqq (default) | bnb | gptq | none | a plug-in's (--plugin)")
+    o.add_argument("--evaluator", help="a registered evaluator: finetune (default) | lm_eval | a plug-in's (--plugin)")
+    o.add_argument("--phase1", help="Phase I searcher: nsga2 (default) | random | ... | a plug-in's (--plugin)")
+    ph2 = o.add_mutually_exclusive_group()
+    ph2.add_argument("--phase2", help="Phase II searcher: local (default) | turbo | ax | ... | a plug-in's (--plugin)")
+    ph2.add_argument("--no-phase2", action="store_true", help="skip Phase II")
     o.add_argument("--preset", help="demo (~15 min on 2 cores) | tiny | default")
-    o.add_argument("--bits", type=int, nargs="+", help="bit ladder (default 2 3 4 8)")
+    o.add_argument("--bits", type=int, nargs="+",
+                   help="bit ladder (default: the backend's subset of 2 3 4 8, e.g. 4 8 on bnb)")
     o.add_argument("--ranks", type=int, nargs="+", help="rank ladder (default 4 8 16: an adapter on every block; add 0 to allow none)")
     o.add_argument("--granularity", choices=["block", "module"])
     o.add_argument("--embeddings", choices=["search", "keep"],
@@ -37,7 +42,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--max-trials", type=int)
     o.add_argument("--time-limit", type=float, help="seconds")
     o.add_argument("--seed", type=int)
-    o.add_argument("--no-phase2", action="store_true", help="skip Phase II")
     o.add_argument("--no-final-rung", action="store_true",
                    help="choose on the top rung's score instead of training the finalists and the fitting uniform "
                         "baselines with the final recipe (the previous behaviour; an ablation)")
@@ -48,7 +52,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="Phase I seed: anchored (default: highest uniform bit-width that fits, slack filled "
                         "by importance per byte) | eq6 (the paper's, from the priors) | none (random)")
     add_device_options(o)
-    o.add_argument("--executor", choices=["local", "ray"], help="local (default: one trial at a time) | ray")
+    o.add_argument("--executor", help="local (default: one trial at a time) | ray | a plug-in's (--plugin)")
     o.add_argument("--ray-address", help="existing Ray cluster: 'auto' (after `ray start --head`) or ray://host:10001")
     o.add_argument("--workers", type=int, help="Ray workers = trials at once (default: as many as fit)")
     o.add_argument("--worker-gpus", type=float, help="GPUs per Ray worker (default 1 when the cluster has GPUs)")
@@ -88,17 +92,12 @@ def _executor_options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def cmd_optimize(args: argparse.Namespace) -> int:
-    console = Console(soft_wrap=True)
-    file_cfg = OptimizeConfig.from_file(args.config) if args.config else OptimizeConfig()
-    model, tok, device, precision = load_for_training(args.model, args.device or file_cfg.device,
-                                                      args.precision or file_cfg.precision)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def _search_options(args: argparse.Namespace) -> dict:
+    """OptimizeConfig fields given on the command line (besides device and precision)."""
     options = {
-        k: getattr(args, k) for k in ("budget", "evaluator", "preset", "bits", "ranks", "granularity", "target", "data",
-                  "warm_start", "embeddings")
-        if getattr(args, k) is not None
+        k: getattr(args, k) for k in ("budget", "evaluator", "phase1", "phase2", "preset", "bits", "ranks",
+                                      "granularity", "target", "data", "warm_start", "embeddings")
+        if getattr(args, k, None) is not None
     }
     if args.no_phase2:
         options["phase2"] = None
@@ -106,6 +105,21 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         options["final_rung"] = False
     options.update({k: v for k in ("final_candidates", "rung_schedule") if (v := getattr(args, k)) is not None})
     options.update(_executor_options(args))
+    return options
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    console = Console(soft_wrap=True)
+    file_cfg = OptimizeConfig.from_file(args.config) if args.config else OptimizeConfig()
+    options = _search_options(args)
+    given = {k: v for k, v in (("backend", args.backend), ("max_trials", args.max_trials),
+                               ("time_limit", args.time_limit), ("seed", args.seed)) if v is not None}
+    # names (evaluator, executor, searchers, backend) and values are checked before the model loads
+    OptimizeConfig.from_dict({**file_cfg.to_dict(), **given, **options})
+    model, tok, device, precision = load_for_training(args.model, args.device or file_cfg.device,
+                                                      args.precision or file_cfg.precision)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     options.update(device=device, precision=precision)
     console.print(f"[bold]autoqra optimize[/bold] · model {args.model} ({precision} on {device}) · run dir {out} "
                   "(re-run to resume)")

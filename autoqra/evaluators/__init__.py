@@ -1,4 +1,8 @@
-"""Evaluators: score an assignment after a real LoRA fine-tune (``"finetune"``, ``"lm_eval"``)."""
+"""Evaluators: score an assignment after a real LoRA fine-tune (``"finetune"``, ``"lm_eval"``).
+
+``@register_evaluator("name")`` adds one, selectable by name (``evaluator="name"``);
+:func:`~autoqra.evaluators.build.build_evaluator` builds the one a config names.
+"""
 
 from autoqra.evaluators.base import (
     EVALUATORS,
@@ -9,6 +13,7 @@ from autoqra.evaluators.base import (
     evaluator_class,
     register_evaluator,
 )
+from autoqra.evaluators.build import build_evaluator
 from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.evaluators.lm_eval import LMEvalEvaluator
 
@@ -20,6 +25,7 @@ __all__ = [
     "FinetuneEvaluator",
     "LMEvalEvaluator",
     "available_evaluators",
+    "build_evaluator",
     "evaluator_class",
     "register_evaluator",
 ]

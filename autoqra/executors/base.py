@@ -14,12 +14,21 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
-from autoqra.registry import Registry
+from autoqra.registry import Registry, constructor_kwargs
 from autoqra.space import Assignment
 
 #: Executors by name (``OptimizeConfig.executor`` / ``--executor``): ``"local"`` here, ``"ray"`` in
-#: :mod:`autoqra.executors.ray`; ``@EXECUTORS.register("name")`` adds one.
+#: :mod:`autoqra.executors.ray`; ``@register_executor("name")`` adds one.
 EXECUTORS: Registry[Executor] = Registry("executor")
+
+
+def register_executor(name: str) -> Callable[[type[Executor]], type[Executor]]:
+    """Class decorator registering an executor under ``name`` (later registrations win).
+
+    :func:`make_executor` builds it as ``cls(evaluator, address=..., workers=..., resources=...)``, passing
+    each of those keywords only where the constructor takes it.
+    """
+    return EXECUTORS.register(name)
 
 Item = tuple[Assignment, Fidelity]
 
@@ -101,12 +110,14 @@ class LocalExecutor(Executor):
 
 def make_executor(name: str, evaluator: Evaluator, *, address: str | None = None, workers: int | None = None,
                   resources: dict[str, Any] | None = None) -> Executor:
-    """Build the executor ``name`` (``"local"`` or ``"ray"``) around ``evaluator``.
+    """Build the executor registered as ``name`` (``"local"``, ``"ray"`` or a plug-in's) around ``evaluator``:
+    ``cls(evaluator, address=..., workers=..., resources=...)``, each keyword passed only where the
+    constructor takes it (:class:`~autoqra.config.OptimizeConfig` refuses a given one it does not take).
 
     Raises:
-        ValueError: an unknown name.
+        ValueError: an unknown name (listing the registered ones).
         ImportError: ``"ray"`` without Ray installed (``pip install 'autoqra[ray]'``).
     """
-    if name == "local":
-        return LocalExecutor(evaluator)
-    return EXECUTORS.get(name)(evaluator, address=address, workers=workers, resources=resources)
+    cls = EXECUTORS.get(name)
+    offered = {"address": address, "workers": workers, "resources": resources}
+    return cls(evaluator, **constructor_kwargs(cls, f"executor {name!r}", offered=offered, skip=1))

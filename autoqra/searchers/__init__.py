@@ -10,12 +10,12 @@ import autoqra.searchers.nsga2
 import autoqra.searchers.random
 import autoqra.searchers.turbo  # noqa: F401 - each module registers its searcher
 from autoqra.searchers.base import (
+    RUN_SETTINGS,
     SEARCHERS,
-    SearchContext,
     Searcher,
     available_searchers,
     get_searcher,
     register_searcher,
 )
 
-__all__ = ["SEARCHERS", "SearchContext", "Searcher", "available_searchers", "get_searcher", "register_searcher"]
+__all__ = ["RUN_SETTINGS", "SEARCHERS", "Searcher", "available_searchers", "get_searcher", "register_searcher"]

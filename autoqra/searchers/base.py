@@ -9,14 +9,13 @@ budget, target, priors, cost table and the repair.
 from __future__ import annotations
 
 import abc
-import inspect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from autoqra.problem import Problem
-from autoqra.registry import Registry
+from autoqra.registry import Registry, constructor_kwargs
 from autoqra.space import Assignment
 
 if TYPE_CHECKING:
@@ -35,35 +34,44 @@ def available_searchers() -> list[str]:
     return SEARCHERS.names()
 
 
-def get_searcher(searcher: str | Searcher, ctx: Problem, **kwargs: Any) -> Searcher:
+#: The run's settings the optimizer offers a searcher built by name (Phase I: ``pop_size``, ``max_generations``,
+#: ``warm_start``, ``objectives``, ``mutation``, ``knapsack_k``; Phase II: ``alpha``, ``batch_size``). Passed to
+#: :func:`get_searcher` as plain keywords they count as ``offered``: each reaches the searcher only where its
+#: constructor takes it, so a simple user searcher need not accept them.
+RUN_SETTINGS = ("pop_size", "max_generations", "warm_start", "objectives", "mutation", "knapsack_k", "alpha",
+                "batch_size")
+
+
+def get_searcher(searcher: str | Searcher, ctx: Problem, *, offered: dict[str, Any] | None = None,
+                 **options: Any) -> Searcher:
     """Resolve a searcher name to an instance bound to ``ctx`` (instances get ``bind(ctx)``).
 
-    ``kwargs`` are optional settings (e.g. ``pop_size``); those the searcher's constructor does
-    not take are dropped, so simple user searchers need not accept them.
+    Args:
+        searcher: a registered name (:data:`SEARCHERS`) or an instance.
+        ctx: the problem to bind it to.
+        offered: the run's settings: each is passed only where the searcher's constructor takes it (a searcher
+            that has no use for ``alpha`` or ``pop_size`` simply does not declare it).
+        **options: the searcher's own options: every one must be a parameter of its constructor. Names in
+            :data:`RUN_SETTINGS` count as ``offered`` (the run's settings).
+
+    Raises:
+        ValueError: an unknown name (listing the registered ones); an option the searcher does not take
+            (naming the searcher and the options it takes); options given with an instance.
     """
+    offered = dict(offered or {})
+    for k in RUN_SETTINGS:
+        if k in options:
+            offered.setdefault(k, options.pop(k))
     if isinstance(searcher, Searcher):
+        if options:
+            raise ValueError(f"options {sorted(options)} can only be given with a searcher name, not with an "
+                             f"instance ({type(searcher).__name__}): pass them to its constructor")
         searcher.bind(ctx)
         return searcher
     cls = SEARCHERS.get(searcher)
-    inst = cls(**_accepted(cls, kwargs))
+    inst = cls(**constructor_kwargs(cls, f"searcher {searcher!r}", options, offered))
     inst.bind(ctx)
     return inst
-
-
-def _accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``kwargs`` that ``cls.__init__`` accepts (all of them if it takes ``**kwargs``)."""
-    if cls.__init__ is object.__init__:
-        return {}
-    params = inspect.signature(cls.__init__).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return kwargs
-    names = {p.name for p in params}
-    return {k: v for k, v in kwargs.items() if k in names}
-
-
-#: The problem a searcher is bound to (:class:`autoqra.problem.Problem`); ``SearchContext`` is its
-#: former name, kept so user searchers written against it keep working.
-SearchContext = Problem
 
 
 class Searcher(abc.ABC):

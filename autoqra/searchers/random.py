@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoqra.guidance.repair import make_repair
-from autoqra.problem import Problem as SearchContext
+from autoqra.problem import Problem
 from autoqra.searchers.base import Searcher, register_searcher
 from autoqra.space import Assignment
 
@@ -45,7 +45,7 @@ class RandomSearcher(Searcher):
         self.max_duplicate_tries = int(max_duplicate_tries)
         self.max_trials = max_trials
 
-    def bind(self, ctx: SearchContext) -> None:
+    def bind(self, ctx: Problem) -> None:
         super().bind(ctx)
         self._repair = ctx.repair or make_repair(
             ctx.memory, ctx.budget_bytes, ctx.importance_q, ctx.importance_r, ctx.target

@@ -12,8 +12,9 @@ import pytest
 
 from autoqra.evaluators.base import EvalResult
 from autoqra.memory.model import MemoryModel
+from autoqra.problem import Problem
 from autoqra.searchers.ax import AxSearcher
-from autoqra.searchers.base import SearchContext, get_searcher
+from autoqra.searchers.base import get_searcher
 from autoqra.space import SearchSpace
 
 
@@ -38,7 +39,7 @@ def ctx(tiny):
     space = SearchSpace.from_model(tiny, granularity="module")
     mm = MemoryModel(tiny, space, "hqq")
     budget = mm.predict(space.uniform(3, 8)).model_bytes
-    return SearchContext(space, mm, budget, repair=greedy_repair(space, mm, budget), seed=0)
+    return Problem(space, mm, budget, repair=greedy_repair(space, mm, budget), seed=0)
 
 
 def sphere_test_function(space, target=0.6):
@@ -110,7 +111,7 @@ def test_default_bo_strategy_on_block_space(tiny):
     space = SearchSpace.from_model(tiny, granularity="block")  # 2 units: 4 Ax parameters
     mm = MemoryModel(tiny, space, "hqq")
     budget = mm.predict(space.uniform(4, 8)).model_bytes
-    ctx = SearchContext(space, mm, budget, repair=greedy_repair(space, mm, budget), seed=0)
+    ctx = Problem(space, mm, budget, repair=greedy_repair(space, mm, budget), seed=0)
     f = sphere_test_function(space, 0.5)
     s = get_searcher("ax", ctx, objective="score", initialization_budget=3)
     got = []

@@ -16,7 +16,8 @@ from autoqra.guidance.repair import make_repair
 from autoqra.guidance.seeds import anchored_cost_seed, knapsack_seeds, option_costs
 from autoqra.memory.model import MemoryModel
 from autoqra.models import from_config
-from autoqra.searchers.base import SearchContext, get_searcher
+from autoqra.problem import Problem
+from autoqra.searchers.base import get_searcher
 from autoqra.searchers.local import LocalSearcher
 from autoqra.searchers.nsga2 import NSGA2Searcher
 from autoqra.space import SearchSpace
@@ -56,7 +57,7 @@ def make_objective(n, seed):
 
 def _ctx(space, mm, budget, table, seed):
     rep = make_repair(mm, budget, target="model", cost_table=table)
-    return SearchContext(space=space, memory=mm, budget_bytes=budget, repair=rep, seed=seed, cost_table=table)
+    return Problem(space=space, memory=mm, budget_bytes=budget, repair=rep, seed=seed, cost_table=table)
 
 
 def _run_search(space, mm, budget, table, score, seed, gens=3, pop=8, k_high=3, p2=6):
@@ -185,6 +186,6 @@ def test_moves_are_byte_neutral_and_redraw(world):
 def test_local_searcher_needs_a_cost_table(world):
     space, mm, budget = world
     with pytest.raises(ValueError, match="cost table"):
-        LocalSearcher().bind(SearchContext(space=space, memory=mm, budget_bytes=budget))
+        LocalSearcher().bind(Problem(space=space, memory=mm, budget_bytes=budget))
     assert isinstance(get_searcher("nsga2", _ctx(space, mm, budget, make_objective(space.n_units, 0)[0], 0)),
                       NSGA2Searcher)

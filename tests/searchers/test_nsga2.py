@@ -17,8 +17,9 @@ from autoqra.guidance.repair import make_repair
 from autoqra.memory.model import MemoryModel
 from autoqra.models import tiny_llama
 from autoqra.pareto import hypervolume_2d, pareto_mask
+from autoqra.problem import Problem
 from autoqra.searchers import nsga2_ops as ops
-from autoqra.searchers.base import SearchContext, get_searcher
+from autoqra.searchers.base import get_searcher
 from autoqra.searchers.nsga2 import NSGA2Searcher
 from autoqra.space import SearchSpace
 
@@ -34,7 +35,7 @@ def _ctx(model, granularity="module", bits=(2, 3, 4, 8), ranks=(0, 4, 8, 16), bu
     rng = np.random.default_rng(123)
     iq, ir = (rng.random(space.n_units), rng.random(space.n_units)) if priors else (None, None)
     b = mm.predict(space.uniform(*budget)).model_bytes
-    return SearchContext(space, mm, b, importance_q=iq, importance_r=ir, repair=make_repair(mm, b, iq, ir), seed=seed)
+    return Problem(space, mm, b, importance_q=iq, importance_r=ir, repair=make_repair(mm, b, iq, ir), seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +257,7 @@ def test_anchored_seed_puts_the_bit_width_before_the_eq6_ranks(tiny):
     seeds = [space.decode(x) for x in ops.anchored_seeds(space, iq, ir, f, budget)]
     assert len(seeds) == 2 and seeds[0] == a and min(seeds[1].bits) == 3 and set(seeds[1].ranks) == {top}
     assert f(space.encode(seeds[1])) <= budget
-    ctx = SearchContext(space, c.memory, budget, importance_q=iq, importance_r=ir,
+    ctx = Problem(space, c.memory, budget, importance_q=iq, importance_r=ir,
                         repair=make_repair(c.memory, budget, iq, ir), seed=0)
     first = get_searcher("nsga2", ctx, pop_size=8).ask(100)
     assert first[:2] == seeds

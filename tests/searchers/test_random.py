@@ -7,7 +7,8 @@ import pytest
 from autoqra.evaluators.base import EvalResult
 from autoqra.guidance.repair import make_repair
 from autoqra.memory.model import MemoryModel
-from autoqra.searchers.base import SearchContext, get_searcher
+from autoqra.problem import Problem
+from autoqra.searchers.base import get_searcher
 from autoqra.searchers.random import RandomSearcher
 from autoqra.space import SearchSpace
 
@@ -17,7 +18,7 @@ def ctx(tiny):
     space = SearchSpace.from_model(tiny, bits=(2, 3, 4, 8), ranks=(0, 4, 8, 16), granularity="module")
     mm = MemoryModel(tiny, space, "hqq")
     b = mm.predict(space.uniform(3, 8)).model_bytes
-    return SearchContext(space, mm, b, repair=make_repair(mm, b), seed=3)
+    return Problem(space, mm, b, repair=make_repair(mm, b), seed=3)
 
 
 def test_asks_are_feasible_unique_and_seeded(ctx):
@@ -32,7 +33,7 @@ def test_pure_repair_mode_and_tiny_space(tiny):
     space = SearchSpace.from_model(tiny, bits=(2, 4), ranks=(0, 8), granularity="block")  # 16 points
     mm = MemoryModel(tiny, space, "hqq")
     b = mm.predict(space.uniform(4, 0)).model_bytes
-    s = get_searcher("random", SearchContext(space, mm, b, seed=0), max_rejections=0)
+    s = get_searcher("random", Problem(space, mm, b, seed=0), max_rejections=0)
     asks = s.ask(30)
     assert all(mm.predict(a).model_bytes <= b for a in asks)
     assert len(set(asks)) < 30  # fewer feasible points than asks: repeats are allowed, not endless loops

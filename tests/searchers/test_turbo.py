@@ -12,7 +12,8 @@ import pytest
 
 from autoqra.evaluators.base import EvalResult
 from autoqra.memory.model import MemoryModel
-from autoqra.searchers.base import SearchContext, get_searcher
+from autoqra.problem import Problem
+from autoqra.searchers.base import get_searcher
 from autoqra.searchers.turbo import TurboSearcher, UtilityScale
 from autoqra.space import SearchSpace
 
@@ -48,7 +49,7 @@ def problem(tiny):
 
 def make_ctx(problem, seed=0):
     space, mm, budget, repair = problem
-    return SearchContext(space, mm, budget, repair=repair, seed=seed)
+    return Problem(space, mm, budget, repair=repair, seed=seed)
 
 
 def sphere_test_function(space, target):
