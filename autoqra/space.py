@@ -11,25 +11,30 @@ the integer encoding indexes each unit's own options (``upper`` is per unit), so
 allowed options only. A unit's options are never more than the space's ladders (``len(unit_bits(u)) <=
 len(bits)``): tables of width ``len(bits)`` / ``len(ranks)`` hold every unit, padded past its ``upper``.
 A rank given to a unit without one is accepted and means 0 (``space.encode`` maps it to 0).
+
+Parts in their own modules: :class:`Assignment` (:mod:`autoqra.assignment`); finding and grouping a model's
+units and the embedding / head units' bit options (:mod:`autoqra.space_units`); the peft ``LoraConfig`` of an
+assignment (:mod:`autoqra.lora`). ``Assignment`` and ``EMBEDDING_BITS`` are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
-from peft import LoraConfig
 from torch import nn
 
-from autoqra.quant_backends import UNQUANTIZED_BITS, get_backend
-from autoqra.units import Coverage, Unit, WeightTensor, coverage, discover, embedding_units, matches
+from autoqra.assignment import Assignment
+from autoqra.lora import lora_config
+from autoqra.quant_backends import UNQUANTIZED_BITS
+from autoqra.space_units import EMBEDDING_BITS, embedding_options, model_units  # noqa: F401
+from autoqra.units import Coverage, Unit, WeightTensor
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 __all__ = ["DEFAULT_BITS", "DEFAULT_RANKS", "Assignment", "Coverage", "SearchSpace", "Unit", "WeightTensor"]
 
@@ -38,54 +43,9 @@ __all__ = ["DEFAULT_BITS", "DEFAULT_RANKS", "Assignment", "Coverage", "SearchSpa
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_RANKS = (0, 4, 8, 16)
-#: Quantized bit options of embedding / head units (each where the backend stores it; 16 is always an option).
-EMBEDDING_BITS = (4, 8)
 #: ``embeddings=``: ``"search"`` (embedding / head are units) or ``"keep"`` (16-bit, outside the space: the paper's).
 EMBEDDING_MODES = ("search", "keep")
 _BLOCK_RE = re.compile(r"^(.*\.(?:layers|h|blocks|layer)\.\d+)\.")
-
-
-@attrs.frozen(eq=True, hash=True)
-class Assignment:
-    """Per-unit bit-widths and LoRA ranks. Hashable; JSON round-trips.
-
-    ``bits[i]`` is the bit-width of unit ``units[i]`` (16 = unquantized); ``ranks[i]`` its
-    LoRA rank (0 = no adapter).
-    """
-
-    units: tuple[str, ...] = attrs.field(converter=tuple)
-    bits: tuple[int, ...] = attrs.field(converter=lambda v: tuple(int(x) for x in v))
-    ranks: tuple[int, ...] = attrs.field(converter=lambda v: tuple(int(x) for x in v))
-
-    def __attrs_post_init__(self) -> None:
-        if not (len(self.units) == len(self.bits) == len(self.ranks)):
-            raise ValueError(
-                f"Assignment needs one bits and one rank per unit; got {len(self.units)} units, "
-                f"{len(self.bits)} bits, {len(self.ranks)} ranks"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"units": list(self.units), "bits": list(self.bits), "ranks": list(self.ranks)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Assignment:
-        return cls(d["units"], d["bits"], d["ranks"])
-
-    @classmethod
-    def from_json(cls, s: str) -> Assignment:
-        return cls.from_dict(json.loads(s))
-
-    def mean_bits(self, space: SearchSpace) -> float:
-        """Weight-count-weighted mean bit-width."""
-        w = np.array([u.n_weights for u in space.units], dtype=float)
-        return float(np.dot(w, self.bits) / w.sum())
-
-    def short(self) -> str:
-        """Compact text: ``b4r8 b3r16 ...``."""
-        return " ".join(f"b{b}r{r}" for b, r in zip(self.bits, self.ranks))
 
 
 @attrs.define
@@ -161,38 +121,7 @@ class SearchSpace:
         bits_t, ranks_t = _ladder("bits", bits, 1, 16), _ladder("ranks", ranks, 0, 4096)
         if granularity not in ("block", "module"):
             raise ValueError(f"granularity={granularity!r} is not allowed; use 'block' or 'module'")
-        found = discover(model)
-        targets = tuple(target_modules) if target_modules else None
-        candidates = [f for f in found if f.reason is None]
-        chosen = [f for f in candidates if targets is None or matches(f.tensor, targets)]
-        if not chosen:
-            what = f"named {list(targets)} " if targets else ""
-            raise ValueError(
-                f"no weight matrix {what}inside the decoder blocks was found in {type(model).__name__} "
-                f"({len(candidates)} candidates); pass target_modules= with the last names of your model's "
-                "linear/experts modules (e.g. ['q_proj', 'v_proj'])"
-            )
-        if backend is not None:
-            get_backend(backend).check_bits(bits_t)
-        groups: dict[str, list[WeightTensor]] = {}
-        for f in chosen:
-            groups.setdefault(f.block if granularity == "block" else f.tensor.module, []).append(f.tensor)
-        units = tuple(Unit.of(k, v) for k, v in groups.items())
-        cov = coverage(found, [f.tensor for f in chosen])
-        warn = cov.warning()
-        if warn:
-            log.warning("%s", warn)
-        own: list[tuple[str, tuple[int, ...]]] = []
-        if embeddings == "search":
-            first: list[Unit] = []
-            last: list[Unit] = []
-            for eu in embedding_units(model):
-                opts = embedding_options(eu, backend, len(bits_t))
-                if len(opts) < 2:
-                    continue
-                own.append((eu.name, opts))
-                (first if eu.kind == "embedding" else last).append(eu)
-            units = (*first, *units, *last)
+        units, cov, own = model_units(model, bits_t, granularity, target_modules, backend, embeddings)
         return cls(units=units, bits=bits_t, ranks=ranks_t, granularity=granularity, coverage=cov, own_bits=own)
 
     @classmethod
@@ -388,46 +317,7 @@ class SearchSpace:
         ``target_modules``; expert tensors are ``target_parameters`` (full parameter names, peft's
         ``ParamWrapper``; :mod:`autoqra.quant_backends._experts` gives it a quantized base).
         """
-        tm = self.tensor_map(a)
-        lin = {t.module: r for t, _, r in tm.values() if t.kind == "linear"}  # embedding / head: never adapted
-        par = {n: r for n, (t, _, r) in tm.items() if t.kind == "experts"}
-        adapted = {m: r for m, r in lin.items() if r > 0}
-        params = {n: r for n, r in par.items() if r > 0}
-        if not adapted and not params:
-            raise ValueError("every unit has rank 0: there is nothing to fine-tune")
-        pattern = {**adapted, **params}
-        base_r = max(pattern.values())
-        extra: dict[str, Any] = {"target_parameters": sorted(params)} if params else {}
-        return LoraConfig(
-            r=base_r,
-            lora_alpha=alpha if alpha is not None else alpha_ratio * base_r,
-            lora_dropout=dropout,
-            target_modules=sorted(adapted),
-            exclude_modules=sorted(m for m, r in lin.items() if r == 0) or None,
-            rank_pattern=dict(pattern),
-            alpha_pattern={m: alpha if alpha is not None else alpha_ratio * r for m, r in pattern.items()},
-            bias="none",
-            task_type="CAUSAL_LM",
-            **extra,
-            **kw,
-        )
-
-
-def embedding_options(unit: Unit, backend: Any, width: int) -> tuple[int, ...]:
-    """The bit options of an embedding / head unit: 16 and each of :data:`EMBEDDING_BITS` the backend stores
-    for it (:meth:`~autoqra.quant_backends.QuantBackend.embedding_bits`; default backend HQQ), the lowest
-    dropped while there are more than ``width`` (the ladder's width)."""
-    from autoqra.quant_backends import get_backend as _get
-
-    try:
-        be = _get(backend if backend is not None else "hqq") if not hasattr(backend, "embedding_bits") else backend
-    except ImportError:  # no backend named and hqq missing: offer the options, apply checks them
-        return tuple(sorted({*EMBEDDING_BITS, UNQUANTIZED_BITS}))[-width:]
-    stored = set(be.embedding_bits(unit))
-    opts = tuple(sorted({b for b in EMBEDDING_BITS if b in stored} | {UNQUANTIZED_BITS}))
-    if len(opts) < len(EMBEDDING_BITS) + 1:
-        log.info("%s (%s): backend %r stores only bits %s for it", unit.name, unit.kind, be.name, list(opts))
-    return opts[-width:] if width > 0 else opts
+        return lora_config(self.tensor_map(a), alpha_ratio, dropout, alpha, **kw)
 
 
 def _ladder(field: str, values: Iterable[int], lo: int, hi: int) -> tuple[int, ...]:
