@@ -9,6 +9,7 @@ from _helpers import calib_for, storage_bytes
 from torch import nn
 
 import autoqra.apply as apply_mod
+import autoqra.layer_cache as layer_cache
 from autoqra.apply import (
     CACHE_BYTES_ENV,
     QuantCache,
@@ -218,7 +219,7 @@ def test_default_cap_is_half_the_model_with_a_floor(monkeypatch):
     own = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     model_bytes = sum(own.values())
     assert quant_cache(model).max_bytes == max(2**30, model_bytes // 2) == 2**30
-    monkeypatch.setattr(apply_mod, "MIN_DEFAULT_CACHE_BYTES", 0)
+    monkeypatch.setattr(layer_cache, "MIN_DEFAULT_CACHE_BYTES", 0)  # the cap is computed where the cache lives
     assert default_cache_limit(model) == model_bytes // 2
     assert QuantCache().max_bytes == 4 * 2**30
     with pytest.raises(ValueError, match="max_bytes"):
