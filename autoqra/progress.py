@@ -13,6 +13,9 @@ trims a stage to what it did, :meth:`Progress.finish` trims everything when the 
 read back from the store counts as done (shown as ``stored``). So ``done <= planned`` at every moment and the
 two meet at the end. A new stage (e.g. a final rung) needs nothing more than ``plan(stage, n, fidelity)``
 before its batches and ``end(stage)`` after them, with its trials reported under the same stage name.
+
+Parts in their own modules, re-exported here: the text of the lines (:func:`fmt_duration`, :func:`compact`,
+:func:`fold`) in :mod:`autoqra.progress_text`, :class:`StepBar` in :mod:`autoqra.step_bar`.
 """
 
 from __future__ import annotations
@@ -25,44 +28,16 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
 from rich.text import Text
+
+from autoqra.progress_text import compact, fmt_duration, fold  # noqa: F401
+from autoqra.step_bar import StepBar, step_bar  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 #: A preparation step's progress callback: ``fn(step, done, total, unit="units")``, e.g.
 #: ``fn("KL table", 12, 30)``; ``done = 0`` when the step starts.
 ProgressFn = Callable[..., None]
-
-
-def fmt_duration(seconds: float) -> str:
-    """``45s``, ``1m20s``, ``2h05m``."""
-    s = max(0, int(round(seconds)))
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m}m{s:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m"
-
-
-def compact(assignment: Any, width: int = 60) -> str:
-    """Short text of an assignment: runs of equal units folded (``b4r4×12 b8r4 b4r0×17``), cut at ``width``."""
-    return fold([f"b{b}r{r}" for b, r in zip(assignment.bits, assignment.ranks)], width)
-
-
-def fold(words: list[str], width: int = 60) -> str:
-    """``words`` joined by spaces with runs of equal words folded (``b4r4×12``), cut at ``width``."""
-    runs: list[list[Any]] = []
-    for p in words:
-        if runs and runs[-1][0] == p:
-            runs[-1][1] += 1
-        else:
-            runs.append([p, 1])
-    text = " ".join(p if n == 1 else f"{p}×{n}" for p, n in runs)
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _fid(fidelity: Any) -> tuple[str | None, int | None]:
@@ -345,59 +320,3 @@ class Progress:
             self.console.print(stamped, markup=False, highlight=False)
         elif always:
             self._live.console.print(text, markup=False, highlight=False)
-
-
-class StepBar:
-    """Progress of one training run: a rich bar (steps, loss, ETA) on a terminal, plain lines on stderr
-    otherwise (at most one per 10 s, and the last step), nothing when disabled.
-
-    Use through :func:`step_bar`; call :meth:`update` with the 0-based step after each optimizer step.
-    """
-
-    def __init__(self, total: int, enabled: bool, label: str, console: Console | None = None,
-                 interval: float = 10.0) -> None:
-        self.total, self.enabled, self.interval = total, enabled, interval
-        self.label = fold(label.split(" "), 100)  # "final training · b4r4×30"
-        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
-        self._bar: Any = None
-        self._task: Any = None
-        self._last_log = -math.inf
-        self._first: tuple[int, float] | None = None
-        self.t0 = time.perf_counter()
-
-    def __enter__(self) -> StepBar:
-        self.t0 = time.perf_counter()
-        if self.enabled and self.console.is_terminal:
-            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
-                                     console=self.console)
-            self._bar.__enter__()
-            self._task = self._bar.add_task(self.label[:70], total=self.total, loss="-")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-            self._bar = None
-
-    def update(self, step: int, loss: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step + 1, loss=f"{loss:.4f}")
-            return
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self._first is None:  # a resumed run starts mid-way: the ETA counts from here
-            self._first = (step, now)
-        if now - self._last_log >= self.interval or step + 1 == self.total:
-            self._last_log = now
-            s0, t0 = self._first
-            rate = (now - t0) / (step - s0) if step > s0 else None
-            eta = f" · ETA {fmt_duration(rate * (self.total - step - 1))}" if rate is not None and step + 1 < self.total else ""
-            self.console.print(f"[{fmt_duration(now - self.t0):>6}] {self.label}: step {step + 1}/{self.total} "
-                               f"· loss {loss:.4f}{eta}", markup=False, highlight=False)
-
-
-def step_bar(total: int, enabled: bool = True, label: str = "training") -> StepBar:
-    """A :class:`StepBar` context manager."""
-    return StepBar(total, enabled, label)
