@@ -3,6 +3,7 @@ r"""What the search knows before (and between) trials, and the moves it makes wi
 * :mod:`~autoqra.guidance.importance` — the paper's layer-importance priors (I_q, I_r).
 * :mod:`~autoqra.guidance.costmodel` — the calibrated cost model: predicted score change (nats) of every
   unit's bit-width and rank, from forward passes and short probes.
+* :mod:`~autoqra.guidance.probes` — the rank probes: trained probe models and each unit's leave-one-out gain.
 * :mod:`~autoqra.guidance.repair` — make any assignment fit the budget, cutting least damage per byte.
 * :mod:`~autoqra.guidance.moves` — byte-neutral edits (fill, swap down/up, random edit).
 * :mod:`~autoqra.guidance.knapsack` — the exact multiple-choice knapsack (k best assignments).

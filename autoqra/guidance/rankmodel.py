@@ -1,7 +1,7 @@
 r"""What a unit's LoRA adapter is worth after the *final* training: a rank table that is non-negative,
 non-decreasing in rank and scaled to the final horizon.
 
-Inputs, all measured by :func:`autoqra.guidance.costmodel.rank_probes` on a probe model (every unit at the
+Inputs, all measured by :func:`autoqra.guidance.probes.rank_probes` on a probe model (every unit at the
 reference bit-width with the same rank, trained at the search's constant rate):
 
 * ``loo[r]``: per-unit leave-one-out gains (nats/token) after ``t2`` steps (the top rung) for each probed
