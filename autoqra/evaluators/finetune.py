@@ -1,4 +1,8 @@
-r"""The ``finetune`` evaluator: quantize + LoRA-wrap a candidate, really train it, score held-out loss."""
+r"""The ``finetune`` evaluator: quantize + LoRA-wrap a candidate, really train it, score held-out loss.
+
+Its learning-rate schedules (:func:`lr_lambda`, :func:`wsd_lambda`, :func:`decay_steps`) are in
+:mod:`autoqra.evaluators.schedules` and re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from autoqra.config import TrainSpec
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity, register_evaluator
 from autoqra.evaluators.data import ByteTokenizer, TaskData, build_task_data, iter_steps
 from autoqra.evaluators.rungs import RungStates, common_lora_init
+from autoqra.evaluators.schedules import decay_steps, lr_lambda, wsd_lambda
 from autoqra.memory.model import measure_memory
 from autoqra.memory.trace import measure_peak
 from autoqra.precision import autocast, describe, grad_scaler, model_device, resolve_precision
@@ -36,38 +41,6 @@ def is_oom(err: BaseException) -> bool:
     if oom_cls is not None and isinstance(err, oom_cls):
         return True
     return isinstance(err, (RuntimeError, MemoryError)) and "out of memory" in str(err).lower()
-
-
-def lr_lambda(train: TrainSpec, total_steps: int):
-    """Multiplier schedule: linear warm-up, then cosine to 0 (or constant)."""
-
-    def f(step: int) -> float:
-        if step < train.warmup_steps:
-            return (step + 1) / (train.warmup_steps + 1)
-        if train.schedule == "constant" or total_steps <= train.warmup_steps:
-            return 1.0
-        prog = (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
-
-    return f
-
-
-def decay_steps(steps: int, fraction: float) -> int:
-    """Length of a warmup-stable-decay rung's final decay: ``max(1, round(fraction * steps))`` (0 for 0 steps)."""
-    return 0 if steps <= 0 else min(steps, max(1, round(fraction * steps)))
-
-
-def wsd_lambda(stable: int, total: int, warmup: int = 0):
-    """Rung schedule: the recipe's linear warm-up, multiplier 1 up to step ``stable``, then a linear decay
-    over the rest (step ``stable + i`` of ``d = total - stable`` decay steps gets ``(d - i) / (d + 1)``)."""
-    d = max(1, total - stable)
-
-    def f(step: int) -> float:
-        if step >= stable:
-            return max(0.0, (d - (step - stable)) / (d + 1))
-        return (step + 1) / (warmup + 1) if step < warmup else 1.0
-
-    return f
 
 
 @torch.no_grad()
