@@ -23,7 +23,7 @@ from autoqra.guidance.costmodel import CostModel, measure_cost_model
 from autoqra.guidance.importance import Importance, compute_importance
 from autoqra.memory.model import MemoryModel
 from autoqra.models import tokenizer_for
-from autoqra.optimizer import AutoQRA, SearchSettings
+from autoqra.optimizer import AutoQRA, RunSummary, SearchSettings
 from autoqra.precision import describe, model_device, resolve_device, resolve_precision
 from autoqra.problem import Problem
 from autoqra.progress import Progress
@@ -144,8 +144,7 @@ def _search(model: nn.Module, cfg: OptimizeConfig, be_obj: QuantBackend | None, 
     importance = (Importance.from_cost_model(cost_model, space) if cost_model is not None
                   else _importance(model, space, be, ev_obj, cfg, st, prog))
     settings = SearchSettings.from_config(
-        cfg, guided=cost_model is not None,
-        phase1=phase1 if phase1 is not None and not isinstance(phase1, str) else None,
+        cfg, phase1=phase1 if phase1 is not None and not isinstance(phase1, str) else None,
         phase2=phase2 if phase2 is not None and phase2 is not _FROM_CONFIG and not isinstance(phase2, str) else None)
     problem = Problem.build(space, memory, budget_bytes, target=cfg.target, importance=importance, seed=cfg.seed)
     final_root = final_rung_dir(st) if cfg.final_rung else None
@@ -297,14 +296,14 @@ def _cost_model(space: SearchSpace, be: QuantBackend, ev: Evaluator, cfg: Optimi
     return cm
 
 
-def _result(run: AutoQRA, out: dict[str, Any], cfg: OptimizeConfig, imp: Importance, st: TrialStore,
+def _result(run: AutoQRA, out: RunSummary, cfg: OptimizeConfig, imp: Importance, st: TrialStore,
             final_root: Path | None = None) -> Result:
     history = run.trials()
     by_key = {t.key: t for t in history}
-    baselines = {name: attrs.evolve(by_key[key], name=name) for name, key in out["baselines"].items()}
-    pareto = [by_key[t.key] for t in out["front"]]
-    best = by_key[out["best"].key] if out["best"] else None
-    info = {k: v for k, v in out.items() if k not in ("baselines", "front", "best", "run_keys")}
+    baselines = {name: attrs.evolve(by_key[key], name=name) for name, key in out.baselines.items()}
+    pareto = [by_key[t.key] for t in out.front]
+    best = by_key[out.best.key] if out.best else None
+    info = out.info()
     info["importance"] = imp.to_dict()
     info["importance_spearman"] = imp.spearman
     info["model_source"] = getattr(run.evaluator.model, "_autoqra_source", None) if hasattr(run.evaluator, "model") else None

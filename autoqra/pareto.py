@@ -118,3 +118,14 @@ class HVStagnation:
         self.history.append(float(hv))
         self.stopped = self.stopped or self.should_stop()
         return self.should_stop()
+
+
+def front_hypervolume(scores: Sequence[float] | np.ndarray, mems: Sequence[float] | np.ndarray, budget_bytes: float,
+                      ref_score: float) -> float:
+    """The search's hypervolume of feasible points: score above ``ref_score`` × bytes below the budget (the
+    reference point ``(ref_score, budget × 1.0001)``, so a point exactly at the budget still counts). The
+    optimizer's stop, its history and the report's progress plot all use this one reference rule, with
+    ``ref_score`` the worst top-rung score (− 1e-3) they know of."""
+    if len(scores) == 0 or not np.isfinite(ref_score):
+        return 0.0
+    return hypervolume_2d(scores, mems, ref_score, float(budget_bytes) * 1.0001)

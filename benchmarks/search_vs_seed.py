@@ -45,8 +45,8 @@ from autoqra.guidance.repair import make_repair
 from autoqra.precision import cpu_bf16_native, cpu_name
 from autoqra.searchers import nsga2_ops as ops
 from autoqra.space import Assignment
-from autoqra.store import TrialStore, trial_key
-from autoqra.trial import Trial
+from autoqra.stages.runner import TrialRunner
+from autoqra.store import TrialStore
 
 log = logging.getLogger("search_vs_seed")
 ROOT = Path(__file__).resolve().parent
@@ -62,13 +62,9 @@ def budgets(model, tok) -> dict[str, int]:
 
 def high_eval(store: TrialStore, su, a: Assignment, fidelity: Fidelity, phase: str, fp: str) -> float:
     """High-fidelity score of ``a`` with the run's evaluator, read back from / written to its store."""
-    key = trial_key(a, fidelity, su.evaluator.spec(), su.backend.spec(), fp)
-    t = store.get(key)
-    if t is None:
-        r = su.evaluator.evaluate(a, fidelity)
-        store.put(Trial(a, fidelity, phase, r, su.memory.predict(a), key, seed=su.evaluator.seed))
-        t = store.get(key)
-    return float(t.score)
+    runner = TrialRunner(store, su.evaluator, su.memory.predict, lambda x: su.memory.predict(x).model_bytes,
+                         su.budget_bytes, backend_spec=su.backend.spec(), fingerprint=fp, seed=su.evaluator.seed)
+    return float(runner.trial(a, fidelity, phase)[0].score)
 
 
 def run_search(model, tok, name: str, budget: int, seed: int, work: Path, cache: Cache) -> dict:
@@ -273,7 +269,7 @@ def write_outputs(runs: list[dict], nz: dict, bud: dict, args: argparse.Namespac
            "planned": {"budgets": args.budgets, "seeds": args.seeds},
            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     doc["verdict"] = verdict(runs, doc["noise_high"]) if runs else {}
-    sn = out / "score_noise.json"  # benchmarks/score_noise.py: paired noise and the room above the B4 seed
+    sn = out.parent / "studies" / "results" / "score_noise.json"  # studies/score_noise.py: paired noise, room above the seed
     if sn.exists() and "summary" in (snd := json.loads(sn.read_text())):
         doc["score_noise"] = {"cpu": snd["cpu"], "precision": snd["precision"],
                               "sd": snd["summary"]["sd"]["live"], "vs_seed": snd["summary"]["paired"]["live"]}

@@ -106,31 +106,31 @@ def test_batch_results_in_candidate_order_and_stored_as_they_finish(parts):
     st.put = lambda t: (puts.append(t.key), put(t))
     run = make_run(parts, ev, ex, store=st)
     cs = cands(parts)
-    res = run.evaluate_many(cs, LOW, "phase1")
+    res = run.runner.evaluate_many(cs, LOW, "phase1")
     assert [r.score for r in res] == [ScoreEvaluator(None).evaluate(a, LOW).score for a in cs]
-    keys = [run.key_of(a, LOW) for a in cs]
+    keys = [run.runner.key_of(a, LOW) for a in cs]
     assert puts == keys[::-1]  # stored in completion order ...
-    assert run.run_keys == keys  # ... recorded in candidate order
+    assert run.runner.run_keys == keys  # ... recorded in candidate order
     assert [t.key for t in run.trials()] == keys and len(st) == 4
     assert all(t.extra["worker"] == {"executor": "reversed"} for t in st.trials())
-    assert run.eval_seconds > 0 and run.trial_seconds == pytest.approx(0.04)
+    assert run.runner.eval_seconds > 0 and run.runner.trial_seconds == pytest.approx(0.04)
     # stored trials are read back, repeats within a batch run once
     ev.calls.clear()
-    again = run.evaluate_many([cs[1], cs[1], parts[0].uniform(8, 8)], LOW, "phase1")
+    again = run.runner.evaluate_many([cs[1], cs[1], parts[0].uniform(8, 8)], LOW, "phase1")
     assert len(ev.calls) == 1 and again[0].score == again[1].score == res[1].score
-    assert run.n_evals == 7 and run.n_run == 5 and run.evaluate(cs[0], LOW, "phase1").score == res[0].score
+    assert run.runner.n_evals == 7 and run.runner.n_run == 5 and run.runner.evaluate(cs[0], LOW, "phase1").score == res[0].score
 
 
 def test_trial_limit_mid_batch_evaluates_only_what_fits(parts):
     ev = ScoreEvaluator(parts[2])
     cs = cands(parts)
     run = make_run(parts, ev, ReversedExecutor(ev), max_trials=3)
-    run.evaluate_many(cs[:1], LOW, "phase1")
+    run.runner.evaluate_many(cs[:1], LOW, "phase1")
     with pytest.raises(LimitReached, match="trial limit 3") as e:
-        run.evaluate_many(cs, HIGH, "phase1")
-    assert len(ev.calls) == 3 and run.n_evals == 3  # 1 + the 2 that fit
+        run.runner.evaluate_many(cs, HIGH, "phase1")
+    assert len(ev.calls) == 3 and run.runner.n_evals == 3  # 1 + the 2 that fit
     assert [r is not None for r in e.value.results] == [True, True, False, False]
-    assert len(run.store) == 3 and len(run.trials()) == 3
+    assert len(run.runner.store) == 3 and len(run.trials()) == 3
 
 
 def test_stored_trials_count_against_the_trial_limit(parts):
@@ -138,12 +138,12 @@ def test_stored_trials_count_against_the_trial_limit(parts):
     ev = ScoreEvaluator(parts[2])
     cs = cands(parts)
     full = make_run(parts, ev, ReversedExecutor(ev))
-    full.evaluate_many(cs, HIGH, "phase1")  # every candidate is in the store now
+    full.runner.evaluate_many(cs, HIGH, "phase1")  # every candidate is in the store now
     limited = make_run(parts, ev, ReversedExecutor(ev), store=full.store, max_trials=2)
     ev.calls.clear()
     with pytest.raises(LimitReached, match="trial limit 2") as e:
-        limited.evaluate_many([cs[0], cs[0], *cs[1:]], HIGH, "phase1")  # a repeat counts, too
-    assert ev.calls == [] and limited.n_evals == 2 and len(limited.trials()) == 1
+        limited.runner.evaluate_many([cs[0], cs[0], *cs[1:]], HIGH, "phase1")  # a repeat counts, too
+    assert ev.calls == [] and limited.runner.n_evals == 2 and len(limited.trials()) == 1
     assert [r is not None for r in e.value.results] == [True, True] + [False] * (len(cs) - 1)
 
 
@@ -151,8 +151,8 @@ def test_time_limit_stops_new_starts(parts):
     ev = ScoreEvaluator(parts[2])
     run = make_run(parts, ev, LocalExecutor(ev), time_limit=1e-9)
     with pytest.raises(LimitReached, match="time limit"):
-        run.evaluate_many(cands(parts), LOW, "phase1")
-    assert ev.calls == [] and len(run.store) == 0
+        run.runner.evaluate_many(cands(parts), LOW, "phase1")
+    assert ev.calls == [] and len(run.runner.store) == 0
 
 
 def test_full_search_same_keys_with_any_completion_order(parts):
@@ -160,17 +160,17 @@ def test_full_search_same_keys_with_any_completion_order(parts):
     ev1, ev2 = ScoreEvaluator(parts[2]), ScoreEvaluator(parts[2])
     a = make_run(parts, ev1, LocalExecutor(ev1), phase2_batch=2).run()
     b = make_run(parts, ev2, ReversedExecutor(ev2)).run()
-    assert b["phase2_history"] and b["executor"] == {"name": "reversed", "workers": 2}
-    assert a["run_keys"] == b["run_keys"] and len(a["run_keys"]) > 8
-    assert a["best"]["key"] == b["best"]["key"]
+    assert b.phase2_history and b.executor == {"name": "reversed", "workers": 2}
+    assert a.run_keys == b.run_keys and len(a.run_keys) > 8
+    assert a.best.key == b.best.key
 
 
 def test_baselines_cut_by_the_limit_keep_the_finished_ones(parts):
     ev = ScoreEvaluator(parts[2])
     run = make_run(parts, ev, ReversedExecutor(ev), max_trials=1)
     out = run.run()
-    assert out["stopped"] == "trial limit 1 reached" and len(out["baselines"]) == 1
-    assert list(out["baselines"].values()) == out["run_keys"]
+    assert out.stopped == "trial limit 1 reached" and len(out.baselines) == 1
+    assert list(out.baselines.values()) == out.run_keys
 
 
 def test_turbo_batch_ask_returns_q_distinct_feasible_points(parts):

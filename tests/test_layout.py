@@ -43,7 +43,33 @@ def test_problem_build_repairs_to_the_budget(tiny):
     pt = Problem.build(space, mm, mm.predict(space.uniform(4, 4)).train_bytes, target="train")
     assert pt.bytes_of(big) == mm.predict(big).train_bytes
     with pytest.raises(ValueError, match="target='peak'"):
-        Problem(space=space, memory=mm, budget_bytes=budget, target="peak")
+        Problem(space=space, memory=mm, budget_bytes=budget, target="peak", repair=p.repair)
+    with pytest.raises(ValueError, match="needs a repair"):
+        Problem(space=space, memory=mm, budget_bytes=budget, repair=None)
+
+
+def test_problem_is_frozen_and_calibration_makes_a_new_one(tiny):
+    """A calibration returns a new Problem whose repair reads the new table; the old one is untouched."""
+    import attrs
+    import numpy as np
+
+    space = SearchSpace.from_model(tiny, bits=(2, 4, 8), ranks=(0, 4, 8))
+    mm = MemoryModel(tiny, space, "hqq")
+    p = Problem.build(space, mm, mm.predict(space.uniform(4, 4)).model_bytes)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        p.cost_table = None
+    table = np.zeros((space.n_units, len(space.bits), len(space.ranks)))
+    table[:, 0, :] = -1.0  # 2 bits cost a nat per unit: repair must avoid them
+    q = p.with_cost_table(table, [table * 2])
+    assert p.cost_table is None and q.cost_table is table and len(q.seed_tables) == 1
+    assert q.repair is not p.repair and q.repair.cost_table is not None and p.repair.cost_table is None
+    fixed = q.make_feasible(space.uniform(8, 8))
+    assert q.feasible(fixed) and 2 not in fixed.bits
+    # one footprint: the 16-bit reference too, and the encoded fast path agrees
+    ref = space.with_unquantized().uniform(16, 4)
+    assert q.bytes_of(ref) == mm.with_space(space.with_unquantized()).predict(ref).model_bytes
+    x = space.encode(fixed)
+    assert q.bytes_encoded(x) == q.bytes_of(fixed)
 
 
 def _trial(space, key="k1", score=-1.5):

@@ -143,14 +143,14 @@ def test_batch_runs_concurrently_and_is_stored_as_it_finishes(pool, tiny, tmp_pa
     pool.bind(ev)
     pool.workers_info()  # workers up before timing
     t0 = time.perf_counter()
-    res = run.evaluate_many([space.uniform(2, 4), space.uniform(4, 4), space.uniform(8, 0), space.uniform(4, 0)],
+    res = run.runner.evaluate_many([space.uniform(2, 4), space.uniform(4, 4), space.uniform(8, 0), space.uniform(4, 0)],
                             Fidelity(1, "low"), "phase1")
     wall = time.perf_counter() - t0
     assert [r.score for r in res] == [4.0, 8.0, 16.0, 8.0]  # candidate order (2 blocks)
     assert res[0].metrics["rows_seen"] >= 1  # another result was stored while this trial ran
     assert len({r.metrics["pid"] for r in res}) == 2
     assert wall < 3.6  # 4 trials of >= 1 s on 2 workers; one at a time would take >= 4 s
-    assert len(st) == 4 and [t.key for t in run.trials()] == run.run_keys
+    assert len(st) == 4 and [t.key for t in run.trials()] == run.runner.run_keys
 
 
 def test_killed_worker_is_retried_then_recorded_failed(pool, tiny, tmp_path):

@@ -32,7 +32,7 @@ import torch
 from autoqra.api import optimize
 from autoqra.bench.report import build_report, carry_rows
 from autoqra.bench.rows import BENCH_PRESETS, ROWS, BenchPreset, RowSpec, fixed_assignment
-from autoqra.bench.search import random_search, search_summary, stored_evaluation
+from autoqra.bench.search import random_search, search_summary
 from autoqra.bench.table import write_outputs
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Fidelity
@@ -43,6 +43,7 @@ from autoqra.models import load_model
 from autoqra.precision import compute_dtype, resolve_precision
 from autoqra.quant_backends import backend_for_precision
 from autoqra.space import SearchSpace
+from autoqra.stages.runner import TrialRunner
 from autoqra.store import TrialStore, model_fingerprint, trial_key
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,11 @@ class Bench:
         key = trial_key(a, fid, ev.spec(), ev.backend.spec(), self.fp)
         if not self.final_store.has(key):
             log.info("final training %s seed %d (%d steps)", row.label, seed, fid.steps)
-        t, ran = stored_evaluation(self.final_store, key, ev, a, fid, "final", self.memory[backend].predict(a).to_dict(),
-                                   seed, {"row": row.id, "backend": backend})
+        mm = self.memory[backend]
+        runner = TrialRunner(self.final_store, ev, mm.predict, lambda x: mm.predict(x).model_bytes, 0,
+                             backend_spec=ev.backend.spec(), fingerprint=self.fp, seed=seed)
+        runner.tags = {"row": row.id, "backend": backend}
+        t, ran = runner.trial(a, fid, "final")
         self.n_run += int(ran)
         owner = self.final_owner.setdefault(key, row.id)
         r = t.result

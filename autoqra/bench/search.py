@@ -14,9 +14,7 @@ from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Fidelity
 from autoqra.guidance.importance import Importance
 from autoqra.guidance.repair import make_repair
-from autoqra.memory.model import MemoryBreakdown
-from autoqra.store import trial_key
-from autoqra.trial import Trial
+from autoqra.stages.runner import TrialRunner
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +59,6 @@ def search_summary(res: Any) -> dict[str, Any]:
             "search_score": res.best.score if res.best else None}
 
 
-def stored_evaluation(store: Any, key: str, ev: Any, a: Any, fidelity: Any, phase: str, predicted: dict,
-                      seed: int, extra: dict) -> tuple[Trial, bool]:
-    """Trial ``key`` from ``store``; evaluated with ``ev`` and stored first when missing.
-
-    Returns ``(stored trial, whether it ran now)``.
-    """
-    t = store.get(key)
-    if t is not None:
-        return t, False
-    res = ev.evaluate(a, fidelity)
-    store.put(Trial(a, fidelity, phase, res, MemoryBreakdown.from_dict(predicted), key, seed=seed, extra=extra))
-    return store.get(key), True
-
-
 def random_search(bench: Any, ref_id: str) -> tuple[Any, dict[str, Any], int]:
     """Random search at the budget of search row ``ref_id``; returns ``(best trial or None, summary, evaluations run)``.
 
@@ -102,11 +86,12 @@ def random_search(bench: Any, ref_id: str) -> tuple[Any, dict[str, Any], int]:
         if a not in cands:
             cands.append(a)
     high = Fidelity(cfg.resolved("high_steps"), "high")
+    mm16 = mm.with_space(space.with_unquantized())
+    runner = TrialRunner(store, ev, mm16.predict, lambda a: mm16.predict(a).model_bytes, ref.budget_bytes,
+                         backend_spec=be.spec(), fingerprint=bench.fp, seed=bench.p.search_seed)
     t0, ev_now, n_run, hist = time.perf_counter(), 0.0, 0, []
     for a in cands:
-        key = trial_key(a, high, ev.spec(), be.spec(), bench.fp)
-        t, ran = stored_evaluation(store, key, ev, a, high, "random", mm.predict(a).to_dict(),
-                                   bench.p.search_seed, {"budget_bytes": ref.budget_bytes})
+        t, ran = runner.trial(a, high, "random")
         if ran:
             res = t.result
             ev_now += res.seconds

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import attrs
 import numpy as np
 
-from autoqra.pareto import hypervolume_2d
+from autoqra.pareto import front_hypervolume
 from autoqra.report import plots
 from autoqra.report.layers import layers_figure
 from autoqra.trial import Trial
@@ -87,7 +87,7 @@ def progress_series(result: Result) -> ProgressSeries:
             cur = max(cur, t.score)
         secs.append(total)
         best.append(cur if math.isfinite(cur) else math.nan)
-        hv.append(hypervolume_2d(fs, fm, ref_s, ref_m) if fs and math.isfinite(ref_s) else 0.0)
+        hv.append(front_hypervolume(fs, fm, result.budget_bytes, ref_s))
     n = len(hist)
     return ProgressSeries(np.arange(1, n + 1), np.array(secs, dtype=float), np.array(best, dtype=float),
                           np.array(hv, dtype=float), tuple(t.phase for t in hist), ref_s, ref_m)

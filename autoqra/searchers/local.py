@@ -129,10 +129,7 @@ class LocalSearcher(Searcher):
     def _edits(self, centre: Assignment, rng: np.random.Generator) -> list[Assignment]:
         sp, ctx = self.ctx.space, self.ctx
         upper = np.asarray(sp.upper, dtype=np.int64)
-        rep = ctx.repair.repair_encoded if hasattr(ctx.repair, "repair_encoded") else (
-            lambda x: sp.encode(ctx.repair(sp.decode(x))))
-        bytes_of = ctx.repair.bytes_encoded if hasattr(ctx.repair, "bytes_encoded") else (
-            lambda x: ctx.bytes_of(sp.decode(x)))
+        rep, bytes_of = ctx.repair_encoded, ctx.bytes_encoded
         c = sp.encode(centre)
         seen = {a for a, _ in self.told} | set(self.pending)
         out: dict[Assignment, None] = {}

@@ -31,10 +31,9 @@ from pymoo.operators.selection.tournament import TournamentSelection
 from pymoo.problems.static import StaticProblem
 
 import autoqra.searchers.nsga2_ops as ops
-from autoqra.guidance.repair import Repairer, make_repair
 from autoqra.guidance.seeds import anchored_cost_seed, knapsack_seeds
-from autoqra.pareto import HVStagnation, hypervolume_2d
-from autoqra.problem import Problem as SearchContext
+from autoqra.pareto import HVStagnation, front_hypervolume
+from autoqra.problem import Problem as SearchProblem
 from autoqra.searchers.base import Searcher, register_searcher
 from autoqra.space import Assignment
 
@@ -48,20 +47,10 @@ _NO_OK_SCORE = -1e9
 WARM_STARTS = ("eq6", "anchored", "none")
 
 
-def _warm_start_mode(v: bool | str) -> str:
-    if v is True or v is False:
-        return "eq6" if v else "none"
+def _warm_start_mode(v: str) -> str:
     if v not in WARM_STARTS:
-        raise ValueError(f"warm_start={v!r} is not allowed; choose one of {list(WARM_STARTS)} (or True/False)")
+        raise ValueError(f"warm_start={v!r} is not allowed; choose one of {list(WARM_STARTS)}")
     return str(v)
-
-
-def _bytes_fn(ctx: SearchContext):
-    def bytes_of(x: np.ndarray) -> int:
-        bd = ctx.memory.predict_encoded(np.asarray(x, dtype=np.int64))
-        return int(bd.bytes_for(ctx.target))
-
-    return bytes_of
 
 
 @register_searcher("nsga2")
@@ -78,7 +67,7 @@ class NSGA2Searcher(Searcher):
             start that keeps the Eq. 6 ranks when that is another point;
             :func:`~autoqra.searchers.nsga2_ops.anchored_seeds`), ``"eq6"`` (or True; the paper's
             Eq. 6 seed from the importance priors; without priors the first generation is random)
-            or ``"none"`` (or False; uniform random + repair).
+            or ``"none"`` (uniform random + repair).
         jitter_resets: random single-variable resets per jittered copy of the seed.
         tau: shaping of the priors in Eq. 6 (``"identity"``, ``"sqrt"``, ``"square"``).
         hv_window: hypervolume stagnation window in generations (``done`` rule); 0 disables it.
@@ -102,7 +91,7 @@ class NSGA2Searcher(Searcher):
         crossover_prob: float = 0.9,
         gamma: float = 1.5,
         coupled_prob: float = 0.3,
-        warm_start: bool | str = "anchored",
+        warm_start: str = "anchored",
         jitter_resets: int = 4,
         tau: str = "identity",
         hv_window: int = 3,
@@ -140,7 +129,7 @@ class NSGA2Searcher(Searcher):
         self.max_generations = max_generations
 
     # ----------------------------------------------------------------- set-up
-    def bind(self, ctx: SearchContext) -> None:
+    def bind(self, ctx: SearchProblem) -> None:
         super().bind(ctx)
         self._setup(ctx.seed)
 
@@ -150,14 +139,10 @@ class NSGA2Searcher(Searcher):
         self.seed = int(seed)
         self.iq = np.full(n, 0.5) if ctx.importance_q is None else np.asarray(ctx.importance_q, dtype=float)
         self.ir = np.full(n, 0.5) if ctx.importance_r is None else np.asarray(ctx.importance_r, dtype=float)
-        rep = ctx.repair or make_repair(ctx.memory, ctx.budget_bytes, self.iq, self.ir, ctx.target)
-        if isinstance(rep, Repairer):
-            self._repair_x = rep.repair_encoded
-        else:
-            self._repair_x = lambda x: space.encode(rep(space.decode(x)))
+        self._repair_x = ctx.repair_encoded
         has_priors = ctx.importance_q is not None or ctx.importance_r is not None
-        bytes_of = rep.bytes_encoded if isinstance(rep, Repairer) else _bytes_fn(ctx)
-        table = getattr(ctx, "cost_table", None)
+        bytes_of = ctx.bytes_encoded
+        table = ctx.cost_table
         seed_x: list[np.ndarray] | None = None
         if self.warm_start == "eq6" and has_priors:
             seed_x = [space.encode(ops.warm_start_seed(space, self.iq, self.ir, self.tau))]
@@ -166,7 +151,7 @@ class NSGA2Searcher(Searcher):
                       else ops.anchored_seeds(space, self.iq, self.ir, bytes_of, ctx.budget_bytes, self.tau))
         if table is not None and self.knapsack_k:
             extra = knapsack_seeds(space, table, bytes_of, ctx.budget_bytes, self.knapsack_k, ctx.memory)
-            for t in getattr(ctx, "seed_tables", []):  # the optimum under each hedged calibration first
+            for t in ctx.seed_tables:  # the optimum under each hedged calibration first
                 extra = knapsack_seeds(space, t, bytes_of, ctx.budget_bytes, 1, ctx.memory)[:1] + extra
             seed_x = list(seed_x or [])
             for x in extra:
@@ -201,7 +186,7 @@ class NSGA2Searcher(Searcher):
         self._history: list[dict[str, list]] = []
         self._ok_scores: list[float] = []
         self._exhausted = False
-        self._hv_ref: tuple[float, float] | None = None
+        self._hv_ref: float | None = None
         self.stagnation = HVStagnation(max(self.hv_window, 1), self.hv_rel_eps)
         self._best_history: list[float] = []
 
@@ -290,10 +275,10 @@ class NSGA2Searcher(Searcher):
             self.stagnation.update(0.0)
             return
         s, m = np.array(pts, dtype=float).T
-        if self._hv_ref is None:
+        if self._hv_ref is None:  # the score reference is fixed once, below the first points, so HV is monotone
             span = max(float(s.max() - s.min()), abs(float(s.min())), 1e-12)
-            self._hv_ref = (float(s.min()) - 0.1 * span, 1.1 * max(float(self.ctx.budget_bytes), float(m.max())))
-        hv = hypervolume_2d(s, m, *self._hv_ref)
+            self._hv_ref = float(s.min()) - 0.1 * span
+        hv = front_hypervolume(s, m, self.ctx.budget_bytes, self._hv_ref)
         self.stagnation.update(hv)
         logger.info("nsga2: generation %d told, %d ok points, hypervolume %.6g", self.generation, len(pts), hv)
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autoqra.guidance.repair import make_repair
 from autoqra.problem import Problem
 from autoqra.searchers.base import Searcher, register_searcher
 from autoqra.space import Assignment
@@ -47,9 +46,7 @@ class RandomSearcher(Searcher):
 
     def bind(self, ctx: Problem) -> None:
         super().bind(ctx)
-        self._repair = ctx.repair or make_repair(
-            ctx.memory, ctx.budget_bytes, ctx.importance_q, ctx.importance_r, ctx.target
-        )
+        self._repair = ctx.repair
         self._asked: list[list[int]] = []
         self._seen: set[tuple[int, ...]] = set()
         self.n_told = 0

@@ -30,6 +30,7 @@ import numpy as np
 
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
 from autoqra.space import Assignment
+from autoqra.stages.runner import TrialRunner
 from autoqra.trial import Trial
 
 #: ``evaluate(evaluator, assignments, fidelity, phase) -> [(trial key, result)]`` in candidate order (the
@@ -149,3 +150,26 @@ class FinalRung:
         """The entry with the best mean validation score (None when every training failed)."""
         ok = [e for e in self.entries if math.isfinite(e.mean)]
         return max(ok, key=lambda e: e.mean) if ok else None
+
+    def stage(self, runner: TrialRunner, feasible: Sequence[Trial], baseline_keys: dict[str, str]) -> tuple[Trial | None, str]:
+        """Run the rung over the run's ``feasible`` top-rung trials (``baseline_keys``: which are the uniform
+        baselines); returns ``(the top-rung trial of the chosen entry or None, the stop reason)``."""
+        base = {k: n for n, k in baseline_keys.items()}
+        entrants = self.entrants([t for t in feasible if t.key not in base],
+                                 {base[t.key]: t for t in feasible if t.key in base})
+        if not entrants:
+            return None, "skipped: no feasible top-rung trial"
+        fid, n = self.settings.fidelity, self.planned(len(entrants))
+        runner.progress.plan("final", n, fid)
+        runner.progress.phase(f"final rung · {len(entrants)} entrants × {len(self.settings.seeds)} seed(s), "
+                              f"{self.settings.steps} steps", n)
+
+        def evaluate(ev: Evaluator, assignments: list[Assignment], f: Fidelity, phase: str):
+            res = runner.evaluate_many(assignments, f, phase, evaluator=ev)
+            return [(runner.key_of(a, f, ev), r) for a, r in zip(assignments, res)]
+
+        self.run(entrants, evaluate)
+        entry = self.choose()
+        if entry is None:
+            return None, "every final training failed: chose on the top rung"
+        return entry.trial, f"chose {entry.label} (validation {entry.mean:+.4f})"

@@ -186,6 +186,6 @@ def test_moves_are_byte_neutral_and_redraw(world):
 def test_local_searcher_needs_a_cost_table(world):
     space, mm, budget = world
     with pytest.raises(ValueError, match="cost table"):
-        LocalSearcher().bind(Problem(space=space, memory=mm, budget_bytes=budget))
+        LocalSearcher().bind(Problem.build(space, mm, budget))
     assert isinstance(get_searcher("nsga2", _ctx(space, mm, budget, make_objective(space.n_units, 0)[0], 0)),
                       NSGA2Searcher)

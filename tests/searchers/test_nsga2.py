@@ -177,7 +177,7 @@ def test_state_dict_round_trip_resumes_identically(ctx):
 
 def test_queue_failures_and_no_priors(tiny):
     c = _ctx(tiny, priors=False)
-    s = get_searcher("nsga2", c, pop_size=8, warm_start=True)
+    s = get_searcher("nsga2", c, pop_size=8, warm_start="eq6")
     first = s.ask(3)
     assert len(first) == 3
     s.tell(first, [EvalResult(status="failed", error="boom")] * 3)
@@ -280,6 +280,8 @@ def test_first_ask_with_anchored_warm_start_starts_with_the_anchored_seed(tiny):
     assert all(_bytes_of(c)(c.space.encode(a)) <= c.budget_bytes for a in first)
     assert get_searcher("nsga2", c, warm_start="none").warm_start == "none"
     assert get_searcher("nsga2", c).warm_start == "anchored"  # the default
-    assert get_searcher("nsga2", c, warm_start=True).warm_start == "eq6"
+    assert get_searcher("nsga2", c, warm_start="eq6").warm_start == "eq6"
     with pytest.raises(ValueError, match="warm_start='eq7'"):
         NSGA2Searcher(warm_start="eq7")
+    with pytest.raises(ValueError, match="warm_start=True"):  # the boolean alias is gone (0.x)
+        NSGA2Searcher(warm_start=True)

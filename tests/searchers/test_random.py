@@ -33,7 +33,7 @@ def test_pure_repair_mode_and_tiny_space(tiny):
     space = SearchSpace.from_model(tiny, bits=(2, 4), ranks=(0, 8), granularity="block")  # 16 points
     mm = MemoryModel(tiny, space, "hqq")
     b = mm.predict(space.uniform(4, 0)).model_bytes
-    s = get_searcher("random", Problem(space, mm, b, seed=0), max_rejections=0)
+    s = get_searcher("random", Problem.build(space, mm, b, seed=0), max_rejections=0)
     asks = s.ask(30)
     assert all(mm.predict(a).model_bytes <= b for a in asks)
     assert len(set(asks)) < 30  # fewer feasible points than asks: repeats are allowed, not endless loops

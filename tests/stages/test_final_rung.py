@@ -81,16 +81,16 @@ def test_the_final_rung_winner_is_chosen_when_the_rungs_disagree(parts):
     assert len(entries) >= 4 and {e.uniform for e in entries} == {True, False}
     assert {c[1] for c in calls} == {9} and {c[2] for c in calls} == {0, 1}  # every entrant, both seeds, 9 steps
     best = max(entries, key=lambda e: e.mean)
-    assert out["best"].assignment == best.trial.assignment
+    assert out.best.assignment == best.trial.assignment
     assert best.mean == pytest.approx(np.mean([final(best.trial.assignment, s) for s in (0, 1)]))
-    top = off["best"]  # choosing on the top rung picks another point, worse at the final recipe
-    assert top.assignment != out["best"].assignment
-    assert final(top.assignment, 0) < final(out["best"].assignment, 0)
-    assert run.memory.predict(out["best"].assignment).model_bytes <= budget
-    uni = [e for e in entries if e.uniform and run.bytes_of(e.trial.assignment) <= budget]
+    top = off.best  # choosing on the top rung picks another point, worse at the final recipe
+    assert top.assignment != out.best.assignment
+    assert final(top.assignment, 0) < final(out.best.assignment, 0)
+    assert run.memory.predict(out.best.assignment).model_bytes <= budget
+    uni = [e for e in entries if e.uniform and run.problem.bytes_of(e.trial.assignment) <= budget]
     assert best.mean >= max(e.mean for e in uni)
-    assert [e["label"] for e in out["final_rung"]] == [e.label for e in entries]
-    assert {t.phase for t in run.trials()} >= {"final"} and out["best"].phase != "final"
+    assert [e["label"] for e in out.final_rung] == [e.label for e in entries]
+    assert {t.phase for t in run.trials()} >= {"final"} and out.best.phase != "final"
 
 
 def test_never_below_the_best_fitting_uniform(parts):
@@ -99,10 +99,10 @@ def test_never_below_the_best_fitting_uniform(parts):
         return -len(set(zip(a.bits, a.ranks))) + 0.1 * np.mean(a.bits)
 
     run, out, _, budget = run_with(parts, final)
-    chosen = out["best"].assignment
+    chosen = out.best.assignment
     assert len(set(zip(chosen.bits, chosen.ranks))) == 1
     fitting = [e for e in run.final_rung.entries if e.uniform]
-    assert fitting and all(run.bytes_of(e.trial.assignment) <= budget for e in fitting)
+    assert fitting and all(run.problem.bytes_of(e.trial.assignment) <= budget for e in fitting)
     assert final(chosen, 0) == max(final(e.trial.assignment, 0) for e in fitting)
     assert any(not e.uniform for e in run.final_rung.entries)  # search candidates did enter, and lost
 
