@@ -41,7 +41,7 @@ _PLUGIN_HINT = ("a plug-in registers its name when its module is imported: impor
                 "--plugin MODULE)")
 
 
-def registry(kind: str) -> Any:
+def registry_for(kind: str) -> Any:
     """The registry of a plug-in kind (``"backend"``, ``"evaluator"``, ``"executor"``, ``"searcher"``), with its
     built-ins registered (imported here, not at the top: those packages import this module)."""
     if kind == "backend":
@@ -63,7 +63,7 @@ def _registered(kind: str, optional: bool = False):
     def check(inst: Any, att: attrs.Attribute, value: Any) -> None:
         if value is None and optional:
             return
-        reg = registry(kind)
+        reg = registry_for(kind)
         if not isinstance(value, str) or value not in reg:
             raise ValueError(f"{att.name}={value!r} is not a registered {kind}; registered {kind}s: {reg.names()}"
                              + (" or None" if optional else "") + f"; {_PLUGIN_HINT}")
@@ -193,7 +193,7 @@ def _check_executor(cfg: Any) -> None:
     if cfg.executor not in ("local", "ray"):
         from autoqra.registry import accepted_names
 
-        takes = accepted_names(registry("executor").get(cfg.executor), skip=1)
+        takes = accepted_names(registry_for("executor").get(cfg.executor), skip=1)
         for field, param in _EXECUTOR_PARAMS:
             given = getattr(cfg, field)
             if given not in (None, {}) and takes is not None and param not in takes:
@@ -413,7 +413,7 @@ class OptimizeConfig:
         from autoqra.quant_backends import UNQUANTIZED_BITS
         from autoqra.space import DEFAULT_BITS
 
-        cls = registry("backend").get(backend) if isinstance(backend, str) else backend
+        cls = registry_for("backend").get(backend) if isinstance(backend, str) else backend
         supported = set(getattr(cls, "supported_bits", ()))
         return tuple(b for b in DEFAULT_BITS if b in supported) or (UNQUANTIZED_BITS,)
 
@@ -440,7 +440,7 @@ class OptimizeConfig:
             raise ValueError(f"evaluator_options={self.evaluator_options!r} is not allowed; it must be a dict")
         from autoqra.registry import check_options
 
-        check_options(registry("evaluator").get(self.evaluator), f"evaluator {self.evaluator!r}",
+        check_options(registry_for("evaluator").get(self.evaluator), f"evaluator {self.evaluator!r}",
                       self.evaluator_options, skip=3)
 
     def to_dict(self) -> dict[str, Any]:
