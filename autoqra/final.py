@@ -254,10 +254,10 @@ def run_final(evaluator: FinetuneEvaluator, trial: Any, steps: int, directory: s
     with step_bar(steps, enabled=progress, label=f"final training · {trial.assignment.short()}") as bar:
         ck = Checkpointer(directory, identity, steps, checkpoint_every, on_step=bar.update) if directory else None
         stats = evaluator.fit(model, steps, on_step=None if ck else bar.update, hooks=ck)
-    stats.pop("optimizer", None)
+    stats.optimizer = None  # the trained weights stay; the optimizer state goes
     model.eval()
     test = evaluator.score(model)[1]
-    last = float(stats.get("train_loss_last", float("nan")))
+    last = float(stats.train_loss_last)
     if ck is not None and not math.isfinite(last):  # nothing left to train: the last step's loss is in the checkpoint
         last = ck.last_loss
     metrics = {"test_loss": test["loss"], "test_ppl": test["ppl"], "test_accuracy": test["accuracy"],

@@ -54,11 +54,11 @@ def row(model, tok, backend: str, precision: str, steps: int) -> dict:
         last[0] = now
 
     stats = ev.fit(pm, steps, on_step=on_step)
-    opt = stats.pop("optimizer")
+    opt = stats.optimizer
     loss = -ev.score(pm)[0]
     measured = measure_memory(pm, opt)
     pred = MemoryModel(model, space, be, train=train, precision=precision).predict(a)
-    step_peak = int(stats["peak_bytes"])
+    step_peak = int(stats.peak_bytes)
     return {
         "backend": backend, "precision": precision, "bits": BITS[backend], "rank": 8,
         "step_seconds": statistics.median(times[1:]), "step_seconds_all": times, "loss": loss,

@@ -98,6 +98,26 @@ class EvalResult:
         return cls(**d)
 
 
+@attrs.define
+class FitStats:
+    """What one training run reports (:meth:`autoqra.evaluators.finetune.FinetuneEvaluator.fit`).
+
+    Attributes:
+        train_loss_first / train_loss_last: the first and the last optimizer step's training loss (nan: no step).
+        peak_bytes: the measured memory peak of the first step (0: not measured).
+        optimizer: the AdamW optimizer after training (its state counts in the measured memory), or None.
+    """
+
+    train_loss_first: float = math.nan
+    train_loss_last: float = math.nan
+    peak_bytes: int = 0
+    optimizer: Any = attrs.field(default=None, repr=False)
+
+    def losses(self) -> dict[str, float]:
+        """The losses as trial metrics."""
+        return {"train_loss_first": float(self.train_loss_first), "train_loss_last": float(self.train_loss_last)}
+
+
 class Evaluator(abc.ABC):
     """Scores an assignment at a fidelity. Must never raise for a bad candidate: it returns a
     result with status ``"failed" | "oom" | "nan"`` instead, so a search survives bad points."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from autoqra.apply import apply_assignment
 from autoqra.config import TrainSpec
-from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity, register_evaluator
+from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity, FitStats, register_evaluator
 from autoqra.evaluators.data import ByteTokenizer, TaskData, build_task_data, iter_steps
 from autoqra.evaluators.rungs import RungStates, common_lora_init
 from autoqra.evaluators.schedules import decay_steps, lr_lambda, wsd_lambda
@@ -218,8 +218,8 @@ class FinetuneEvaluator(Evaluator):
         return iter_steps(self.data.train, self.train.batch_size, steps * self.train.grad_accum, seed=self.seed)
 
     def fit(self, model: nn.Module, steps: int, on_step=None, hooks: FitHooks | None = None,
-            lr_fn=None) -> dict[str, Any]:
-        """Train LoRA parameters for ``steps`` optimizer steps; returns train stats.
+            lr_fn=None) -> FitStats:
+        """Train LoRA parameters for ``steps`` optimizer steps; returns what the run reports.
 
         Args:
             on_step: ``f(step, loss)`` after every optimizer step.
@@ -231,7 +231,7 @@ class FinetuneEvaluator(Evaluator):
             NonFiniteLoss: a loss became NaN/inf.
         """
         params = [p for p in model.parameters() if p.requires_grad]
-        stats: dict[str, Any] = {"train_loss_first": float("nan"), "train_loss_last": float("nan"), "peak_bytes": 0}
+        stats = FitStats()
         if steps == 0 or not params:
             return stats
         torch.manual_seed(self.seed)  # dropout masks
@@ -264,9 +264,9 @@ class FinetuneEvaluator(Evaluator):
                     return loss.item()
 
                 if step == 0 and micro == 0 and self.track_peak:
-                    val, stats["peak_bytes"] = measure_peak(fwd_bwd, self.device)
+                    val, stats.peak_bytes = measure_peak(fwd_bwd, self.device)
                     if hooks is not None:
-                        hooks.note_peak(stats["peak_bytes"])
+                        hooks.note_peak(stats.peak_bytes)
                 else:
                     val = fwd_bwd()
                 if not math.isfinite(val):
@@ -288,8 +288,8 @@ class FinetuneEvaluator(Evaluator):
             if hooks is not None:
                 hooks.step_end(step, step_loss, model, opt, sched)
         if losses:
-            stats.update(train_loss_first=losses[0], train_loss_last=losses[-1])
-        stats["optimizer"] = opt
+            stats.train_loss_first, stats.train_loss_last = losses[0], losses[-1]
+        stats.optimizer = opt
         return stats
 
     # ------------------------------------------------------------ evaluation
@@ -313,18 +313,17 @@ class FinetuneEvaluator(Evaluator):
                 hooks = self.fit_hooks(self, assignment, fidelity.steps)
             stats = self.fit(model, fidelity.steps, hooks=hooks, lr_fn=lr_fn)
             if self.rungs and hooks is not None and hooks.resumed_from:  # continued: the earlier rung's first loss and peak
-                stats.update(train_loss_first=hooks.first_loss, peak_bytes=hooks.peak_bytes)
+                stats.train_loss_first, stats.peak_bytes = hooks.first_loss, hooks.peak_bytes
                 if hooks.resumed_from == fidelity.steps:
-                    stats["train_loss_last"] = hooks.last_loss
-            opt = stats.pop("optimizer", None)
+                    stats.train_loss_last = hooks.last_loss
             score, metrics = self.score(model)
             if not math.isfinite(score):
                 raise NonFiniteLoss(f"held-out loss is {-score}")
             if hasattr(hooks, "mark_complete"):
                 hooks.mark_complete({"score": score, **metrics})
-            mem = measure_memory(model, opt).to_dict()
-            mem["peak_bytes"] = int(stats.pop("peak_bytes", 0))
-            metrics.update({k: float(v) for k, v in stats.items()})
+            mem = measure_memory(model, stats.optimizer).to_dict()
+            mem["peak_bytes"] = int(stats.peak_bytes)
+            metrics.update(stats.losses())
             return EvalResult(score=score, metrics=metrics, status="ok", seconds=time.perf_counter() - t0, memory=mem)
         except NonFiniteLoss as e:
             return EvalResult(status="nan", error=str(e), seconds=time.perf_counter() - t0)
