@@ -27,7 +27,7 @@ from autoqra.optimizer import AutoQRA, RunSummary, SearchSettings
 from autoqra.precision import describe, model_device, resolve_device, resolve_precision
 from autoqra.problem import Problem
 from autoqra.progress import Progress
-from autoqra.quant_backends import QuantBackend, backend_for_precision
+from autoqra.quant_backends import BACKENDS, QuantBackend, backend_for_precision
 from autoqra.result import Result
 from autoqra.space import SearchSpace
 from autoqra.store import TrialStore, model_fingerprint
@@ -118,7 +118,8 @@ def optimize(
     if ex_obj is not None and ex_obj.name in EXECUTORS:
         options["executor"] = ex_obj.name
     cfg = _config(config, {
-        "budget": budget, "backend": backend if isinstance(backend, str) else (be_obj.name if be_obj else None),
+        "budget": budget, "backend": backend if isinstance(backend, str) else (
+            be_obj.name if be_obj is not None and getattr(be_obj, "name", None) in BACKENDS else None),
         "evaluator": evaluator if isinstance(evaluator, str) else None, "phase1": s1,
         "max_trials": max_trials, "time_limit": time_limit, "seed": seed, **options,
         "_explicit": {} if phase2 is _FROM_CONFIG or (phase2 is not None and not isinstance(phase2, str)) else {"phase2": s2},

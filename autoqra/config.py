@@ -1,221 +1,35 @@
-r"""Validated configuration classes (attrs). Bad values raise ``ValueError`` naming field, value and what is allowed."""
+r"""Validated configuration classes (attrs). Bad values raise ``ValueError`` naming field, value and what is allowed.
+
+:class:`OptimizeConfig` and the presets live here; the training recipe :class:`~autoqra.train_spec.TrainSpec`, the
+field checks, the registry look-ups and the config-file reader in :mod:`autoqra.train_spec` and
+:mod:`autoqra.config_checks` (re-exported here)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
-import yaml
 
+from autoqra.config_checks import (  # noqa: F401 - re-exported
+    WORKER_RESOURCE_KEYS,
+    _bool,
+    _check_executor,
+    _int_tuple,
+    _known,
+    _non_negative,
+    _one_of,
+    _opt_non_negative_int,
+    _opt_positive,
+    _opt_positive_int,
+    _positive,
+    _registered,
+    load_config_file,
+    registry_for,
+)
 from autoqra.precision import PRECISIONS
-
-
-def _positive(inst: Any, att: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{att.name}={value!r} is not allowed; it must be a positive number")
-
-
-def _non_negative(inst: Any, att: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{att.name}={value!r} is not allowed; it must be >= 0")
-
-
-def _bool(inst: Any, att: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{att.name}={value!r} is not allowed; it must be True or False")
-
-
-def _one_of(*allowed: Any):
-    def check(inst: Any, att: attrs.Attribute, value: Any) -> None:
-        if value not in allowed:
-            raise ValueError(f"{att.name}={value!r} is not allowed; choose one of {list(allowed)}")
-
-    return check
-
-
-#: How a plug-in's name becomes known (said when a name is not registered).
-_PLUGIN_HINT = ("a plug-in registers its name when its module is imported: import it first (on the command line: "
-                "--plugin MODULE)")
-
-
-def registry_for(kind: str) -> Any:
-    """The registry of a plug-in kind (``"backend"``, ``"evaluator"``, ``"executor"``, ``"searcher"``), with its
-    built-ins registered (imported here, not at the top: those packages import this module)."""
-    if kind == "backend":
-        from autoqra.quant_backends import BACKENDS as reg
-    elif kind == "evaluator":
-        from autoqra.evaluators import EVALUATORS as reg
-    elif kind == "executor":
-        from autoqra.executors import EXECUTORS as reg
-    elif kind == "searcher":
-        from autoqra.searchers import SEARCHERS as reg
-    else:
-        raise ValueError(f"unknown plug-in kind {kind!r}")
-    return reg
-
-
-def _registered(kind: str, optional: bool = False):
-    """Validator: the value names a registered ``kind`` (``None`` too where ``optional``)."""
-
-    def check(inst: Any, att: attrs.Attribute, value: Any) -> None:
-        if value is None and optional:
-            return
-        reg = registry_for(kind)
-        if not isinstance(value, str) or value not in reg:
-            raise ValueError(f"{att.name}={value!r} is not a registered {kind}; registered {kind}s: {reg.names()}"
-                             + (" or None" if optional else "") + f"; {_PLUGIN_HINT}")
-
-    return check
-
-
-def _probability(inst: Any, att: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"{att.name}={value!r} is not allowed; it must be in [0, 1)")
-
-
-@attrs.frozen
-class TrainSpec:
-    """How LoRA adapters are trained (used by the memory model and the fine-tune evaluator).
-
-    Attributes:
-        batch_size: sequences per micro-batch.
-        seq_len: tokens per sequence.
-        grad_accum: micro-batches per optimizer step.
-        lr: AdamW learning rate (default 3e-3, measured on SmolLM2 at 60 steps, uniform HQQ 4-bit r8,
-            cosine: test loss 2.875 at 2e-4, 2.697 at 8e-4, 2.638 at 1.6e-3, 2.595 at 3.2e-3, 2.616 at
-            6.4e-3; the paper's 2e-4 is meant for thousands of steps — lower it for long trainings).
-        weight_decay: AdamW weight decay.
-        lora_alpha: one LoRA α for every module (default 16, i.e. scaling 16/r): the size of an Adam
-            update of ``scale·B·A`` then does not grow with the rank. With the paper's α = 2r a rank
-            doubling acted as a learning-rate doubling (measured on SmolLM2, 60 steps: rank 4, 8 and 16
-            at scaling 16/r reached the same test loss within 1.4 mnat, while at α = 2r rank 16 beat
-            rank 8 by 73 mnat at lr 2e-4): the search would have been allocating learning rates.
-            ``None``: the paper's α = ``lora_alpha_ratio`` · r.
-        lora_alpha_ratio: α = ratio · r per module when ``lora_alpha`` is None (the paper uses 2).
-        lora_dropout: dropout on the LoRA input (default 0: trials of different candidates then see
-            the same random numbers — common LoRA init, same data order, no masks that shift with the
-            set of adapted modules — so their score differences are paired).
-        schedule: ``"cosine"`` (to 0 over the run, after ``warmup_steps``) or ``"constant"``; the
-            final training's schedule (search trials with ``guidance="cost"`` train at a constant rate so
-            their rungs continue each other).
-        warmup_steps: linear warm-up optimizer steps.
-        optimizer: ``"adamw"`` (fp32 moments) — the memory model counts its state exactly.
-        max_grad_norm: gradient clipping (0 = off).
-    """
-
-    batch_size: int = attrs.field(default=4, validator=_positive)
-    seq_len: int = attrs.field(default=128, validator=_positive)
-    grad_accum: int = attrs.field(default=1, validator=_positive)
-    lr: float = attrs.field(default=3e-3, validator=_positive)
-    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
-    lora_alpha: float | None = attrs.field(default=16.0, validator=attrs.validators.optional(_positive))
-    lora_alpha_ratio: float = attrs.field(default=2.0, validator=_positive)
-    lora_dropout: float = attrs.field(default=0.0, validator=_probability)
-    schedule: str = attrs.field(default="cosine", validator=_one_of("cosine", "constant"))
-    warmup_steps: int = attrs.field(default=0, validator=_non_negative)
-    optimizer: str = attrs.field(default="adamw", validator=_one_of("adamw"))
-    max_grad_norm: float = attrs.field(default=1.0, validator=_non_negative)
-
-    def optimizer_bytes(self, lora_param_bytes: int, n_tensors: int) -> int:
-        """AdamW state: ``exp_avg`` + ``exp_avg_sq`` (param dtype) + a 4-byte fp32 ``step`` per tensor."""
-        return 2 * lora_param_bytes + 4 * n_tensors
-
-    def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainSpec:
-        """From :meth:`to_dict`. A dict from before ``lora_alpha`` existed (it has ``lora_alpha_ratio``
-        but no ``lora_alpha``) keeps the α = ratio · r it was made with."""
-        d = dict(d)
-        if "lora_alpha_ratio" in d and "lora_alpha" not in d:
-            d["lora_alpha"] = None
-        return cls(**_known(cls, d, "TrainSpec"))
-
-
-def _known(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
-    names = {a.name for a in attrs.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {what} option(s) {unknown}; allowed: {sorted(names)}")
-    return dict(d)
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict (safe loaders only)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file {p} does not exist")
-    text = p.read_text()
-    if p.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {p} must hold a mapping at top level, got {type(data).__name__}")
-    return data
-
-
-def _opt_positive_int(inst: Any, att: attrs.Attribute, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{att.name}={value!r} is not allowed; it must be a positive integer or None")
-
-
-def _opt_non_negative_int(inst: Any, att: attrs.Attribute, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"{att.name}={value!r} is not allowed; it must be an integer >= 0 or None")
-
-
-def _opt_positive(inst: Any, att: attrs.Attribute, value: Any) -> None:
-    if value is not None:
-        _positive(inst, att, value)
-
-
-def _int_tuple(v: Any) -> tuple[int, ...]:
-    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
-        raise ValueError(f"expected a list of integers, got {v!r}")
-    return tuple(int(x) for x in v)
-
-
-WORKER_RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type")
-
-
-#: Executor fields of the config and the executor constructor parameter each one is passed as.
-_EXECUTOR_PARAMS = (("ray_address", "address"), ("workers", "workers"), ("worker_resources", "resources"))
-
-
-def _check_executor(cfg: Any) -> None:
-    """Executor fields: ray options only with executor="ray"; worker_resources are Ray actor options; a plug-in
-    executor is given only the fields its constructor takes (``address``, ``workers``, ``resources``)."""
-    if cfg.executor not in ("local", "ray"):
-        from autoqra.registry import accepted_names
-
-        takes = accepted_names(registry_for("executor").get(cfg.executor), skip=1)
-        for field, param in _EXECUTOR_PARAMS:
-            given = getattr(cfg, field)
-            if given not in (None, {}) and takes is not None and param not in takes:
-                raise ValueError(f"{field}={given!r} is not allowed with executor={cfg.executor!r}: its constructor "
-                                 f"does not take {param!r} (it takes {sorted(takes)})")
-    if cfg.executor == "local":
-        for name, bad in (("ray_address", cfg.ray_address is not None), ("workers", (cfg.workers or 1) > 1),
-                          ("worker_resources", bool(cfg.worker_resources))):
-            if bad:
-                raise ValueError(f"{name}={getattr(cfg, name)!r} is not allowed with executor='local' (one trial at "
-                                 "a time in this process); use executor='ray' (phase2_batch sets the batch size)")
-    if cfg.ray_address is not None and (not isinstance(cfg.ray_address, str) or not cfg.ray_address):
-        raise ValueError(f"ray_address={cfg.ray_address!r} is not allowed; it must be a non-empty string or None")
-    if not isinstance(cfg.worker_resources, dict):
-        raise ValueError(f"worker_resources={cfg.worker_resources!r} is not allowed; it must be a dict of Ray "
-                         f"actor options {list(WORKER_RESOURCE_KEYS)}")
-    for k, v in cfg.worker_resources.items():
-        if k not in WORKER_RESOURCE_KEYS:
-            raise ValueError(f"worker_resources key {k!r} is not allowed; choose from {list(WORKER_RESOURCE_KEYS)}")
-        if k in ("num_cpus", "num_gpus", "memory") and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
-            raise ValueError(f"worker_resources[{k!r}]={v!r} is not allowed; it must be a number >= 0")
-
+from autoqra.train_spec import TrainSpec  # noqa: F401 - re-exported
 
 #: Named settings: fidelities in optimizer steps, search sizes, evaluation blocks.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -94,7 +94,7 @@ class AutoQRA:
         return self.runner.trials()
 
     def _searcher(self, spec: Any, **kw: Any):
-        return get_searcher(spec, self.problem, **kw) if isinstance(spec, str) else get_searcher(spec, self.problem)
+        return get_searcher(spec, self.problem, offered=kw) if isinstance(spec, str) else get_searcher(spec, self.problem)
 
     def calibrate(self) -> None:
         """The guidance recalibrated on the baselines' real top-rung scores: a new problem for what follows."""

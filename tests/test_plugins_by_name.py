@@ -175,8 +175,10 @@ def test_a_searcher_option_it_does_not_take_is_an_error(tiny, plugin):
     with pytest.raises(ValueError, match=r"searcher 'nsga2' does not take the option\(s\) \['popsize'\].*'pop_size'"):
         get_searcher("nsga2", problem, popsize=8)
     # the run's settings are offered: passed where the constructor takes them, else left out
-    s = get_searcher("plain", problem, tries=3, pop_size=8, alpha=0.5, offered={"anything": 1})
+    s = get_searcher("plain", problem, tries=3, offered={"pop_size": 8, "alpha": 0.5, "anything": 1})
     assert s.max_rejections == 3 and s.ctx is problem
+    with pytest.raises(ValueError, match=r"searcher 'plain' does not take the option\(s\) \['pop_size'\]"):
+        get_searcher("plain", problem, pop_size=8)  # given by the user (not offered by the run): an error
     n = get_searcher("nsga2", problem, offered={"pop_size": 6, "alpha": 0.5})
     assert isinstance(n, NSGA2Searcher) and n.pop_size == 6
     assert set(RUN_SETTINGS) >= {"pop_size", "alpha", "batch_size"}

@@ -83,7 +83,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     seed = (st.get("identity", {}).get("evaluator") or {}).get("seed")
     res.train(model, tokenizer=tok, index=args.index, steps=int(st["total_steps"]), out=ck, seed=seed, progress=False)
     path = res.export(args.out, merge=args.merge)
-    console.print(f"exported to {Path(args.out)} ({path.name} describes it); load it with autoqra.load({str(args.out)!r})")
+    console.print(f"exported to {Path(args.out)} ({path.name} describes it); load it with autoqra.load_artifact({str(args.out)!r})")
     info = json.loads(path.read_text())
     if "merge" in info:
         m = info["merge"]

@@ -35,9 +35,9 @@ def available_searchers() -> list[str]:
 
 
 #: The run's settings the optimizer offers a searcher built by name (Phase I: ``pop_size``, ``max_generations``,
-#: ``warm_start``, ``objectives``, ``mutation``, ``knapsack_k``; Phase II: ``alpha``, ``batch_size``). Passed to
-#: :func:`get_searcher` as plain keywords they count as ``offered``: each reaches the searcher only where its
-#: constructor takes it, so a simple user searcher need not accept them.
+#: ``warm_start``, ``objectives``, ``mutation``, ``knapsack_k``; Phase II: ``alpha``, ``batch_size``), through
+#: :func:`get_searcher`'s ``offered``: each reaches the searcher only where its constructor takes it, so a simple
+#: user searcher need not accept them.
 RUN_SETTINGS = ("pop_size", "max_generations", "warm_start", "objectives", "mutation", "knapsack_k", "alpha",
                 "batch_size")
 
@@ -51,17 +51,13 @@ def get_searcher(searcher: str | Searcher, ctx: Problem, *, offered: dict[str, A
         ctx: the problem to bind it to.
         offered: the run's settings: each is passed only where the searcher's constructor takes it (a searcher
             that has no use for ``alpha`` or ``pop_size`` simply does not declare it).
-        **options: the searcher's own options: every one must be a parameter of its constructor. Names in
-            :data:`RUN_SETTINGS` count as ``offered`` (the run's settings).
+        **options: the searcher's own options: every one must be a parameter of its constructor.
 
     Raises:
         ValueError: an unknown name (listing the registered ones); an option the searcher does not take
             (naming the searcher and the options it takes); options given with an instance.
     """
     offered = dict(offered or {})
-    for k in RUN_SETTINGS:
-        if k in options:
-            offered.setdefault(k, options.pop(k))
     if isinstance(searcher, Searcher):
         if options:
             raise ValueError(f"options {sorted(options)} can only be given with a searcher name, not with an "
