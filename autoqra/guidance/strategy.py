@@ -9,7 +9,7 @@ Two algorithms, one class each; the optimizer and Phase I only call this interfa
   gain (a 0-step screen cannot see rank), and selects by score in Phase I.
 * :class:`PriorGuidance` (``guidance="priors"``, the landed search): min–max importance priors, the paper's
   Pareto selection and importance mutation, promotion by the MLP surrogate (fitted on low→high pairs once it
-  has enough), and a hypervolume-stagnation stop.
+  has enough). Phase I stops on the searcher's ``done`` alone (NSGA-II's hypervolume stagnation).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np
 from autoqra.evaluators.base import EvalResult
 from autoqra.guidance.costmodel import CostModel, calibrate_quant_scale
 from autoqra.guidance.importance import spearman
-from autoqra.pareto import HVStagnation
 from autoqra.problem import Problem
 from autoqra.quant_backends import UNQUANTIZED_BITS
+from autoqra.searchers.nsga2_ops import importance_operator, swap_operator
 from autoqra.searchers.surrogate import PairRecord, Surrogate
 from autoqra.space import Assignment
 from autoqra.trial import Trial
@@ -54,10 +54,6 @@ class Guidance(abc.ABC):
     def learn(self, pairs: Sequence[PairRecord]) -> None:  # noqa: B027 - optional
         """Every (screen, top rung) pair so far, after each generation."""
 
-    def stop(self, hv: float) -> str | None:
-        """A reason to stop Phase I after a generation with front hypervolume ``hv`` (None: go on)."""
-        return None
-
     def report(self, trials: Sequence[Trial], low_steps: int, high_steps: int, n_units: int) -> dict[str, Any]:
         """What the run reports about the guidance (the run's trials given)."""
         return {}
@@ -80,7 +76,7 @@ class CostGuidance(Guidance):
 
     @property
     def phase1_options(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"objectives": "score", "mutation": "swap", "knapsack_k": self.knapsack_k}
+        return {"objectives": "score", "mutation": swap_operator, "knapsack_k": self.knapsack_k}
 
     def prepare(self, problem: Problem) -> Problem:
         return problem.with_cost_table(self.cost_model.table(problem.space))
@@ -126,15 +122,15 @@ class PriorGuidance(Guidance):
     Args:
         problem: the problem (its space and importance priors feed the surrogate).
         use_surrogate: fit the surrogate and promote by it (False: the ablation, promotion by screen score).
-        hv_window / hv_rel_eps: the hypervolume-stagnation stop.
+
+    Phase I stops on the searcher's own ``done`` (NSGA-II's hypervolume stagnation with Pareto objectives).
     """
 
-    phase1_options = {"objectives": "pareto", "mutation": "paper", "knapsack_k": 0}
+    phase1_options = {"objectives": "pareto", "mutation": importance_operator, "knapsack_k": 0}
 
-    def __init__(self, problem: Problem, use_surrogate: bool = True, hv_window: int = 3, hv_rel_eps: float = 1e-3) -> None:
+    def __init__(self, problem: Problem, use_surrogate: bool = True) -> None:
         self.surrogate = Surrogate(problem.space, problem.importance_q, problem.importance_r, seed=problem.seed)
         self.use_surrogate = use_surrogate
-        self.stagnation = HVStagnation(window=hv_window, rel_eps=hv_rel_eps)
 
     def rank_screens(self, cands, lows, recs) -> list[int]:
         if not any(r.ok for r in lows):
@@ -144,9 +140,6 @@ class PriorGuidance(Guidance):
     def learn(self, pairs) -> None:
         if self.use_surrogate and len(pairs) >= self.surrogate.min_pairs:
             self.surrogate.fit(list(pairs))
-
-    def stop(self, hv: float) -> str | None:
-        return "hypervolume stagnation" if self.stagnation.update(hv) else None
 
     def report(self, trials, low_steps, high_steps, n_units) -> dict[str, Any]:
         return {"surrogate": self.surrogate.report()}

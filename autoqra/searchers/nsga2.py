@@ -18,7 +18,7 @@ the same seed, which reproduces its internal state exactly, so the next asks are
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,8 +76,11 @@ class NSGA2Searcher(Searcher):
         objectives: ``"score"`` (default: selection on the score alone, as the final choice is the best
             score under the hard budget; every candidate is repaired to fit, so a bytes objective only
             keeps cheaper, worse points alive) or ``"pareto"`` (the paper: score and bytes).
-        mutation: ``"swap"`` (byte-neutral moves on the context's cost table; default when it has
-            one) or ``"paper"`` (importance-guided single step + coupled edit).
+        mutation: the mutation operator: a function ``(searcher, cost table, bytes_of) -> (pymoo Mutation, seed
+            jitter or None)`` (the guidance passes its own: :func:`~autoqra.searchers.nsga2_ops.swap_operator`,
+            :func:`~autoqra.searchers.nsga2_ops.importance_operator`) or its name in ``nsga2_ops.MUTATIONS``:
+            ``"swap"`` (byte-neutral moves on the context's cost table; default when it has one) or ``"paper"``
+            (importance-guided single step + coupled edit).
         knapsack_k: with a cost table, the first generation also holds up to k knapsack seeds after
             the warm-start seed: the exact optimum of each of the context's ``seed_tables`` (other
             calibrations), then the best distinct assignments of ``cost_table`` itself.
@@ -98,17 +101,19 @@ class NSGA2Searcher(Searcher):
         hv_rel_eps: float = 1e-3,
         max_generations: int | None = None,
         objectives: str = "score",
-        mutation: str = "swap",
+        mutation: str | Callable = "swap",
         knapsack_k: int = 3,
         stop_eps: float = 2e-3,
     ) -> None:
         if objectives not in ("score", "pareto"):
             raise ValueError(f"objectives={objectives!r} is not allowed; choose 'score' or 'pareto'")
-        if mutation not in ("swap", "paper"):
-            raise ValueError(f"mutation={mutation!r} is not allowed; choose 'swap' or 'paper'")
+        if not callable(mutation) and mutation not in ops.MUTATIONS:
+            raise ValueError(f"mutation={mutation!r} is not allowed; choose one of {list(ops.MUTATIONS)} or pass "
+                             "an operator function")
         if int(knapsack_k) < 0 or stop_eps < 0:
             raise ValueError(f"knapsack_k={knapsack_k!r} and stop_eps={stop_eps!r} must be >= 0")
-        self.objectives, self.mutation = objectives, mutation
+        self.objectives = objectives
+        self.mutation = mutation if callable(mutation) else ops.MUTATIONS[mutation]
         self.knapsack_k, self.stop_eps = int(knapsack_k), float(stop_eps)
         if int(pop_size) < 2:
             raise ValueError(f"pop_size={pop_size!r} must be >= 2")
@@ -161,12 +166,7 @@ class NSGA2Searcher(Searcher):
         self._archive: set[tuple[int, ...]] = set()
         n_obj = 2 if self.objectives == "pareto" else 1
         self.problem = Problem(n_var=2 * n, n_obj=n_obj, xl=np.zeros(2 * n), xu=space.upper.astype(float), vtype=int)
-        jitter = None
-        if self.mutation == "swap" and table is not None:
-            mutation = ops.SwapMutation(table, bytes_of, ctx.budget_bytes, self._repair_x)
-            jitter = mutation.move
-        else:
-            mutation = ops.ImportanceMutation(self.iq, self.ir, self.gamma, self.coupled_prob, self._repair_x)
+        mutation, jitter = self.mutation(self, table, bytes_of)
         self.algorithm = NSGA2(
             pop_size=self.pop_size,
             sampling=ops.WarmStartSampling(seed_x, self._repair_x, self.jitter_resets, jitter),

@@ -24,6 +24,7 @@ All operators work on the integer encoding of :meth:`SearchSpace.encode`
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from pymoo.core.crossover import Crossover
@@ -315,3 +316,22 @@ class ArchiveDuplicateElimination(DefaultDuplicateElimination):
         X = np.rint(np.asarray(out.get("X"), dtype=float)).astype(np.int64)
         keep = np.array([tuple(row.tolist()) not in self.archive for row in X], dtype=bool)
         return out[keep]
+
+
+# ------------------------------------------------------------------ mutation operators by guidance
+def swap_operator(searcher: Any, table: np.ndarray | None, bytes_of: Any) -> tuple[Mutation, Any]:
+    """The cost model's operator: byte-neutral swaps on ``table`` (:class:`SwapMutation`); its move also jitters
+    the warm-start seed. Without a table, :func:`importance_operator`."""
+    if table is None:
+        return importance_operator(searcher, table, bytes_of)
+    m = SwapMutation(table, bytes_of, searcher.ctx.budget_bytes, searcher._repair_x)
+    return m, m.move
+
+
+def importance_operator(searcher: Any, table: np.ndarray | None, bytes_of: Any) -> tuple[Mutation, Any]:
+    """The paper's operator: an importance-guided single step or the coupled edit (:class:`ImportanceMutation`)."""
+    return ImportanceMutation(searcher.iq, searcher.ir, searcher.gamma, searcher.coupled_prob, searcher._repair_x), None
+
+
+#: Mutation operators by name (``NSGA2Searcher(mutation=...)`` also takes one of these functions directly)
+MUTATIONS = {"swap": swap_operator, "paper": importance_operator}

@@ -4,7 +4,7 @@ Each generation: the searcher asks for ``pop_size`` candidates; the ladder (:mod
 screens them, promotes the best by the guidance's prediction (:mod:`autoqra.guidance.strategy`) and climbs them
 to the top rung; the searcher is told the best result each candidate reached. The first generation's first
 candidate (the warm-start seed) always reaches the top rung, so the result can say whether the search beat it.
-The searcher's ``done``, the generation limit and the guidance's own stop end the phase.
+The searcher's ``done`` is the only stop signal (the generation limit and the trial / time limits are limits).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class PhaseOne:
 
     Args:
         searcher: the bound Phase I searcher; ladder: the fidelity policy; guidance: the strategy (its
-            ``rank_screens``, ``learn`` and ``stop``); runner / front: the run's trials.
+            ``rank_screens`` and ``learn``); runner / front: the run's trials.
         pop_size / max_generations: sizes.
     """
 
@@ -88,11 +88,8 @@ class PhaseOne:
             st.hv_history.append({"generation": st.generations, "hv": hv, "evals": runner.n_evals,
                                   "best": self.front.best_score(), "seconds": time.perf_counter() - runner.t0})
             runner.progress.front(len(self.front.front()))
-            if (reason := self.guidance.stop(hv)) is not None:
-                st.stop_reason = reason
-                break
-        if st.stop_reason is None:
-            st.stop_reason = ("generation limit" if st.generations >= self.max_generations else
-                              "best score stagnation" if getattr(searcher, "objectives", "") == "score" and searcher.done
-                              else "searcher done")
+        objectives = getattr(searcher, "objectives", "")
+        st.stop_reason = ("generation limit" if st.generations >= self.max_generations else
+                          "best score stagnation" if objectives == "score" and searcher.done else
+                          "hypervolume stagnation" if objectives == "pareto" and searcher.done else "searcher done")
         return st
