@@ -29,7 +29,7 @@ from autoqra.stages.baselines import run_baselines
 from autoqra.stages.final_rung import FinalRung
 from autoqra.stages.front import Front
 from autoqra.stages.ladder import FidelityLadder
-from autoqra.stages.phase1 import PhaseOne, PhaseOneState
+from autoqra.stages.phase1 import PhaseOne
 from autoqra.stages.phase2 import run_phase2
 from autoqra.stages.runner import LimitReached, Limits, TrialRunner
 from autoqra.stages.settings import RunSummary, SearchSettings
@@ -76,7 +76,8 @@ class AutoQRA:
         self.final_rung = FinalRung(st.final, final_evaluator) if st.final is not None and final_evaluator else None
         self.baseline_keys: dict[str, str] = {}
         self.stop_reasons: dict[str, str] = {}
-        self.phase1_state = PhaseOneState()
+        self.phase_one = PhaseOne(self.ladder, self.guidance, self.runner, self.front, st.pop_size, st.max_generations)
+        self.phase2_batch = int(st.phase2_batch or self.runner.executor.n_workers)
         self.phase2_history: list = []
         self.final_choice: Trial | None = None
         self.final_seconds = 0.0
@@ -98,8 +99,7 @@ class AutoQRA:
 
     def calibrate(self) -> None:
         """The guidance recalibrated on the baselines' real top-rung scores: a new problem for what follows."""
-        self.problem = self.guidance.calibrate(self.problem, self.front.high_trials())
-        self.front.problem = self.problem
+        self.problem = self.guidance.calibrate(self.problem, self.front.high_trials())  # footprint, budget unchanged
         if getattr(self.guidance, "calibration", None):
             log.info("cost model: quant_scale %.3f from %d baselines", self.guidance.calibration["quant_scale"],
                      self.guidance.calibration["trials"])
@@ -108,19 +108,16 @@ class AutoQRA:
         st = self.settings
         searcher = self._searcher(st.phase1, pop_size=st.pop_size, max_generations=st.max_generations,
                                   warm_start=st.warm_start, **self.guidance.phase1_options)
-        stage = PhaseOne(searcher, self.ladder, self.guidance, self.runner, self.front, st.pop_size, st.max_generations)
-        stage.state = self.phase1_state
-        self.stop_reasons["phase1"] = stage.run().stop_reason or "searcher done"
+        self.stop_reasons["phase1"] = self.phase_one.run(searcher).stop_reason or "searcher done"
 
     def phase2(self) -> None:
         st = self.settings
         if st.phase2 is None:
             self.stop_reasons["phase2"] = "skipped"
             return
-        batch = int(st.phase2_batch or self.executor.n_workers)
         self.stop_reasons["phase2"], self.phase2_history = run_phase2(
             lambda q: self._searcher(st.phase2, alpha=st.alpha, batch_size=q), self.runner, self.front, st.high,
-            st.phase2_iterations, batch)
+            st.phase2_iterations, self.phase2_batch)
 
     def final(self) -> None:
         """The final rung: the answer is the entrant with the best mean validation score after the final recipe."""
@@ -138,7 +135,7 @@ class AutoQRA:
         """What every stage will ask for at most, before the first trial (the limit caps the total)."""
         st, prog = self.settings, self.progress
         prog.limit = st.max_trials
-        PhaseOne(None, self.ladder, self.guidance, self.runner, self.front, st.pop_size, st.max_generations).plan()
+        self.phase_one.plan()
         prog.plan("phase2", st.phase2_iterations if st.phase2 is not None else 0, st.high)
         if self.final_rung is not None:  # an estimate until the entrants are known
             fs = self.final_rung.settings
@@ -162,7 +159,7 @@ class AutoQRA:
         return self.summary(stopped)
 
     def summary(self, stopped: str | None = None) -> RunSummary:
-        r, p1, fr = self.runner, self.phase1_state, self.final_rung
+        r, p1, fr = self.runner, self.phase_one.state, self.final_rung
         utility = self.front.choose(self.settings.alpha)
         return RunSummary(
             baselines=dict(self.baseline_keys), run_keys=r.run_keys,
@@ -172,7 +169,7 @@ class AutoQRA:
             stopped=stopped, stop_reasons=dict(self.stop_reasons), hv_history=list(p1.hv_history),
             wall_seconds=r.wall_seconds(), eval_seconds=r.eval_seconds, trial_seconds=r.trial_seconds,
             n_evals=r.n_evals, n_run=r.n_run, executor=self.executor.describe(),
-            phase2_batch=int(self.settings.phase2_batch or self.executor.n_workers),
+            phase2_batch=self.phase2_batch,
             guidance=self.guidance.report(r.trials(), self.settings.low.steps, self.settings.high.steps,
                                           self.space.n_units),
             phase2_history=self.phase2_history,

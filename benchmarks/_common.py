@@ -81,7 +81,6 @@ def final_scores(model, tok, cfg: OptimizeConfig, a: Assignment, seed: int, cach
     if cache.get(key) is not None:
         return cache.get(key)
     su = prepare(model, cfg, tokenizer=tok)
-    a = Assignment.from_dict(a.to_dict())
     if list(a.units) != list(su.space.unit_names):  # a space without the embedding unit: add it at 16 bits
         bits = dict(zip(a.units, a.bits))
         ranks = dict(zip(a.units, a.ranks))

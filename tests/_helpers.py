@@ -1,7 +1,9 @@
-"""Shared test helpers: per-backend ladders and a training step."""
+"""Shared test helpers: per-backend ladders, a training step, an instant synthetic evaluator."""
 
+import numpy as np
 import torch
 
+from autoqra.evaluators.base import EvalResult, Evaluator
 from autoqra.quant_backends import get_backend
 
 LADDERS = {"none": (16,), "hqq": (2, 3, 4, 8, 16), "bnb": (4, 8, 16), "gptq": (2, 3, 4, 8, 16)}
@@ -50,3 +52,19 @@ def assert_exact_bytes(backend, module, out_f: int, in_f: int, bits: int, bias_b
     listed = {t.untyped_storage().data_ptr() for t in packed + meta + other}
     for t in [*module.parameters(), *module.buffers()]:
         assert t.untyped_storage().data_ptr() in listed
+
+
+class ScoreEvaluator(Evaluator):
+    """Instant, deterministic: score = mean bits + ranks/100 + fidelity steps/1000; counts calls."""
+
+    name = "score"
+
+    def __init__(self, space):
+        self.space, self.calls = space, []
+
+    def spec(self):
+        return {"name": self.name}
+
+    def evaluate(self, a, fidelity):
+        self.calls.append((a, fidelity.steps))
+        return EvalResult(score=float(np.mean(a.bits)) + sum(a.ranks) / 100 + fidelity.steps / 1000, seconds=0.01)

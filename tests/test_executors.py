@@ -7,10 +7,11 @@ import types
 import attrs
 import numpy as np
 import pytest
+from _helpers import ScoreEvaluator
 
 import autoqra
 from autoqra.config import OptimizeConfig
-from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
+from autoqra.evaluators.base import EvalResult, Fidelity
 from autoqra.executors import Done, Executor, LocalExecutor, make_executor
 from autoqra.guidance.importance import Importance
 from autoqra.guidance.repair import make_repair
@@ -22,22 +23,6 @@ from autoqra.space import SearchSpace
 from autoqra.store import TrialStore
 
 LOW, HIGH = Fidelity(1, "low"), Fidelity(2, "high")
-
-
-class ScoreEvaluator(Evaluator):
-    """Instant, deterministic: score = mean bits + ranks/100 + fidelity steps/1000; counts calls."""
-
-    name = "score"
-
-    def __init__(self, space):
-        self.space, self.calls = space, []
-
-    def spec(self):
-        return {"name": self.name}
-
-    def evaluate(self, a, fidelity):
-        self.calls.append((a, fidelity.steps))
-        return EvalResult(score=float(np.mean(a.bits)) + sum(a.ranks) / 100 + fidelity.steps / 1000, seconds=0.01)
 
 
 class ReversedExecutor(Executor):

@@ -36,14 +36,13 @@ class PhaseOne:
     """Runs Phase I.
 
     Args:
-        searcher: the bound Phase I searcher; ladder: the fidelity policy; guidance: the strategy (its
-            ``rank_screens`` and ``learn``); runner / front: the run's trials.
-        pop_size / max_generations: sizes.
+        ladder: the fidelity policy; guidance: the strategy (its ``rank_screens`` and ``learn``); runner / front:
+            the run's trials; pop_size / max_generations: sizes. :meth:`run` takes the bound searcher.
     """
 
-    def __init__(self, searcher: Searcher, ladder: FidelityLadder, guidance: Any, runner: TrialRunner, front: Front,
-                 pop_size: int, max_generations: int) -> None:
-        self.searcher, self.ladder, self.guidance, self.runner, self.front = searcher, ladder, guidance, runner, front
+    def __init__(self, ladder: FidelityLadder, guidance: Any, runner: TrialRunner, front: Front, pop_size: int,
+                 max_generations: int) -> None:
+        self.ladder, self.guidance, self.runner, self.front = ladder, guidance, runner, front
         self.pop_size, self.max_generations = pop_size, max_generations
         self.state = PhaseOneState()
 
@@ -53,8 +52,8 @@ class PhaseOne:
         now = now if now is not None else self.ladder.generation_plan(self.pop_size, first=g <= 1)
         self.ladder.plan(self.runner.progress, self.pop_size, self.max_generations - max(g, 1), now)
 
-    def run(self) -> PhaseOneState:
-        st, searcher, ladder, runner = self.state, self.searcher, self.ladder, self.runner
+    def run(self, searcher: Searcher) -> PhaseOneState:
+        st, ladder, runner = self.state, self.ladder, self.runner
         pairs: list[PairRecord] = []
         while not searcher.done and st.generations < self.max_generations:
             st.generations += 1

@@ -70,7 +70,8 @@ class TrialRunner:
         self.executor = executor or LocalExecutor(evaluator)
         self.limits, self.seed = limits, seed
         self.progress = progress or Progress(enabled=False)
-        self.tags: dict[str, Any] = {"generation": 0}  # stored in each new trial's ``extra``
+        # stored in each new trial's ``extra`` (a caller outside a search replaces them with its own)
+        self.tags: dict[str, Any] = {"generation": 0, "budget_bytes": budget_bytes}
         self.t0 = time.perf_counter()
         self.n_evals = 0  # evaluations run or read back in this process (limits count both)
         self.n_run = 0  # evaluations actually run in this process
@@ -181,7 +182,7 @@ class TrialRunner:
             self.trial_seconds += res.seconds
             self.store.put(Trial(
                 assignments[i], fidelity, phase, res, self.footprint(assignments[i]), keys[i], seed=self.seed,
-                extra={**self.tags, "budget_bytes": self.budget_bytes, "worker": done.worker}))
+                extra={**self.tags, "worker": done.worker}))
             self._report(phase, assignments[i], fidelity, res, cached=False)
         return stopped[0] if stopped else None
 

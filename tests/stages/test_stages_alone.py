@@ -6,8 +6,9 @@ import math
 import attrs
 import numpy as np
 import pytest
+from _helpers import ScoreEvaluator
 
-from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
+from autoqra.evaluators.base import EvalResult, Fidelity
 from autoqra.guidance.costmodel import CostModel
 from autoqra.guidance.importance import Importance
 from autoqra.guidance.strategy import CostGuidance, PriorGuidance
@@ -22,22 +23,6 @@ from autoqra.stages.runner import LimitReached, Limits, TrialRunner
 from autoqra.store import TrialStore
 
 LOW, MID, HIGH = Fidelity(0, "low"), Fidelity(1, "mid"), Fidelity(2, "high")
-
-
-class Mean(Evaluator):
-    """score = mean bits / 10 + total rank / 1000 + steps / 100; counts calls."""
-
-    name = "mean"
-
-    def __init__(self, space):
-        self.space, self.calls = space, []
-
-    def spec(self):
-        return {"name": self.name}
-
-    def evaluate(self, a, fidelity):
-        self.calls.append((a, fidelity.steps))
-        return EvalResult(score=float(np.mean(a.bits)) / 10 + sum(a.ranks) / 1000 + fidelity.steps / 100, seconds=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +41,7 @@ def runner_for(problem, ev, **limits):
 
 def test_runner_reads_back_counts_repeats_and_stops_at_the_limit(world):
     space, problem = world
-    ev = Mean(space.with_unquantized())
+    ev = ScoreEvaluator(space.with_unquantized())
     r = runner_for(problem, ev, max_trials=5)
     a, b = space.uniform(4, 4), space.uniform(2, 8)
     first = r.evaluate_many([a, b, a], LOW, "phase1")
@@ -71,7 +56,7 @@ def test_runner_reads_back_counts_repeats_and_stops_at_the_limit(world):
 
 def test_ladder_promotes_climbs_and_keeps_the_seed(world):
     space, problem = world
-    ev = Mean(space.with_unquantized())
+    ev = ScoreEvaluator(space.with_unquantized())
     r = runner_for(problem, ev)
     ladder = FidelityLadder(LOW, HIGH, MID, promote_k=1)
     cands = [space.uniform(2, 0), space.uniform(4, 8), space.uniform(8, 0), space.uniform(4, 4)]
@@ -111,7 +96,7 @@ def test_guidances_rank_screens_and_calibrate_into_a_new_problem(world):
 
 def test_front_choice_and_baselines(world):
     space, problem = world
-    ev = Mean(space.with_unquantized())
+    ev = ScoreEvaluator(space.with_unquantized())
     r = runner_for(problem, ev)
     named = uniform_baselines(problem)
     assert [n for n, _ in named][:3] == ["uniform-2bit-r8", "uniform-4bit-r8", "16bit-r8 (over budget, reference)"]
