@@ -4,7 +4,8 @@ A fixed, diverse set of >= 12 feasible candidates at B4 (uniform variants, the c
 searches, rank-0-heavy and adapter-everywhere points, random byte-neutral edits of uniform 4-bit r8) is
 scored
 
-* at every rung of the demo preset's ladder (0 = the screen, 10, 30 optimizer steps; one evaluator, seed 0,
+* at every rung of the demo preset's ladder and the previous one (0 = the screen, 10, 24 = today's top rung, 30
+  = the previous top rung, in optimizer steps; one evaluator, seed 0,
   16 validation blocks, common LoRA init and data order), once with the rung schedule of the search before
   this change (``constant``: a constant learning rate, rungs continue each other) and once after it
   (``wsd``: rungs share the constant-rate stable phase and each ends with a short linear decay, so a rung's
@@ -30,10 +31,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import FINAL_SEEDS, FINAL_TEST_BLOCKS, RESULTS, Cache, cpu_name, final_scores, load
+from _common import (
+    FINAL_SEEDS,
+    FINAL_TEST_BLOCKS,
+    FINALS,
+    RESULTS,
+    Cache,
+    cpu_name,
+    final_key,
+    final_scores,
+    load,
+)
 
 from autoqra.api import prepare
-from autoqra.config import OptimizeConfig
+from autoqra.config import PRESETS, OptimizeConfig
 from autoqra.evaluators.base import Fidelity
 from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.guidance.importance import spearman
@@ -42,7 +53,8 @@ from autoqra.guidance.repair import make_repair
 from autoqra.space import Assignment
 
 log = logging.getLogger("fidelity_vs_final")
-RUNGS = (0, 10, 30)
+RUNGS = (0, 10, 24, 30)
+TOP_RUNG = PRESETS["demo"]["high_steps"]
 
 
 def _fill(space, memory, budget: int, bits: list[int], ranks: list[int], order: list[int], up_bits: int) -> Assignment:
@@ -105,7 +117,7 @@ def rung_scores(model, tok, cfg, a: Assignment, mode: str) -> dict[str, float]:
                            train=cfg.train, eval_blocks=cfg.resolved("eval_blocks"), seed=0, track_peak=False,
                            precision=su.precision, rungs=True, rung_schedule=mode)
     out = {}
-    for steps in RUNGS:
+    for steps in sorted(RUNGS):
         r = ev.evaluate(a, Fidelity(steps, f"r{steps}"))
         out[str(steps)] = r.score if r.ok else float("nan")
     return out
@@ -122,7 +134,7 @@ def report(cands: dict[str, Assignment], su, cache: Cache, modes: list[str]) -> 
     rows = []
     for name, a in cands.items():
         key = a.to_json()
-        fin = [cache.get(f"final:{key}:{s}") for s in FINAL_SEEDS]
+        fin = [cache.get(final_key(a, s)) for s in FINAL_SEEDS]
         rows.append({"name": name, "assignment": a.to_dict(), "model_bytes": su.memory.predict(a).model_bytes,
                      "rungs": {m: cache.get(f"rungs:{m}:{key}") for m in modes},
                      "final_test": [f["test"] if f else None for f in fin],
@@ -134,14 +146,15 @@ def report(cands: dict[str, Assignment], su, cache: Cache, modes: list[str]) -> 
     for steps in RUNGS:
         s = {}
         for m, label in (("constant", "before"), ("wsd", "after")):
-            pts = [(r["rungs"][m][str(steps)], nt) for r, nt in zip(done, neg_test) if r["rungs"].get(m)]
+            pts = [(r["rungs"][m][str(steps)], nt) for r, nt in zip(done, neg_test)
+                   if str(steps) in (r["rungs"].get(m) or {})]
             s[label] = _sp([p[0] for p in pts], [p[1] for p in pts])
         sp[str(steps)] = s
     with_val = [(r, nt) for r, nt in zip(done, neg_test) if all(v is not None for v in r["final_val"])]
     val_sp = _sp([-float(np.mean(r["final_val"])) for r, _ in with_val], [nt for _, nt in with_val])
     return {"cpu": cpu_name(), "precision": su.precision, "budget_bytes": su.budget_bytes,
             "final_steps": 60, "final_seeds": list(FINAL_SEEDS), "final_test_blocks": FINAL_TEST_BLOCKS,
-            "rung_eval_blocks": 16, "top_rung": RUNGS[-1], "n_complete": len(done), "candidates": rows,
+            "rung_eval_blocks": 16, "top_rung": TOP_RUNG, "n_complete": len(done), "candidates": rows,
             "spearman": sp, "spearman_final_val": val_sp, "n_final_val": len(with_val)}
 
 
@@ -153,15 +166,17 @@ def write_md(doc: dict, path: Path) -> None:
              "64 test blocks); `before` = constant-rate rungs, `after` = warmup-stable-decay rungs:", "",
              "| rung (steps) | before | after |", "|---|---|---|"]
     for k, v in doc["spearman"].items():
-        lines.append(f"| {k} | {v['before']:.3f} | {v['after']:.3f} |")
+        top = " (top rung)" if int(k) == doc["top_rung"] else ""
+        lines.append(f"| {k}{top} | {v['before']:.3f} | {v['after']:.3f} |")
     lines += ["", f"The final recipe's validation loss (what the final rung chooses on) vs its test loss: "
               f"Spearman {doc['spearman_final_val']:.3f} ({doc['n_final_val']} candidates; finals read from "
               "`compare_full.json` have no validation loss).", "",
-              "| candidate | model bytes | rungs before (0/10/30) | rungs after (0/10/30) | final test (s0/s1) | mean |",
+              f"| candidate | model bytes | rungs before ({'/'.join(map(str, RUNGS))}) | rungs after "
+              f"({'/'.join(map(str, RUNGS))}) | final test (s0/s1) | mean |",
               "|---|---|---|---|---|---|"]
 
     def fmt(r):
-        return " / ".join(f"{-r[str(s)]:.4f}" for s in RUNGS) if r else "–"
+        return " / ".join(f"{-r[str(s)]:.4f}" if str(s) in r else "–" for s in RUNGS) if r else "–"
 
     for r in doc["candidates"]:
         ft = r["final_test"]
@@ -195,11 +210,16 @@ def main(argv=None) -> int:
         for name, a in cands.items():  # every candidate's rungs first (minutes), then the final trainings
             key = a.to_json()
             for m in args.modes:
-                if cache.get(f"rungs:{m}:{key}") is None:
-                    cache.put(f"rungs:{m}:{key}", rung_scores(model, tok, cfg, a, m))
+                have = cache.get(f"rungs:{m}:{key}") or {}
+                if any(str(s) not in have for s in RUNGS):  # a rung added since: the same run, one more stop
+                    cache.put(f"rungs:{m}:{key}", {**have, **rung_scores(model, tok, cfg, a, m)})
                 log.info("%s rungs %s: %s", name, m, cache.get(f"rungs:{m}:{key}"))
+        shared = Cache(FINALS)  # the same recipe's trainings run by no_regret / every_byte are read, not re-run
         for name, a in ([] if args.skip_finals else cands.items()):
             for s in FINAL_SEEDS:
+                k = final_key(a, s)
+                if cache.get(k) is None and shared.get(k) is not None:
+                    cache.put(k, shared.get(k))
                 log.info("%s final seed %d: %s", name, s, final_scores(model, tok, cfg, a, s, cache))
             doc = report(cands, su, cache, ["constant", "wsd"])
             (RESULTS / "fidelity_vs_final.json").write_text(json.dumps(doc, indent=1))
