@@ -17,8 +17,10 @@ It reports the Spearman rank correlation of each rung's score with the final tes
 seeds), before and after, and of the final recipe's validation score (what the final rung chooses on).
 
 Run: .venv/bin/python benchmarks/fidelity_vs_final.py [--modes constant wsd] [--threads 2]
--> benchmarks/results/fidelity_vs_final.json / .md. Resumable: every finished measurement is kept in
-benchmarks/results/fidelity_vs_final.cache.json (committed) and read back, never re-run.
+-> benchmarks/results/fidelity_vs_final.json / .md. Resumable: every finished rung measurement is kept in
+benchmarks/results/fidelity_vs_final.cache.json and every final training in the benchmarks' shared
+results/finals.cache.json (both committed; no_regret.py and every_byte.py use the same finals), read back, never
+re-run.
 """
 
 from __future__ import annotations
@@ -130,11 +132,11 @@ def _sp(x: list[float], y: list[float]) -> float:
     return float(spearman(np.array([p[0] for p in ok]), np.array([p[1] for p in ok])))
 
 
-def report(cands: dict[str, Assignment], su, cache: Cache, modes: list[str]) -> dict:
+def report(cands: dict[str, Assignment], su, cache: Cache, finals: Cache, modes=("constant", "wsd")) -> dict:
     rows = []
     for name, a in cands.items():
         key = a.to_json()
-        fin = [cache.get(final_key(a, s)) for s in FINAL_SEEDS]
+        fin = [finals.get(final_key(a, s)) for s in FINAL_SEEDS]
         rows.append({"name": name, "assignment": a.to_dict(), "model_bytes": su.memory.predict(a).model_bytes,
                      "rungs": {m: cache.get(f"rungs:{m}:{key}") for m in modes},
                      "final_test": [f["test"] if f else None for f in fin],
@@ -198,6 +200,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     cache = Cache(RESULTS / "fidelity_vs_final.cache.json")
+    # final trainings live in the benchmarks' shared cache (no_regret / every_byte read and write the same recipe);
+    # the ones this study ran before it used that cache move there
+    finals = Cache(FINALS)
+    for k in [k for k in cache.data if k.startswith("final:")]:
+        if finals.get(k) is None:
+            finals.put(k, cache.get(k))
     model, tok = load()
     cfg0 = OptimizeConfig(preset="demo", embeddings="keep", ranks=(0, 4, 8, 16))  # the space of the earlier runs
     su = prepare(model, cfg0, tokenizer=tok)
@@ -214,17 +222,13 @@ def main(argv=None) -> int:
                 if any(str(s) not in have for s in RUNGS):  # a rung added since: the same run, one more stop
                     cache.put(f"rungs:{m}:{key}", {**have, **rung_scores(model, tok, cfg, a, m)})
                 log.info("%s rungs %s: %s", name, m, cache.get(f"rungs:{m}:{key}"))
-        shared = Cache(FINALS)  # the same recipe's trainings run by no_regret / every_byte are read, not re-run
         for name, a in ([] if args.skip_finals else cands.items()):
             for s in FINAL_SEEDS:
-                k = final_key(a, s)
-                if cache.get(k) is None and shared.get(k) is not None:
-                    cache.put(k, shared.get(k))
-                log.info("%s final seed %d: %s", name, s, final_scores(model, tok, cfg, a, s, cache))
-            doc = report(cands, su, cache, ["constant", "wsd"])
+                log.info("%s final seed %d: %s", name, s, final_scores(model, tok, cfg, a, s, finals))
+            doc = report(cands, su, cache, finals)
             (RESULTS / "fidelity_vs_final.json").write_text(json.dumps(doc, indent=1))
             write_md(doc, RESULTS / "fidelity_vs_final.md")
-    doc = report(cands, su, cache, ["constant", "wsd"])
+    doc = report(cands, su, cache, finals)
     (RESULTS / "fidelity_vs_final.json").write_text(json.dumps(doc, indent=1))
     write_md(doc, RESULTS / "fidelity_vs_final.md")
     print(json.dumps(doc["spearman"], indent=1))

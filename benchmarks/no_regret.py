@@ -27,6 +27,7 @@ import torch
 from _common import (
     EMBEDDING_UNITS,
     FINAL_SEEDS,
+    FINALS,
     RESULTS,
     SEARCHES,
     Cache,
@@ -38,6 +39,7 @@ from _common import (
     search_key,
 )
 
+from autoqra.api import prepare
 from autoqra.config import OptimizeConfig
 from autoqra.guidance.costmodel import CostModel
 from autoqra.guidance.importance import spearman
@@ -68,6 +70,43 @@ def rank_spearman(cm: dict, final_rung: list[dict]) -> dict:
     return {name: float(spearman(np.array([m.predict(a) for a, _ in pts]), y)) for name, m in (("old", old), ("new", new))}
 
 
+def pooled_rank_spearman(model, tok, run: dict, finals: Cache) -> dict:
+    """Spearman of the run's cost model (new rank table vs the previous one) against the final recipe's mean test
+    loss, over every assignment with both final trainings in the shared finals cache that fits the run's budget
+    (search choices, uniform rows, fidelity_vs_final's candidates): the final rung alone has 1-3 entrants."""
+    cm = run.get("cost_model") or {}
+    if cm.get("rank_gain_probe") is None:
+        return {"old": None, "new": None, "n": 0}
+    keys = ("bits", "ranks", "quant", "rank_gain", "steps", "ref_bits", "seconds", "quant_scale", "rank_gain_probe",
+            "rank_info")
+    base = {k: cm[k] for k in keys if k in cm}
+    models = {"new": CostModel.from_dict(base), "old": CostModel.from_dict({**base, "rank_gain": cm["rank_gain_probe"]})}
+    su = prepare(model, OptimizeConfig(budget=run["budget_bytes"], preset="demo"), tokenizer=tok)
+    units = list(su.space.unit_names)
+    pts = []
+    for k, v in finals.data.items():
+        parts = k.split(":")
+        if not k.startswith("final:") or not k.endswith(":0") or len(parts) < 3:
+            continue
+        other = finals.get(k[:-2] + ":1")
+        if other is None:
+            continue
+        a0 = Assignment.from_json(k[len("final:"):-2])
+        if not set(a0.units) <= set(units):
+            continue
+        bits, ranks = dict(zip(a0.units, a0.bits)), dict(zip(a0.units, a0.ranks))
+        a = Assignment(units, [bits.get(u, 16) for u in units], [ranks.get(u, 0) for u in units])
+        if (any(b not in models["new"].bits for b in a.bits) or any(r not in models["new"].ranks for r in a.ranks)
+                or su.memory.predict(a).model_bytes > run["budget_bytes"]):
+            continue
+        pts.append((a, -(v["test"] + other["test"]) / 2))
+    if len(pts) < 3:
+        return {"old": None, "new": None, "n": len(pts)}
+    y = np.array([t for _, t in pts])
+    return {**{n: float(spearman(np.array([m.predict(a) for a, _ in pts]), y)) for n, m in models.items()},
+            "n": len(pts)}
+
+
 def tests_of(model, tok, budget: int, a: dict) -> list[float]:
     cfg = OptimizeConfig(budget=budget, preset="demo")
     asg = Assignment(a["units"], a["bits"], a["ranks"])
@@ -88,6 +127,7 @@ def complete(model, tok, run: dict) -> dict:
     out["uniform4_r8_test"] = tests_of(model, tok, b, {"units": units, "bits": [16 if u in EMB else 4 for u in units],
                                                        "ranks": [0 if u in EMB else 8 for u in units]})
     out["chosen_minus_best_uniform"] = float(np.mean(out["chosen_test"]) - np.mean(tests[best]))
+    out["rank_spearman_pooled"] = pooled_rank_spearman(model, tok, run, Cache(FINALS))
     return out
 
 
@@ -109,17 +149,18 @@ def write_md(doc: dict, path: Path) -> None:
              f"CPU: {doc['cpu']}; precision {doc['precision']}; final recipe 60 steps, test loss on 64 test blocks, "
              f"final seeds 0/1. 16-bit LoRA r8: {fmt(doc.get('lora16_r8_test'))}.", "",
              "| budget | search seed | chosen (final rung) | chosen test | best fitting uniform | its test | "
-             "uniform 4-bit r8 | chosen − best uniform | rank Spearman old → new | search |",
+             "uniform 4-bit r8 | chosen − best uniform | rank Spearman old → new (final rung; pooled finals) | search |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
         if "chosen_test" not in r:
             continue
-        rs = r["rank_spearman"]
+        rs, pool = r["rank_spearman"], r.get("rank_spearman_pooled") or {}
         lines.append(
             f"| {r['budget']} | {r['search_seed']} | {r.get('chosen_label')} | {fmt(r['chosen_test'])} | "
             f"{r['best_uniform_fitting']['name']} | {fmt(r['best_uniform_fitting']['test'])} | "
             f"{fmt(r['uniform4_r8_test'])} | {r['chosen_minus_best_uniform']:+.4f} | "
-            f"{_f(rs.get('old'))} → {_f(rs.get('new'))} | {r['search_wall_seconds'] / 60:.1f} min |")
+            f"{_f(rs.get('old'))} → {_f(rs.get('new'))}; {_f(pool.get('old'))} → {_f(pool.get('new'))} "
+            f"(n={pool.get('n', 0)}) | {r['search_wall_seconds'] / 60:.1f} min |")
     lines += ["", "Verdict: " + json.dumps(doc["verdict"])]
     path.write_text("\n".join(lines) + "\n")
 

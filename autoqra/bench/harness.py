@@ -131,11 +131,12 @@ class Bench:
         return [st for st in (*getattr(self, "search_stores", {}).values(), getattr(self, "final_store", None))
                 if st is not None]
 
-    def store_for(self, cfg: dict[str, Any], budget: str):
-        """The search store of a search configuration: ``search-s<seed>-<guidance>[-r<ranks>]-<budget>.db``
-        (a rank ladder other than the preset's gets its own store)."""
+    def store_for(self, cfg: dict[str, Any], budget: str, name: str | None = None):
+        """The search store of a search configuration: ``name`` (a row's own), else
+        ``search-s<seed>-<guidance>[-r<ranks>]-<budget>.db`` (a rank ladder other than the preset's gets its own
+        store)."""
         ranks = "" if list(cfg["ranks"]) == list(self.p.ranks) else "-r" + "-".join(str(r) for r in cfg["ranks"])
-        name = f"search-s{int(cfg['seed'])}-{cfg.get('guidance', 'cost')}{ranks}-{budget}.db"
+        name = name or f"search-s{int(cfg['seed'])}-{cfg.get('guidance', 'cost')}{ranks}-{budget}.db"
         if name not in self.search_stores:
             self.search_stores[name] = TrialStore(self.work / name)
         return self.search_stores[name]
@@ -162,7 +163,7 @@ class Bench:
             log.info("search %s: budget %s bytes", row.label, f"{self.budgets[row.budget]:,}")
             cfg = self.search_config(row)
             self.searches[row_id] = optimize(self.model, self.budgets[row.budget], tokenizer=self.tok,
-                                             store=self.store_for(cfg, row.budget), progress=self.progress,
+                                             store=self.store_for(cfg, row.budget, row.store), progress=self.progress,
                                              config=cfg)
             self.n_run += int(self.searches[row_id].info.get("n_run", 0))
         return self.searches[row_id]

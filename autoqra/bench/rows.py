@@ -29,6 +29,10 @@ class BenchPreset:
     rows: tuple[str, ...] | None = None  # the row ids this preset runs (None = all)
 
 
+#: the store-name tail of benchmarks/no_regret.py's searches at today's demo preset (``_common.search_key``: rank
+#: ladder, embedding mode, digest of the preset's sizes); a missing source store is simply not copied
+DEMO_SEARCH = "r4-8-16-e-search-291952f4"
+
 BENCH_PRESETS: dict[str, BenchPreset] = {
     # tiny random Llama, seconds per evaluation: checks the harness (tests/test_bench.py)
     "quick": BenchPreset("quick", "tiny", "tiny", TrainSpec(batch_size=2, seq_len=32, lr=2e-3), final_steps=8,
@@ -36,12 +40,16 @@ BENCH_PRESETS: dict[str, BenchPreset] = {
     # SmolLM2 + the embedded pydoc task; the default searches are those of benchmarks/search_vs_seed.py
     # (same configuration: their stores are copied in, so they are read back, not run again)
     "full": BenchPreset("full", "default", "demo", TrainSpec(), final_steps=60, final_eval_blocks=64, seeds=(0, 1),
-                        seed_stores={f"search-s{s}-cost-{b}.db": f"benchmarks/runs/search_vs_seed/{n}-s{s}.db"
-                                     for s in (0, 1) for b, n in (("4bit", "B4"), ("mid", "Bmid"))},
+                        seed_stores={**{f"search-s{s}-cost-{b}.db": f"benchmarks/runs/search_vs_seed/{n}-s{s}.db"
+                                        for s in (0, 1) for b, n in (("4bit", "B4"), ("mid", "Bmid"))},
+                                     # today's default: the searches of benchmarks/no_regret.py (same config)
+                                     **{f"default-s{s}-{b}.db": f"benchmarks/runs/searches/search-{n}-{s}-{DEMO_SEARCH}.db"
+                                        for s in (0, 1) for b, n in (("4bit", "B4"), ("mid", "Bmid"))}},
                         rows=("lora16-r8", "lora16-r16", "hqq8-r8", "hqq4-r8", "hqq4-r16", "nf4-r8", "nf4-r16",
                               "hqq3-r8", "hqq4-r8-emb8", "hqq4-r8-emb4", "rule-emb8", "autoqra", "autoqra-mid", "autoqra-anchored", "autoqra-mid-anchored",
                               "guided", "guided-mid", "guided-s1", "guided-mid-s1", "guided-adapted",
-                              "guided-mid-adapted", "random")),
+                              "guided-mid-adapted", "default", "default-mid", "default-s1", "default-mid-s1",
+                              "random")),
 }
 
 
@@ -62,6 +70,7 @@ class RowSpec:
     parent: str | None = None  # the search row this one ablates or repeats (findings compare the two)
     repeat: bool = False  # the parent search again with another search seed (compared with uniform, too)
     emb_bits: int = 16  # bits of the token embedding / output head units ("uniform" and "rule" rows)
+    store: str | None = None  # the search store's file name (None: one per search seed, guidance, ranks, budget)
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -89,6 +98,7 @@ def fixed_assignment(space, bits: int, rank: int, emb_bits: int = 16, rule_bits:
 _NO_PRIORS, _NO_SURR, _NO_P2 = {"importance_blocks": 0}, {"use_surrogate": False}, {"phase2": None}
 _PRIORS = {"guidance": "priors", "phase2": "turbo"}  # the landed search: importance priors, paper operators
 _EQ6, _ANCHORED = {"warm_start": "eq6", **_PRIORS}, {"warm_start": "anchored", **_PRIORS}
+_DEFAULT = {"ranks": [4, 8, 16]}  # OptimizeConfig's default ladder (the preset's (0, 4, 8, 16) is the earlier rows')
 ROWS: tuple[RowSpec, ...] = (
     RowSpec("lora16-r8", "16-bit LoRA r8", "uniform", bits=16, rank=8),
     RowSpec("lora16-r16", "16-bit LoRA r16", "uniform", bits=16, rank=16),
@@ -115,18 +125,28 @@ ROWS: tuple[RowSpec, ...] = (
             options={"warm_start": "none", **_PRIORS, **_NO_PRIORS, **_NO_SURR, **_NO_P2}, match_evals="autoqra",
             parent="autoqra"),
     # autoqra's default: the cost-model-guided search (autoqra.guidance.costmodel), two search seeds
-    RowSpec("guided", "AutoQRA default, cost-guided (≤ B4)", "search"),
-    RowSpec("guided-mid", "AutoQRA default, cost-guided (≤ Bmid)", "search", budget="mid"),
-    RowSpec("guided-s1", "AutoQRA default, cost-guided, search seed 1 (≤ B4)", "search", options={"seed": 1},
+    RowSpec("guided", "AutoQRA cost-guided, ranks 0/4/8/16 (≤ B4)", "search"),
+    RowSpec("guided-mid", "AutoQRA cost-guided, ranks 0/4/8/16 (≤ Bmid)", "search", budget="mid"),
+    RowSpec("guided-s1", "AutoQRA cost-guided, ranks 0/4/8/16, search seed 1 (≤ B4)", "search", options={"seed": 1},
             parent="guided", repeat=True),
-    RowSpec("guided-mid-s1", "AutoQRA default, cost-guided, search seed 1 (≤ Bmid)", "search", budget="mid",
+    RowSpec("guided-mid-s1", "AutoQRA cost-guided, ranks 0/4/8/16, search seed 1 (≤ Bmid)", "search", budget="mid",
             options={"seed": 1}, parent="guided-mid", repeat=True),
     # the default with no rank 0 in the ladder: every block keeps an adapter (the cost model's leave-one-out
     # rank gains left 11 blocks without one, and uniform 4-bit r8 beat that choice after the final training)
-    RowSpec("guided-adapted", "AutoQRA default, an adapter on every block (ranks 4/8/16, ≤ B4)", "search",
+    RowSpec("guided-adapted", "AutoQRA cost-guided, an adapter on every block (ranks 4/8/16, ≤ B4)", "search",
             options={"ranks": [4, 8, 16]}, parent="guided"),
-    RowSpec("guided-mid-adapted", "AutoQRA default, an adapter on every block (ranks 4/8/16, ≤ Bmid)", "search",
+    RowSpec("guided-mid-adapted", "AutoQRA cost-guided, an adapter on every block (ranks 4/8/16, ≤ Bmid)", "search",
             budget="mid", options={"ranks": [4, 8, 16]}, parent="guided-mid"),
+    # today's default (ranks 4/8/16, the embedding / head as units, the final rung), two search seeds; the rows
+    # "guided*" above ran before these were the default (ranks 0/4/8/16, 30-step top rung, no final rung)
+    RowSpec("default", "AutoQRA default: final rung, embedding/head units, ranks 4/8/16 (≤ B4)", "search",
+            options=_DEFAULT, store="default-s0-4bit.db"),
+    RowSpec("default-mid", "AutoQRA default: final rung, embedding/head units, ranks 4/8/16 (≤ Bmid)", "search",
+            budget="mid", options=_DEFAULT, store="default-s0-mid.db"),
+    RowSpec("default-s1", "AutoQRA default, search seed 1 (≤ B4)", "search", options={**_DEFAULT, "seed": 1},
+            parent="default", repeat=True, store="default-s1-4bit.db"),
+    RowSpec("default-mid-s1", "AutoQRA default, search seed 1 (≤ Bmid)", "search", budget="mid",
+            options={**_DEFAULT, "seed": 1}, parent="default-mid", repeat=True, store="default-s1-mid.db"),
     # the previous default: priors-guided, Phase I seeded at the highest uniform bit-width the budget affords
     RowSpec("autoqra-anchored", "AutoQRA, anchored warm start, priors-guided (≤ B4)", "search", options=_ANCHORED),
     RowSpec("autoqra-mid-anchored", "AutoQRA, anchored warm start, priors-guided (≤ Bmid)", "search", budget="mid",

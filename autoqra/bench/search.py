@@ -72,7 +72,7 @@ def random_search(bench: Any, ref_id: str) -> tuple[Any, dict[str, Any], int]:
     row = {r.id: r for r in bench.rows}.get(ref_id)
     n = sum(t.fidelity.name == "high" and t.phase in ("phase1", "phase2") for t in ref.history)
     ev = prepare(bench.model, cfg, tokenizer=bench.tok).evaluator  # the reference search's evaluator, exactly
-    be, store = ev.backend, bench.store_for(ref.config, row.budget if row else "4bit")
+    be, store = ev.backend, bench.store_for(ref.config, row.budget if row else "4bit", row.store if row else None)
     store.check_compatible({"model": bench.fp, "backend": be.spec(), "evaluator": ev.spec()})
     imp = Importance.from_dict(ref.info["importance"])
     space = ref.space  # the reference search's space (with the embedding / head units by default)
