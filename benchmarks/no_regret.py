@@ -17,11 +17,13 @@ benchmarks/results/finals.cache.json (both committed, shared with every_byte.py)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
 
+import attrs
 import numpy as np
 import torch
 from _common import (
@@ -34,6 +36,7 @@ from _common import (
     budgets,
     cpu_name,
     demo_search,
+    final_key,
     final_scores,
     load,
     search_key,
@@ -74,7 +77,7 @@ def pooled_rank_spearman(model, tok, run: dict, finals: Cache) -> dict:
     """Spearman of the run's cost model (new rank table vs the previous one) against the final recipe's mean test
     loss, over every assignment with both final trainings in the shared finals cache that fits the run's budget
     (search choices, uniform rows, fidelity_vs_final's candidates): the final rung alone has 1-3 entrants."""
-    cm = run.get("cost_model") or {}
+    cm = (Cache(SEARCHES).get(run["key"]) or {}).get("cost_model") or {}  # the run dict here has it popped
     if cm.get("rank_gain_probe") is None:
         return {"old": None, "new": None, "n": 0}
     keys = ("bits", "ranks", "quant", "rank_gain", "steps", "ref_bits", "seconds", "quant_scale", "rank_gain_probe",
@@ -82,6 +85,8 @@ def pooled_rank_spearman(model, tok, run: dict, finals: Cache) -> dict:
     base = {k: cm[k] for k in keys if k in cm}
     models = {"new": CostModel.from_dict(base), "old": CostModel.from_dict({**base, "rank_gain": cm["rank_gain_probe"]})}
     su = prepare(model, OptimizeConfig(budget=run["budget_bytes"], preset="demo"), tokenizer=tok)
+    wide = attrs.evolve(su.space.with_unquantized(), ranks=tuple(sorted({0, *su.space.ranks})))  # rank 0: old points
+    mem = su.memory.with_space(wide)
     units = list(su.space.unit_names)
     pts = []
     for k, v in finals.data.items():
@@ -97,7 +102,7 @@ def pooled_rank_spearman(model, tok, run: dict, finals: Cache) -> dict:
         bits, ranks = dict(zip(a0.units, a0.bits)), dict(zip(a0.units, a0.ranks))
         a = Assignment(units, [bits.get(u, 16) for u in units], [ranks.get(u, 0) for u in units])
         if (any(b not in models["new"].bits for b in a.bits) or any(r not in models["new"].ranks for r in a.ranks)
-                or su.memory.predict(a).model_bytes > run["budget_bytes"]):
+                or mem.predict(a).model_bytes > run["budget_bytes"]):
             continue
         pts.append((a, -(v["test"] + other["test"]) / 2))
     if len(pts) < 3:
@@ -107,25 +112,40 @@ def pooled_rank_spearman(model, tok, run: dict, finals: Cache) -> dict:
             "n": len(pts)}
 
 
-def tests_of(model, tok, budget: int, a: dict) -> list[float]:
+class NotTrained(Exception):
+    """A final training that ``--report-only`` would have to run."""
+
+
+def tests_of(model, tok, budget: int, a: dict, train: bool = True) -> list[float]:
     cfg = OptimizeConfig(budget=budget, preset="demo")
     asg = Assignment(a["units"], a["bits"], a["ranks"])
+    if not train and any(Cache(FINALS).get(final_key(asg, s)) is None for s in FINAL_SEEDS):
+        raise NotTrained(asg)
     return [final_scores(model, tok, cfg, asg, s)["test"] for s in FINAL_SEEDS]
 
 
-def complete(model, tok, run: dict) -> dict:
-    """The run's final trainings (chosen point, fitting uniform baselines, uniform 4-bit r8)."""
+def complete(model, tok, run: dict, train: bool = True) -> dict:
+    """The run's final trainings (chosen point, fitting uniform baselines, uniform 4-bit r8); ``train=False``:
+    only from the shared finals cache (the run is returned as it is when one is missing)."""
+    try:
+        return _complete(model, tok, run, train)
+    except NotTrained:
+        return run
+
+
+def _complete(model, tok, run: dict, train: bool) -> dict:
+    tests_of_ = lambda b, a: tests_of(model, tok, b, a, train)  # noqa: E731
     b = run["budget_bytes"]
     out = dict(run)
-    out["chosen_test"] = tests_of(model, tok, b, run["chosen"])
+    out["chosen_test"] = tests_of_(b, run["chosen"])
     fitting = {n: a for n, a in run["baselines"].items() if a["model_bytes"] <= b and not n.startswith("16bit")}
-    tests = {n: tests_of(model, tok, b, a) for n, a in fitting.items()}
+    tests = {n: tests_of_(b, a) for n, a in fitting.items()}
     best = min(tests, key=lambda n: np.mean(tests[n]))
     out["best_uniform_fitting"] = {"name": best, "test": tests[best]}
     out["uniform_fitting_tests"] = tests
     units = run["chosen"]["units"]
-    out["uniform4_r8_test"] = tests_of(model, tok, b, {"units": units, "bits": [16 if u in EMB else 4 for u in units],
-                                                       "ranks": [0 if u in EMB else 8 for u in units]})
+    out["uniform4_r8_test"] = tests_of_(b, {"units": units, "bits": [16 if u in EMB else 4 for u in units],
+                                            "ranks": [0 if u in EMB else 8 for u in units]})
     out["chosen_minus_best_uniform"] = float(np.mean(out["chosen_test"]) - np.mean(tests[best]))
     out["rank_spearman_pooled"] = pooled_rank_spearman(model, tok, run, Cache(FINALS))
     return out
@@ -192,7 +212,7 @@ def main(argv=None) -> int:
             if args.report_only and searches.get(key) is None:
                 continue
             run = search(model, tok, name, bud[name], seed)
-            runs.append(run if args.report_only else complete(model, tok, run))
+            runs.append(complete(model, tok, run, train=not args.report_only))
             write(runs, bud, model, tok, args)
     write(runs, bud, model, tok, args)
     return 0
@@ -200,11 +220,13 @@ def main(argv=None) -> int:
 
 def write(runs, bud, model, tok, args) -> None:
     u16 = None
-    if runs and not args.report_only:
+    if runs:
         a = runs[0]["baselines"]
         ref = next(v for n, v in a.items() if n.startswith("16bit"))
-        u16 = tests_of(model, tok, bud["B4"], {**ref, "bits": [16] * len(ref["bits"]),
-                                               "ranks": [0 if u in EMB else 8 for u in ref["units"]]})
+        with contextlib.suppress(NotTrained):
+            u16 = tests_of(model, tok, bud["B4"], {**ref, "bits": [16] * len(ref["bits"]),
+                                                   "ranks": [0 if u in EMB else 8 for u in ref["units"]]},
+                           train=not args.report_only)
     doc = {"cpu": cpu_name(), "precision": runs[0]["precision"] if runs else None, "budgets": bud, "runs": runs,
            "lora16_r8_test": u16, "verdict": verdict(runs)}
     (RESULTS / "no_regret.json").write_text(json.dumps(doc, indent=1))
