@@ -90,6 +90,14 @@ def write(doc: dict) -> None:
         lines.append(f"| search {r['budget']} seed {r['search_seed']} (embedding {r.get('embedding_bits')}) | "
                      f"{r['chosen']['model_bytes']:,} | {' / '.join(f'{x:.4f}' for x in t) or '–'} | "
                      + (f"{mean(t):.4f} | {100 * gap_closed(mean(t), u4, l16):.0f} % |" if t else "– | – |"))
+    rule = mean(doc.get("rule_row_test") or [])
+    for b in ("B4", "Bmid"):
+        ts = [mean(r["chosen_test"]) for r in doc["runs"] if r["budget"] == b and r.get("chosen_test")]
+        if ts:
+            m = mean(ts)
+            lines.append(f"\n{b}: mean over search seeds {[r['search_seed'] for r in doc['runs'] if r['budget'] == b]} "
+                         f"**{m:.4f}** = {100 * gap_closed(m, u4, l16):.1f} % of the gap from uniform 4-bit r8 to 16-bit "
+                         f"LoRA r8; {'below' if m < rule else 'not below'} the rule row ({rule:.4f}).")
     (RESULTS / "every_byte.md").write_text("\n".join(lines) + "\n")
 
 
