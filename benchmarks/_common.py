@@ -71,6 +71,16 @@ def final_key(a: Assignment, seed: int, steps: int = 60) -> str:
     return f"final:{c.to_json()}:{seed}" + ("" if steps == 60 else f":{steps}")
 
 
+def parse_final_key(key: str) -> tuple[Assignment, int, int] | None:
+    """``(assignment, seed, steps)`` of a :func:`final_key` (None: not a final-training key)."""
+    if not key.startswith("final:"):
+        return None
+    body, _, tail = key[len("final:"):].rpartition("}")
+    parts = tail.lstrip(":").split(":")
+    steps = int(parts[1]) if len(parts) > 1 else 60
+    return Assignment.from_json(body + "}"), int(parts[0]), steps
+
+
 def final_scores(model, tok, cfg: OptimizeConfig, a: Assignment, seed: int, cache: Cache | None = None) -> dict:
     """The library's final recipe (``cfg.train``, ``final_steps``, its schedule) with training seed ``seed``:
     test loss on 64 test blocks and loss on the whole validation split; cached by (assignment, seed, steps) in

@@ -39,6 +39,7 @@ from _common import (
     final_key,
     final_scores,
     load,
+    parse_final_key,
     search_key,
 )
 
@@ -52,52 +53,60 @@ log = logging.getLogger("no_regret")
 EMB = EMBEDDING_UNITS
 
 
-def search(model, tok, name: str, budget: int, seed: int) -> dict:
-    """The shared demo search (``_common.demo_search``) plus the rank tables' Spearman on its final rung."""
+def search(model, tok, name: str, budget: int, seed: int) -> tuple[dict, dict]:
+    """The shared demo search (``_common.demo_search``) plus the rank tables' Spearman on its final rung; returns
+    the run (without its cost model, kept out of the report) and the cost model's dict."""
     run = dict(demo_search(model, tok, name, budget, seed))
-    run["rank_spearman"] = rank_spearman(run.pop("cost_model", {}), run["final_rung"])
-    return run
+    cm = run.pop("cost_model", {}) or {}
+    run["rank_spearman"] = rank_spearman(cm, run["final_rung"])
+    return run, cm
+
+
+def rank_models(cm: dict) -> dict[str, CostModel] | None:
+    """The run's cost model with today's rank table (``new``) and the previous one (``old``: the smallest rank's
+    raw leave-one-out gains for every rank); None when the run did not keep the previous table."""
+    if not cm or cm.get("rank_gain_probe") is None:
+        return None
+    keys = ("bits", "ranks", "quant", "rank_gain", "steps", "ref_bits", "seconds", "quant_scale", "rank_gain_probe",
+            "rank_info")
+    base = {k: cm[k] for k in keys if k in cm}
+    return {"old": CostModel.from_dict({**base, "rank_gain": cm["rank_gain_probe"]}), "new": CostModel.from_dict(base)}
+
+
+def _spearmans(models: dict[str, CostModel], pts: list[tuple[Assignment, float]]) -> dict[str, float]:
+    y = np.array([s for _, s in pts])
+    return {name: float(spearman(np.array([m.predict(a) for a, _ in pts]), y)) for name, m in models.items()}
 
 
 def rank_spearman(cm: dict, final_rung: list[dict]) -> dict:
     """Spearman of the cost model's additive prediction (new rank table vs the previous one) with the final
     rung's validation scores, over its entrants."""
-    keys = ("bits", "ranks", "quant", "rank_gain", "steps", "ref_bits", "seconds", "quant_scale", "rank_gain_probe",
-            "rank_info")
-    if not cm or cm.get("rank_gain_probe") is None or len(final_rung) < 3:
+    models = rank_models(cm)
+    if models is None or len(final_rung) < 3:
         return {"old": None, "new": None}
-    new = CostModel.from_dict({k: cm[k] for k in keys if k in cm})
-    old = CostModel.from_dict({**{k: cm[k] for k in keys if k in cm}, "rank_gain": cm["rank_gain_probe"]})
-    pts = [(Assignment.from_dict(e["assignment"]), e["val_score"]) for e in final_rung if e["val_score"] is not None]
-    y = np.array([s for _, s in pts])
-    return {name: float(spearman(np.array([m.predict(a) for a, _ in pts]), y)) for name, m in (("old", old), ("new", new))}
+    return _spearmans(models, [(Assignment.from_dict(e["assignment"]), e["val_score"]) for e in final_rung
+                               if e["val_score"] is not None])
 
 
-def pooled_rank_spearman(model, tok, run: dict, finals: Cache) -> dict:
+def pooled_rank_spearman(model, tok, run: dict, cm: dict, finals: Cache) -> dict:
     """Spearman of the run's cost model (new rank table vs the previous one) against the final recipe's mean test
     loss, over every assignment with both final trainings in the shared finals cache that fits the run's budget
     (search choices, uniform rows, fidelity_vs_final's candidates): the final rung alone has 1-3 entrants."""
-    cm = (Cache(SEARCHES).get(run["key"]) or {}).get("cost_model") or {}  # the run dict here has it popped
-    if cm.get("rank_gain_probe") is None:
+    models = rank_models(cm)
+    if models is None:
         return {"old": None, "new": None, "n": 0}
-    keys = ("bits", "ranks", "quant", "rank_gain", "steps", "ref_bits", "seconds", "quant_scale", "rank_gain_probe",
-            "rank_info")
-    base = {k: cm[k] for k in keys if k in cm}
-    models = {"new": CostModel.from_dict(base), "old": CostModel.from_dict({**base, "rank_gain": cm["rank_gain_probe"]})}
     su = prepare(model, OptimizeConfig(budget=run["budget_bytes"], preset="demo"), tokenizer=tok)
     wide = attrs.evolve(su.space.with_unquantized(), ranks=tuple(sorted({0, *su.space.ranks})))  # rank 0: old points
     mem = su.memory.with_space(wide)
     units = list(su.space.unit_names)
     pts = []
     for k, v in finals.data.items():
-        parts = k.split(":")
-        if not k.startswith("final:") or not k.endswith(":0") or len(parts) < 3:
+        parsed = parse_final_key(k)
+        if parsed is None or parsed[1:] != (0, 60):
             continue
-        other = finals.get(k[:-2] + ":1")
-        if other is None:
-            continue
-        a0 = Assignment.from_json(k[len("final:"):-2])
-        if not set(a0.units) <= set(units):
+        a0 = parsed[0]
+        other = finals.get(final_key(a0, 1))
+        if other is None or not set(a0.units) <= set(units):
             continue
         bits, ranks = dict(zip(a0.units, a0.bits)), dict(zip(a0.units, a0.ranks))
         a = Assignment(units, [bits.get(u, 16) for u in units], [ranks.get(u, 0) for u in units])
@@ -107,9 +116,7 @@ def pooled_rank_spearman(model, tok, run: dict, finals: Cache) -> dict:
         pts.append((a, -(v["test"] + other["test"]) / 2))
     if len(pts) < 3:
         return {"old": None, "new": None, "n": len(pts)}
-    y = np.array([t for _, t in pts])
-    return {**{n: float(spearman(np.array([m.predict(a) for a, _ in pts]), y)) for n, m in models.items()},
-            "n": len(pts)}
+    return {**_spearmans(models, pts), "n": len(pts)}
 
 
 class NotTrained(Exception):
@@ -124,16 +131,16 @@ def tests_of(model, tok, budget: int, a: dict, train: bool = True) -> list[float
     return [final_scores(model, tok, cfg, asg, s)["test"] for s in FINAL_SEEDS]
 
 
-def complete(model, tok, run: dict, train: bool = True) -> dict:
+def complete(model, tok, run: dict, cm: dict, train: bool = True) -> dict:
     """The run's final trainings (chosen point, fitting uniform baselines, uniform 4-bit r8); ``train=False``:
     only from the shared finals cache (the run is returned as it is when one is missing)."""
     try:
-        return _complete(model, tok, run, train)
+        return _complete(model, tok, run, cm, train)
     except NotTrained:
         return run
 
 
-def _complete(model, tok, run: dict, train: bool) -> dict:
+def _complete(model, tok, run: dict, cm: dict, train: bool) -> dict:
     tests_of_ = lambda b, a: tests_of(model, tok, b, a, train)  # noqa: E731
     b = run["budget_bytes"]
     out = dict(run)
@@ -147,7 +154,7 @@ def _complete(model, tok, run: dict, train: bool) -> dict:
     out["uniform4_r8_test"] = tests_of_(b, {"units": units, "bits": [16 if u in EMB else 4 for u in units],
                                             "ranks": [0 if u in EMB else 8 for u in units]})
     out["chosen_minus_best_uniform"] = float(np.mean(out["chosen_test"]) - np.mean(tests[best]))
-    out["rank_spearman_pooled"] = pooled_rank_spearman(model, tok, run, Cache(FINALS))
+    out["rank_spearman_pooled"] = pooled_rank_spearman(model, tok, run, cm, Cache(FINALS))
     return out
 
 
@@ -211,8 +218,8 @@ def main(argv=None) -> int:
             key = search_key(name, seed, OptimizeConfig(budget=bud[name], preset="demo", seed=seed))
             if args.report_only and searches.get(key) is None:
                 continue
-            run = search(model, tok, name, bud[name], seed)
-            runs.append(complete(model, tok, run, train=not args.report_only))
+            run, cm = search(model, tok, name, bud[name], seed)
+            runs.append(complete(model, tok, run, cm, train=not args.report_only))
             write(runs, bud, model, tok, args)
     write(runs, bud, model, tok, args)
     return 0
