@@ -12,13 +12,13 @@ from typing import Any
 import attrs
 from torch import nn
 
+from autoqra.checkpoints import FinalCheckpoints
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Evaluator
 from autoqra.evaluators.build import build_evaluator
 from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.executors import EXECUTORS, Executor, make_executor
 from autoqra.executors.ray import require_ray
-from autoqra.final import FinalCheckpoints
 from autoqra.guidance.costmodel import CostModel, measure_cost_model
 from autoqra.guidance.importance import Importance, compute_importance
 from autoqra.memory.model import MemoryModel

@@ -15,7 +15,8 @@ two meet at the end. A new stage (e.g. a final rung) needs nothing more than ``p
 before its batches and ``end(stage)`` after them, with its trials reported under the same stage name.
 
 Parts in their own modules, re-exported here: the text of the lines (:func:`fmt_duration`, :func:`compact`,
-:func:`fold`) in :mod:`autoqra.progress_text`, :class:`StepBar` in :mod:`autoqra.step_bar`.
+:func:`fold`) in :mod:`autoqra.progress_text`, :class:`StepBar` in :mod:`autoqra.step_bar`; what trials cost
+(the ETA's :class:`~autoqra.progress_eta.TrialTimes`) in :mod:`autoqra.progress_eta`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from autoqra.progress_eta import TrialTimes
 from autoqra.progress_text import compact, fmt_duration, fold  # noqa: F401
 from autoqra.step_bar import StepBar, step_bar  # noqa: F401
 
@@ -76,7 +78,7 @@ class Progress:
         self._plan: dict[tuple[str, str | None], int] = {}  # (stage, fidelity label) -> planned evaluations
         self._done: dict[tuple[str, str | None], int] = {}
         self._steps: dict[str | None, int | None] = {}  # fidelity label -> optimizer steps
-        self._secs: dict[Any, list[float]] = {}  # ("fid", label) / ("stage", stage) / "all" -> [sum, n] of run trials
+        self.times = TrialTimes()  # what the run trials cost: the ETA
         self.stored = 0
         self.n_run = 0
         self._best: dict[str | None, float] = {}  # fidelity label -> best ok (feasible) score
@@ -193,10 +195,8 @@ class Progress:
             self.stored += 1
         else:
             self.n_run += 1
-            for k in (("fid", label), ("stage", phase), "all"):
-                acc = self._secs.setdefault(k, [0.0, 0])
-                acc[0] += float(result.seconds)
-                acc[1] += 1
+            ran = (getattr(result, "metrics", None) or {}).get("steps_run", steps)  # a continued rung runs fewer
+            self.times.add(phase, label, result.seconds, ran)
         if result.ok and feasible is not False:
             self._best[label] = max(self._best.get(label, -math.inf), float(result.score))
         parts = [f"trial {self.done}/{self.planned}", phase, *([label] if label else [])]
@@ -252,25 +252,6 @@ class Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def _mean(self, stage: str, label: str | None) -> float | None:
-        """Mean seconds of a run trial like those of ``(stage, label)``: same fidelity, else interpolated
-        in steps between the fidelities seen, else the stage's, else all trials'."""
-        acc = self._secs.get(("fid", label))
-        if acc:
-            return acc[0] / acc[1]
-        steps = self._steps.get(label)
-        seen = sorted((self._steps.get(k[1]), v[0] / v[1]) for k, v in self._secs.items()
-                      if isinstance(k, tuple) and k[0] == "fid" and self._steps.get(k[1]) is not None)
-        if steps is not None and len(seen) >= 2:
-            (s0, t0), (s1, t1) = (seen[0], seen[-1]) if steps <= seen[-1][0] else (seen[-2], seen[-1])
-            if s1 != s0:
-                return max(0.0, t0 + (t1 - t0) * (steps - s0) / (s1 - s0))
-        for k in (("stage", stage), "all"):
-            acc = self._secs.get(k)
-            if acc:
-                return acc[0] / acc[1]
-        return None
-
     def eta(self) -> float | None:
         """Seconds left for what is planned (None before any trial has run)."""
         if not self.n_run:
@@ -279,7 +260,7 @@ class Progress:
         for key, p in self._plan.items():
             n = p - self._done.get(key, 0)
             if n > 0:
-                m = self._mean(*key)
+                m = self.times.expected(key[0], key[1], self._steps.get(key[1]))
                 left, secs = left + n, secs + n * (m or 0.0)
         cap = self.planned - self.done  # a trial limit cuts the plan
         return secs * (cap / left) if left > cap and left > 0 else secs

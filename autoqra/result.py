@@ -11,18 +11,10 @@ from typing import Any
 import attrs
 
 from autoqra.artifact.export import export_model, merge_adapter
+from autoqra.checkpoints import identity_digest, read_state, training_identity
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.data import ByteTokenizer
-from autoqra.final import (
-    evaluator_for,
-    identity_digest,
-    model_for,
-    pick_trial,
-    read_state,
-    resolve_steps,
-    run_final,
-    training_identity,
-)
+from autoqra.final import evaluator_for, model_for, pick_trial, resolve_steps, run_final
 from autoqra.memory.model import MemoryModel
 from autoqra.space import SearchSpace
 from autoqra.trial import Trial

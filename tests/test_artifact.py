@@ -14,8 +14,8 @@ import torch
 import autoqra
 from autoqra.artifact import ArtifactError, read_info
 from autoqra.artifact import load_artifact as load
+from autoqra.checkpoints import read_state
 from autoqra.config import TrainSpec
-from autoqra.final import read_state
 from autoqra.models import load_model
 from autoqra.space import Assignment
 
@@ -217,7 +217,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     straight, st = _lora(tmp_path / "straight")
     assert st["complete"] and st["step"] == 6
 
-    from autoqra.final import Checkpointer
+    from autoqra.checkpoints import Checkpointer
 
     orig = Checkpointer.save
 

@@ -109,6 +109,31 @@ def test_trial_limit_caps_the_plan_and_eta_follows_fidelity():
     assert (p.done, p.planned) == (2, 2) and p.finished == "trial limit 5 reached"
 
 
+def test_eta_of_an_unseen_fidelity_prices_the_steps_each_trial_ran():
+    # rungs that continued a saved state ran fewer steps than their fidelity says; a final rung trains from
+    # scratch: its price comes from the line seconds = a + b * steps over the steps actually run
+    p = Progress(enabled=False)
+    low, mid, high, final = Fidelity(0, "low"), Fidelity(10, "mid"), Fidelity(24, "high"), Fidelity(60, "final")
+    for f, ran, secs in [(low, 0, 3.0), (low, 0, 3.0), (mid, 10, 23.0), (high, 24, 51.0), (high, 16, 35.0)]:
+        p.trial("s", EvalResult(score=-1.0, seconds=secs, metrics={"steps_run": float(ran)}), cached=False,
+                fidelity=f)
+    a, b = p.times.line()
+    assert a == pytest.approx(3.0) and b == pytest.approx(2.0)
+    p.plan("final", 2, final)
+    assert p.eta() == pytest.approx(2 * (3.0 + 2.0 * 60))
+    # without the metric the fidelity's steps stand in: the continued high trial then looks cheap per step
+    q = Progress(enabled=False)
+    for f, secs in [(low, 3.0), (mid, 23.0), (high, 51.0), (high, 35.0)]:
+        q.trial("s", EvalResult(score=-1.0, seconds=secs), cached=False, fidelity=f)
+    q.plan("final", 2, final)
+    assert q.eta() < p.eta()
+    # one step count only: no line; the stage's / all trials' mean
+    r = Progress(enabled=False)
+    r.trial("s", EvalResult(score=-1.0, seconds=4.0), cached=False, fidelity=low)
+    r.plan("final", 1, final)
+    assert r.times.line() is None and r.eta() == pytest.approx(4.0)
+
+
 def test_best_is_the_feasible_best_at_the_highest_fidelity():
     p = Progress(enabled=False)
     p.trial("b", EvalResult(score=-1.0), cached=False, fidelity=Fidelity(0, "low"))

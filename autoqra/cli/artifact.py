@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from autoqra.checkpoints import read_state
 from autoqra.cli.main import shows_progress
-from autoqra.final import read_state
 from autoqra.models import load_model
 from autoqra.result import load_result
 

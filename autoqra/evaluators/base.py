@@ -106,16 +106,19 @@ class FitStats:
         train_loss_first / train_loss_last: the first and the last optimizer step's training loss (nan: no step).
         peak_bytes: the measured memory peak of the first step (0: not measured).
         optimizer: the AdamW optimizer after training (its state counts in the measured memory), or None.
+        steps_run: optimizer steps this run took (fewer than asked when it continued a saved state).
     """
 
     train_loss_first: float = math.nan
     train_loss_last: float = math.nan
     peak_bytes: int = 0
     optimizer: Any = attrs.field(default=None, repr=False)
+    steps_run: int = 0
 
     def losses(self) -> dict[str, float]:
-        """The losses as trial metrics."""
-        return {"train_loss_first": float(self.train_loss_first), "train_loss_last": float(self.train_loss_last)}
+        """The losses (and the steps this run took, ``steps_run``: what its wall time paid for) as trial metrics."""
+        return {"train_loss_first": float(self.train_loss_first), "train_loss_last": float(self.train_loss_last),
+                "steps_run": float(self.steps_run)}
 
 
 class Evaluator(abc.ABC):

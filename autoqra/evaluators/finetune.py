@@ -114,7 +114,7 @@ class FinetuneEvaluator(Evaluator):
             candidates; :func:`~autoqra.evaluators.rungs.common_lora_init`).
         fit_hooks: outside rung mode, ``fit_hooks(evaluator, assignment, steps) -> FitHooks`` for each
             evaluation, e.g. checkpoints that keep the trained weights (the final rung's
-            :class:`~autoqra.final.FinalCheckpoints`); a hook with ``mark_complete(metrics)`` is told the
+            :class:`~autoqra.checkpoints.FinalCheckpoints`); a hook with ``mark_complete(metrics)`` is told the
             scores.
     """
 
@@ -289,7 +289,7 @@ class FinetuneEvaluator(Evaluator):
                 hooks.step_end(step, step_loss, model, opt, sched)
         if losses:
             stats.train_loss_first, stats.train_loss_last = losses[0], losses[-1]
-        stats.optimizer = opt
+        stats.optimizer, stats.steps_run = opt, max(0, steps - start)
         return stats
 
     # ------------------------------------------------------------ evaluation

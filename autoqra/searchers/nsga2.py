@@ -31,10 +31,10 @@ from pymoo.operators.selection.tournament import TournamentSelection
 from pymoo.problems.static import StaticProblem
 
 import autoqra.searchers.nsga2_ops as ops
-from autoqra.guidance.seeds import anchored_cost_seed, knapsack_seeds
 from autoqra.pareto import HVStagnation, front_hypervolume
 from autoqra.problem import Problem as SearchProblem
 from autoqra.searchers.base import Searcher, register_searcher
+from autoqra.searchers.nsga2_seeds import first_generation_seeds
 from autoqra.space import Assignment
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class NSGA2Searcher(Searcher):
         warm_start: how the first generation is seeded: ``"anchored"`` (default; the highest
             uniform bit-width the budget affords, slack filled by importance per byte, plus the
             start that keeps the Eq. 6 ranks when that is another point;
-            :func:`~autoqra.searchers.nsga2_ops.anchored_seeds`), ``"eq6"`` (or True; the paper's
+            :func:`~autoqra.searchers.nsga2_seeds.anchored_seeds`), ``"eq6"`` (or True; the paper's
             Eq. 6 seed from the importance priors; without priors the first generation is random)
             or ``"none"`` (uniform random + repair).
         jitter_resets: random single-variable resets per jittered copy of the seed.
@@ -145,23 +145,9 @@ class NSGA2Searcher(Searcher):
         self.iq = np.full(n, 0.5) if ctx.importance_q is None else np.asarray(ctx.importance_q, dtype=float)
         self.ir = np.full(n, 0.5) if ctx.importance_r is None else np.asarray(ctx.importance_r, dtype=float)
         self._repair_x = ctx.repair_encoded
-        has_priors = ctx.importance_q is not None or ctx.importance_r is not None
         bytes_of = ctx.bytes_encoded
         table = ctx.cost_table
-        seed_x: list[np.ndarray] | None = None
-        if self.warm_start == "eq6" and has_priors:
-            seed_x = [space.encode(ops.warm_start_seed(space, self.iq, self.ir, self.tau))]
-        elif self.warm_start == "anchored":
-            seed_x = ([anchored_cost_seed(space, table, bytes_of, ctx.budget_bytes)] if table is not None
-                      else ops.anchored_seeds(space, self.iq, self.ir, bytes_of, ctx.budget_bytes, self.tau))
-        if table is not None and self.knapsack_k:
-            extra = knapsack_seeds(space, table, bytes_of, ctx.budget_bytes, self.knapsack_k, ctx.memory)
-            for t in ctx.seed_tables:  # the optimum under each hedged calibration first
-                extra = knapsack_seeds(space, t, bytes_of, ctx.budget_bytes, 1, ctx.memory)[:1] + extra
-            seed_x = list(seed_x or [])
-            for x in extra:
-                if len(seed_x) < 1 + self.knapsack_k and not any(np.array_equal(x, y) for y in seed_x):
-                    seed_x.append(x)
+        seed_x = first_generation_seeds(ctx, self.warm_start, self.iq, self.ir, self.tau, self.knapsack_k)
         self.seeds = [space.decode(x) for x in seed_x or []]
         self._archive: set[tuple[int, ...]] = set()
         n_obj = 2 if self.objectives == "pareto" else 1

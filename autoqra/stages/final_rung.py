@@ -16,7 +16,7 @@ theirs: the search never hands back a point that this very measurement says is w
 
 These trainings are ordinary trials (stored under their own key, resumable, counted by limits and
 progress). Their trained weights are kept as final-training checkpoints
-(:class:`~autoqra.final.FinalCheckpoints`), so ``Result.train()`` with the same recipe and seed reads the
+(:class:`~autoqra.checkpoints.FinalCheckpoints`), so ``Result.train()`` with the same recipe and seed reads the
 chosen point's training back instead of running it again.
 """
 

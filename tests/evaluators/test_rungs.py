@@ -32,6 +32,8 @@ def test_continued_rung_equals_a_fresh_run(tiny, space):
     assert r7.memory["model_bytes"] == fresh.memory["model_bytes"]
     again = ev.evaluate(a, Fidelity(7))  # fully cached: no training, same score
     assert again.score == r7.score and ev.rung_states.hits == 2
+    # what each wall time paid for (the progress ETA reads it)
+    assert [r.metrics["steps_run"] for r in (r3, r7, fresh, again)] == [3, 4, 7, 0]
 
 
 def test_rung_mode_trains_at_a_constant_rate_and_says_so(tiny, space):
