@@ -193,7 +193,7 @@ def test_anchored_warm_start_reaches_phase1(tiny, run):
     assert pri.budget_bytes == budget  # the "4bit" reference keeps the embedding 16-bit in both spaces
     bytes_of = make_repair(MemoryModel(tiny, space, backend_from_spec(res.info["backend_spec"]), train=FAST["train"]),
                            budget).bytes_encoded
-    want = space.decode(ops.anchored_seed(space, iq, ir, bytes_of, budget))
+    want = space.decode(ops.anchored_seeds(space, iq, ir, bytes_of, budget)[0])
     assert first.assignment == want
     eq6 = next(t for t in eq6_run.history if t.phase == "phase1")
     assert eq6.assignment != want and min(want.bits) >= 4 and min(eq6.assignment.bits) == 2

@@ -229,31 +229,8 @@ def _shared_bytes_free(memory: MemoryModel, space: SearchSpace) -> bool:
     return all(int(shared(list(c))) == 0 for c in subsets)
 
 
-def make_repair(
-    memory: MemoryModel,
-    budget_bytes: int,
-    importance_q: Sequence[float] | np.ndarray | None = None,
-    importance_r: Sequence[float] | np.ndarray | None = None,
-    target: str = "model",
-    eps: float = 1e-8,
-    max_lowbit_fraction: float | None = None,
-    cost_table: np.ndarray | None = None,
-) -> Repairer:
-    """Build a repair function ``repair(a) -> Assignment`` (see :class:`Repairer` for the args)."""
-    return Repairer(memory, budget_bytes, importance_q, importance_r, target, eps, max_lowbit_fraction, cost_table)
-
-
-def repair(
-    a: Assignment,
-    memory: MemoryModel,
-    budget_bytes: int,
-    importance_q: Sequence[float] | np.ndarray | None = None,
-    importance_r: Sequence[float] | np.ndarray | None = None,
-    target: str = "model",
-    eps: float = 1e-8,
-) -> Assignment:
-    """One-shot :func:`make_repair` + call: make ``a`` fit ``budget_bytes`` (bytes on ``target``)."""
-    return make_repair(memory, budget_bytes, importance_q, importance_r, target, eps)(a)
+#: Builds a repair function ``repair(a) -> Assignment`` (the :class:`Repairer`; see it for the args).
+make_repair = Repairer
 
 
 def _cap_encoded(x: np.ndarray, n: int, cap: int, importance: np.ndarray | None) -> np.ndarray:

@@ -5,13 +5,13 @@ All work on the integer encoding of :meth:`SearchSpace.encode` (``[bit_idx_1..L,
 
 * :func:`warm_start_seed` — Eq. 6: ``q_u = round_Q(q_min + (q_max - q_min) * tau(I_q(u)))`` and the
   same for ranks with ``I_r``; ``round`` snaps to the nearest ladder *value* (ties: the lower one).
-* :func:`anchored_seed` — budget-anchored alternative: every unit at the highest uniform bit-width
-  that fits (with Eq. 6 ranks where they fit there, else none), then the budget's slack is filled
-  greedily with the one-step upgrade of most importance per byte. Unlike Eq. 6 it never puts a unit
-  below the uniform level the budget affords, so low priors cannot send layers to 2 bits when 4 fit.
-  :func:`anchored_seeds` adds the start that keeps the Eq. 6 ranks at the highest bit-width where
-  *they* fit, when that is another point: the first generation then holds both and selection
-  decides whether bits or adapter ranks are worth more on this model.
+* :func:`anchored_seeds` — budget-anchored alternative; its first start puts every unit at the highest
+  uniform bit-width that fits (with Eq. 6 ranks where they fit there, else none), then fills the budget's
+  slack greedily with the one-step upgrade of most importance per byte. Unlike Eq. 6 it never puts a unit
+  below the uniform level the budget affords, so low priors cannot send layers to 2 bits when 4 fit. Its
+  second start (when it is another point) keeps the Eq. 6 ranks at the highest bit-width where *they*
+  fit: the first generation then holds both and selection decides whether bits or adapter ranks are
+  worth more on this model.
 """
 
 from __future__ import annotations
@@ -100,19 +100,6 @@ def anchored_seeds(
             if not any(np.array_equal(x, y) for y in out):
                 out.append(x)
     return out or [np.zeros(2 * n, dtype=np.int64)]
-
-
-def anchored_seed(
-    space: SearchSpace,
-    importance_q: np.ndarray,
-    importance_r: np.ndarray,
-    bytes_of: Callable[[np.ndarray], int],
-    budget_bytes: int,
-    tau: str = "identity",
-    eps: float = 1e-8,
-) -> np.ndarray:
-    """The first (bits-first) start of :func:`anchored_seeds`: the first candidate of Phase I."""
-    return anchored_seeds(space, importance_q, importance_r, bytes_of, budget_bytes, tau, eps)[0]
 
 
 def first_generation_seeds(ctx: Any, warm_start: str, iq: np.ndarray, ir: np.ndarray, tau: str,

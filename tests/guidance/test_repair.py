@@ -4,9 +4,14 @@ import attrs
 import numpy as np
 import pytest
 
-from autoqra.guidance.repair import low_bit_cap, make_repair, repair
+from autoqra.guidance.repair import low_bit_cap, make_repair
 from autoqra.memory.model import MemoryModel
 from autoqra.space import SearchSpace
+
+
+def repair(a, mm, budget, iq, ir):
+    """One-shot repair of ``a`` to ``budget`` bytes."""
+    return make_repair(mm, budget, iq, ir)(a)
 
 
 @pytest.fixture(scope="module")

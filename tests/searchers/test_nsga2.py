@@ -226,7 +226,7 @@ def test_anchored_seed_stays_at_or_above_the_affordable_uniform_level_and_fills_
     iq[: space.n_units // 2] = 1.0  # half the units look unimportant: Eq. 6 sends them to 2 bits
     ir = np.full(space.n_units, 0.5)
     assert min(ops.warm_start_seed(space, iq, ir).bits) == 2
-    x = ops.anchored_seed(space, iq, ir, _bytes_of(c), budget)
+    x = ops.anchored_seeds(space, iq, ir, _bytes_of(c), budget)[0]
     a = space.decode(x)
     assert _bytes_of(c)(x) <= budget
     assert min(a.bits) == level  # nobody below the uniform level the budget affords
@@ -251,7 +251,7 @@ def test_anchored_seed_puts_the_bit_width_before_the_eq6_ranks(tiny):
 
     budget = max(uni(4, 0), uni(3, top))
     assert uni(4, top) > budget and uni(8, 0) > budget  # Eq. 6 ranks fit at 3 bits, not at 4; 4 bits fit
-    a = space.decode(ops.anchored_seed(space, iq, ir, f, budget))
+    a = space.decode(ops.anchored_seeds(space, iq, ir, f, budget)[0])
     assert min(a.bits) == 4 and f(space.encode(a)) <= budget
     # the start that keeps the Eq. 6 ranks (3 bits here) is the second seed; the first generation holds both
     seeds = [space.decode(x) for x in ops.anchored_seeds(space, iq, ir, f, budget)]
@@ -267,7 +267,7 @@ def test_anchored_seed_puts_the_bit_width_before_the_eq6_ranks(tiny):
 
 def test_anchored_seed_below_the_ladder_minimum_returns_the_minimum(tiny):
     c = _ctx(tiny)
-    x = ops.anchored_seed(c.space, c.importance_q, c.importance_r, _bytes_of(c), 1)
+    x = ops.anchored_seeds(c.space, c.importance_q, c.importance_r, _bytes_of(c), 1)[0]
     assert not x.any()
 
 
@@ -275,7 +275,7 @@ def test_first_ask_with_anchored_warm_start_starts_with_the_anchored_seed(tiny):
     c = _ctx(tiny, budget=(4, 8))
     s = get_searcher("nsga2", c, pop_size=8, warm_start="anchored")
     first = s.ask(100)
-    want = c.space.decode(ops.anchored_seed(c.space, c.importance_q, c.importance_r, _bytes_of(c), c.budget_bytes))
+    want = c.space.decode(ops.anchored_seeds(c.space, c.importance_q, c.importance_r, _bytes_of(c), c.budget_bytes)[0])
     assert first[0] == want and min(want.bits) >= 4
     assert all(_bytes_of(c)(c.space.encode(a)) <= c.budget_bytes for a in first)
     assert get_searcher("nsga2", c, warm_start="none").warm_start == "none"
