@@ -37,7 +37,7 @@ from autoqra.layer_cache import (  # noqa: F401
 from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend, get_backend
 from autoqra.quant_backends._experts import as_linear, dense_experts, quantize_experts, quiet_pattern_warnings
 from autoqra.quant_backends._experts import lora_custom_modules as experts_lora_modules
-from autoqra.space import Assignment, SearchSpace
+from autoqra.space import GRANULARITIES, Assignment, SearchSpace
 from autoqra.units import expert_params, is_linear_like
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def space_for(model: nn.Module, assignment: Assignment) -> SearchSpace:
                for n in named}
         width = max(len(v) for v in own.values())
         bits = sorted(set(bits) | {b for v in own.values() for b in v}) if len(bits) < width else bits
-    for gran in ("block", "module"):
+    for gran in GRANULARITIES:
         space = SearchSpace.from_model(model, bits=bits, ranks=ranks, granularity=gran)
         if named:
             first = tuple(emb[n] for n in named if emb[n].kind == "embedding")

@@ -30,6 +30,7 @@ from autoqra.config_checks import (  # noqa: F401 - re-exported
 )
 from autoqra.precision import PRECISIONS
 from autoqra.train_spec import TrainSpec  # noqa: F401 - re-exported
+from autoqra.unit_types import GRANULARITIES
 
 #: Named settings: fidelities in optimizer steps, search sizes, evaluation blocks.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -150,7 +151,7 @@ class OptimizeConfig:
     phase2: str | None = attrs.field(default="local", validator=_registered("searcher", optional=True))
     bits: tuple[int, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(_int_tuple))
     ranks: tuple[int, ...] = attrs.field(default=(4, 8, 16), converter=_int_tuple)
-    granularity: str = attrs.field(default="block", validator=_one_of("block", "module"))
+    granularity: str = attrs.field(default="block", validator=_one_of(*GRANULARITIES))
     target_modules: tuple[str, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
     embeddings: str = attrs.field(default="search", validator=_one_of("search", "keep"))
     target: str = attrs.field(default="model", validator=_one_of("model", "train"))

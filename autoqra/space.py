@@ -30,7 +30,7 @@ from torch import nn
 from autoqra.assignment import Assignment
 from autoqra.lora import lora_config
 from autoqra.quant_backends import UNQUANTIZED_BITS
-from autoqra.space_units import EMBEDDING_BITS, embedding_options, model_units  # noqa: F401
+from autoqra.space_units import EMBEDDING_BITS, GRANULARITIES, embedding_options, model_units  # noqa: F401
 from autoqra.units import Coverage, Unit, WeightTensor
 
 if TYPE_CHECKING:
@@ -104,8 +104,9 @@ class SearchSpace:
             model: the (unquantized) model; the meta device is fine.
             bits: bit ladder; 16 = unquantized.
             ranks: rank ladder; 0 = no adapter.
-            granularity: ``"block"`` (all weights of a decoder block share (bits, rank)) or ``"module"``
-                (one unit per module: a linear, or a whole experts module).
+            granularity: ``"block"`` (all weights of a decoder block share (bits, rank)), ``"sublayer"``
+                (a block's attention and its MLP / experts are two units: the block's child that holds the
+                weight) or ``"module"`` (one unit per module: a linear, or a whole experts module).
             target_modules: narrow the space to modules whose last name (``q_proj``, ``fc1``,
                 ``experts``) or dotted name suffix is listed; an expert parameter name
                 (``gate_up_proj``) selects its experts module. Default: everything.
@@ -119,8 +120,8 @@ class SearchSpace:
         if embeddings not in EMBEDDING_MODES:
             raise ValueError(f"embeddings={embeddings!r} is not allowed; use one of {list(EMBEDDING_MODES)}")
         bits_t, ranks_t = _ladder("bits", bits, 1, 16), _ladder("ranks", ranks, 0, 4096)
-        if granularity not in ("block", "module"):
-            raise ValueError(f"granularity={granularity!r} is not allowed; use 'block' or 'module'")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r} is not allowed; use one of {list(GRANULARITIES)}")
         units, cov, own = model_units(model, bits_t, granularity, target_modules, backend, embeddings)
         return cls(units=units, bits=bits_t, ranks=ranks_t, granularity=granularity, coverage=cov, own_bits=own)
 

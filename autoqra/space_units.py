@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from autoqra.quant_backends import UNQUANTIZED_BITS, get_backend
+from autoqra.unit_types import GRANULARITIES  # noqa: F401 - re-exported
 from autoqra.units import Coverage, Unit, WeightTensor, coverage, discover, embedding_units, matches
 
 log = logging.getLogger("autoqra.space")  # the space's messages (coverage warning, embedding options)
@@ -37,7 +38,7 @@ def model_units(model: nn.Module, bits_t: tuple[int, ...], granularity: str, tar
         get_backend(backend).check_bits(bits_t)
     groups: dict[str, list[WeightTensor]] = {}
     for f in chosen:
-        groups.setdefault(f.block if granularity == "block" else f.tensor.module, []).append(f.tensor)
+        groups.setdefault(unit_key(f.block, f.tensor.module, granularity), []).append(f.tensor)
     units = tuple(Unit.of(k, v) for k, v in groups.items())
     cov = coverage(found, [f.tensor for f in chosen])
     warn = cov.warning()
@@ -55,6 +56,17 @@ def model_units(model: nn.Module, bits_t: tuple[int, ...], granularity: str, tar
             (first if eu.kind == "embedding" else last).append(eu)
         units = (*first, *units, *last)
     return units, cov, own
+
+
+def unit_key(block: str, module: str, granularity: str) -> str:
+    """The unit a weight of ``module`` inside decoder block ``block`` belongs to at ``granularity``
+    (:data:`GRANULARITIES`): the block, the block's child that holds the module (``model.layers.3.self_attn``,
+    ``model.layers.3.mlp``; the module itself when it sits directly in the block), or the module."""
+    if granularity == "block":
+        return block
+    if granularity == "sublayer" and module.startswith(block + "."):
+        return f"{block}.{module[len(block) + 1:].split('.')[0]}"
+    return module
 
 
 def embedding_options(unit: Unit, backend: Any, width: int) -> tuple[int, ...]:

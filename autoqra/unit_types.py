@@ -16,6 +16,10 @@ KINDS = ("linear", "experts", "embedding", "head")
 #: Kinds that never get a LoRA adapter (a unit made of them has rank 0 only).
 NO_RANK_KINDS = ("embedding", "head")
 
+#: How weights group into units: ``"block"`` (a decoder block), ``"sublayer"`` (the block's attention, its MLP /
+#: experts: the module right below the block that holds the weight), ``"module"`` (one linear or experts module).
+GRANULARITIES = ("block", "sublayer", "module")
+
 
 @attrs.frozen
 class WeightTensor:

@@ -89,7 +89,7 @@ def is_router(model: nn.Module, t: torch.Tensor) -> bool:
 def test_predicted_equals_measured(family, backend):
     model = build(family)
     rng = np.random.default_rng(hash((family, backend)) % 2**32)
-    for gran in ("block", "module"):
+    for gran in ("block", "sublayer", "module"):
         space = SearchSpace.from_model(model, bits=LADDERS[backend], ranks=(0, 4, 8), granularity=gran)
         mm = MemoryModel(model, space, backend)
         a = space.sample(rng)
@@ -143,6 +143,22 @@ def test_module_granularity_separates_attention_and_experts():
     unit = space.units[[u.name for u in space.units].index("model.layers.0.mlp.experts")]
     assert [t.shape for t in unit.tensors] == [(4, 2 * INTER, H), (4, H, INTER)]
     assert SearchSpace.from_spec(space.spec()) == space  # tensors round-trip through the spec
+
+
+@pytest.mark.parametrize("family, parts", [("llama", ["self_attn", "mlp"]), ("gpt2", ["attn", "mlp"]),
+                                           ("mixtral", ["self_attn", "mlp"]), ("phi3", ["self_attn", "mlp"])])
+def test_sublayer_granularity_splits_each_block_into_attention_and_mlp(family, parts):
+    model = build(family)
+    block = SearchSpace.from_model(model)
+    sub = SearchSpace.from_model(model, granularity="sublayer")
+    assert [u.name for u in sub.units] == [f"{b}.{p}" for b in block.unit_names for p in parts]
+    # the same weights, regrouped: every tensor of a block lands in exactly one of its sublayer units
+    for b in block.units:
+        mine = [u for u in sub.units if u.name.startswith(b.name + ".")]
+        assert sorted(t.name for u in mine for t in u.tensors) == sorted(t.name for t in b.tensors)
+    assert sub.coverage == block.coverage
+    if family == "mixtral":
+        assert {t.kind for t in sub.units[1].tensors} == {"experts"}  # the router stays out, as in a block unit
 
 
 def test_gpt2_conv1d_is_transposed_linear():

@@ -47,6 +47,18 @@ def test_end_to_end_within_budget_and_both_phases(tiny, run):
     assert res.info["stop_reasons"]["phase1"] and res.info["hv_history"]
 
 
+def test_sublayer_search_end_to_end(tiny):
+    res = autoqra.optimize(tiny, "4bit", seed=0, granularity="sublayer", phase2=None, max_trials=10, **FAST)
+    names = [u.name for u in res.space.units if u.has_rank]
+    assert names and all(n.endswith((".self_attn", ".mlp")) for n in names) and len(names) == 2 * 2
+    assert res.best is not None and res.best.memory.model_bytes <= res.budget_bytes
+    assert res.best.result.memory["model_bytes"] == res.best.memory.model_bytes  # predicted = live tensors
+    # without space= the space is inferred from the unit names: the same model as with the search's space
+    inferred = autoqra.measure_memory(autoqra.apply_assignment(tiny, res.best.assignment, "hqq"))
+    explicit = autoqra.measure_memory(autoqra.apply_assignment(tiny, res.best.assignment, "hqq", space=res.space))
+    assert inferred.model_bytes == explicit.model_bytes
+
+
 def test_resume_reads_finished_trials_back(tiny, run):
     res, path, _ = run
     again = autoqra.optimize(tiny, "4bit", store=path, seed=0, **FAST)

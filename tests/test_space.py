@@ -109,3 +109,6 @@ def test_space_for_infers_module_granularity(tiny):
     sp = SearchSpace.from_model(tiny, bits=(4, 8), ranks=(0, 8), granularity="module", target_modules=["q_proj"])
     a = sp.make([4, 8], [8, 0])
     assert space_for(tiny, a).unit_names == sp.unit_names
+    sub = SearchSpace.from_model(tiny, bits=(4, 8), ranks=(0, 8), granularity="sublayer")
+    b = sub.make([4, 8] * (sub.n_units // 2), [8, 0] * (sub.n_units // 2))
+    assert space_for(tiny, b).unit_names == sub.unit_names and sub.granularity == "sublayer"

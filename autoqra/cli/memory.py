@@ -14,6 +14,7 @@ from autoqra.memory.model import MemoryBreakdown, MemoryModel
 from autoqra.precision import precision_of
 from autoqra.quant_backends import backend_for_precision
 from autoqra.space import SearchSpace
+from autoqra.unit_types import GRANULARITIES
 
 _ROWS = [
     ("quantized weights", "quant_weight_bytes"),
@@ -106,7 +107,7 @@ def add_commands(sub) -> None:
     m.add_argument("--backend", default="hqq", help="hqq | bnb | gptq | none | a plug-in's (--plugin)")
     m.add_argument("--bits", type=int, nargs="+", help="bit-widths to tabulate (default: the backend's subset of 2 3 4 8; 16 = unquantized)")
     m.add_argument("--rank", type=int, default=8, help="LoRA rank of every unit (0 = none)")
-    m.add_argument("--granularity", default="block", choices=["block", "module"])
+    m.add_argument("--granularity", default="block", choices=list(GRANULARITIES))
     m.add_argument("--target-modules", nargs="+", help="narrow the space to these module names (default: every "
                    "weight matrix of the decoder blocks); the coverage line says what is left out")
     m.add_argument("--embedding-bits", type=int, nargs="+", help="also tabulate each uniform point with the token "

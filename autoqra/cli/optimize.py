@@ -13,6 +13,7 @@ from autoqra.api import optimize
 from autoqra.cli.main import shows_progress
 from autoqra.config import OptimizeConfig
 from autoqra.precision import compute_dtype, resolve_device, resolve_precision
+from autoqra.unit_types import GRANULARITIES
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--bits", type=int, nargs="+",
                    help="bit ladder (default: the backend's subset of 2 3 4 8, e.g. 4 8 on bnb)")
     o.add_argument("--ranks", type=int, nargs="+", help="rank ladder (default 4 8 16: an adapter on every block; add 0 to allow none)")
-    o.add_argument("--granularity", choices=["block", "module"])
+    o.add_argument("--granularity", choices=list(GRANULARITIES))
     o.add_argument("--embeddings", choices=["search", "keep"],
                    help="search: the token embedding / output head are units (16/8/4 bits, no rank; default); "
                         "keep: 16-bit, outside the space (the paper's)")

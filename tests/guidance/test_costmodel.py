@@ -52,7 +52,7 @@ def test_calibration_recovers_the_scale_and_skips_collapsed_points(cm_and_space)
     assert calibrate_quant_scale(cm, pts[:1], scores[:1]) is None  # one point says nothing
 
 
-@pytest.mark.parametrize("granularity", ["block", "module"])
+@pytest.mark.parametrize("granularity", ["block", "sublayer", "module"])
 def test_prefix_replay_gives_the_full_pass_table(tiny, granularity):
     import torch
 
