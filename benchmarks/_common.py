@@ -92,6 +92,10 @@ def final_scores(model, tok, cfg: OptimizeConfig, a: Assignment, seed: int, cach
         return cache.get(key)
     su = prepare(model, cfg, tokenizer=tok)
     if list(a.units) != list(su.space.unit_names):  # a space without the embedding unit: add it at 16 bits
+        stray = [u for u in a.units if u not in su.space.unit_names]
+        if stray:
+            raise ValueError(f"units {stray[:3]} are not in the {cfg.granularity!r} space of cfg: pass the config "
+                             "the assignment was searched with")
         bits = dict(zip(a.units, a.bits))
         ranks = dict(zip(a.units, a.ranks))
         a = Assignment(su.space.unit_names, [bits.get(u, 16) for u in su.space.unit_names],
@@ -112,14 +116,17 @@ def search_key(name: str, seed: int, cfg: OptimizeConfig) -> str:
     default ladder and the demo preset changed once; a key names exactly what ran)."""
     sizes = json.dumps({k: cfg.resolved(k) for k in sorted(PRESETS[cfg.preset])}, sort_keys=True)
     return (f"search:{name}:{seed}:r{'-'.join(map(str, cfg.ranks))}:e-{cfg.embeddings}:"
-            f"{hashlib.sha256(sizes.encode()).hexdigest()[:8]}")
+            f"{hashlib.sha256(sizes.encode()).hexdigest()[:8]}"
+            + ("" if cfg.granularity == "block" else f":g-{cfg.granularity}"))
 
 
-def demo_search(model, tok, name: str, budget: int, seed: int, work: Path | None = None) -> dict:
-    """One ``autoqra.optimize`` at the demo preset's defaults (final rung included) with search seed ``seed``,
-    cached in the benchmarks' shared ``results/searches.cache.json`` (no_regret and every_byte read the same
-    runs); its trial store lives under ``runs/searches/`` so an interrupted search resumes."""
-    cfg = OptimizeConfig(budget=budget, preset="demo", seed=seed)
+def demo_search(model, tok, name: str, budget: int, seed: int, work: Path | None = None,
+                granularity: str = "block") -> dict:
+    """One ``autoqra.optimize`` at the demo preset's defaults (final rung included) with search seed ``seed``
+    (``granularity``: of the units; the default's blocks unless a study asks otherwise), cached in the benchmarks'
+    shared ``results/searches.cache.json`` (no_regret and every_byte read the same runs); its trial store lives
+    under ``runs/searches/`` so an interrupted search resumes."""
+    cfg = OptimizeConfig(budget=budget, preset="demo", seed=seed, granularity=granularity)
     key = search_key(name, seed, cfg)
     cache = Cache(SEARCHES)
     if cache.get(key) is not None:
