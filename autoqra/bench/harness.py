@@ -196,7 +196,7 @@ class Bench:
         if not self.final_store.has(key):
             log.info("final training %s seed %d (%d steps)", row.label, seed, fid.steps)
         mm = self.memory[backend]
-        runner = TrialRunner(self.final_store, ev, mm.predict, lambda x: mm.predict(x).model_bytes, 0,
+        runner = TrialRunner(self.final_store, ev, mm.predict, lambda x: mm.predict(x).model_bytes, None,
                              backend_spec=ev.backend.spec(), fingerprint=self.fp, seed=seed)
         runner.tags = {"row": row.id, "backend": backend}
         t, ran = runner.trial(a, fid, "final")

@@ -54,14 +54,15 @@ class TrialRunner:
         store: the trial store (finished trials are read back, never re-run).
         evaluator: the search's evaluator (its spec keys the trials).
         footprint: ``footprint(a) -> MemoryBreakdown`` (:meth:`autoqra.problem.Problem.footprint`).
-        budget_bytes / bytes_of: the budget and ``bytes_of(a)`` on its target (for progress and the record).
+        budget_bytes / bytes_of: the budget (None: none, e.g. a benchmark's final trainings) and ``bytes_of(a)`` on
+            its target (for progress and the record).
         backend_spec / fingerprint: the rest of every trial's key.
         executor: where trials run (default: this process).
         limits: trial and time limits; seed: stored with each trial; progress: the live view.
     """
 
     def __init__(self, store: TrialStore, evaluator: Evaluator, footprint: Callable[[Assignment], MemoryBreakdown],
-                 bytes_of: Callable[[Assignment], int], budget_bytes: int, *, backend_spec: dict, fingerprint: str,
+                 bytes_of: Callable[[Assignment], int], budget_bytes: int | None, *, backend_spec: dict, fingerprint: str,
                  executor: Executor | None = None, limits: Limits = Limits(), seed: int = 0,
                  progress: Progress | None = None) -> None:
         self.store, self.evaluator, self.footprint, self.bytes_of = store, evaluator, footprint, bytes_of
@@ -190,7 +191,7 @@ class TrialRunner:
         """One finished (or read back) trial to the progress view."""
         nb = self.bytes_of(a)
         self.progress.trial(phase, res, cached, fidelity=fidelity, assignment=a, nbytes=nb,
-                            feasible=nb <= self.budget_bytes)
+                            feasible=None if self.budget_bytes is None else nb <= self.budget_bytes)
 
     @property
     def run_keys(self) -> list[str]:

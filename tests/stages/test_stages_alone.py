@@ -54,6 +54,20 @@ def test_runner_reads_back_counts_repeats_and_stops_at_the_limit(world):
     assert [x.phase for x in r.trials()] == ["phase1"] * 3 and t.memory == problem.footprint(a)
 
 
+def test_runner_without_a_budget_calls_nothing_over_budget(world, caplog):
+    space, problem = world
+    r = TrialRunner(TrialStore(None), ScoreEvaluator(space.with_unquantized()), problem.footprint, problem.bytes_of,
+                    None, backend_spec=problem.memory.backend.spec(), fingerprint="fp")
+    big = space.uniform(8, 8)
+    assert problem.bytes_of(big) > problem.budget_bytes
+    with caplog.at_level("INFO", logger="autoqra.progress"):
+        r.trial(big, LOW, "final")
+    assert "MB" in caplog.text and "over budget" not in caplog.text
+    with caplog.at_level("INFO", logger="autoqra.progress"):
+        runner_for(problem, ScoreEvaluator(space.with_unquantized())).trial(big, LOW, "final")
+    assert "over budget" in caplog.text
+
+
 def test_ladder_promotes_climbs_and_keeps_the_seed(world):
     space, problem = world
     ev = ScoreEvaluator(space.with_unquantized())
