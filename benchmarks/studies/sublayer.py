@@ -99,12 +99,37 @@ def write(doc: dict) -> None:
     (OUT / "sublayer.md").write_text("\n".join(lines) + "\n")
 
 
+def time_cost_model(model, tok, budget: int) -> int:
+    """The demo search's cost model on the sublayer space at ``budget`` (the search's own code path, a throwaway
+    store), timed alone; compare with the block space's, which the searches' progress lines time."""
+    import time
+
+    from autoqra.api import _cost_model, prepare
+    from autoqra.progress import Progress
+    from autoqra.store import TrialStore
+
+    cfg = OptimizeConfig(preset="demo", budget=budget, granularity="sublayer")
+    su = prepare(model, cfg, tokenizer=tok)
+    t0 = time.perf_counter()
+    with Progress(enabled=True) as prog:
+        cm = _cost_model(su.space, su.backend, su.evaluator, cfg, TrialStore(None), prog)
+    out = {"cpu": cpu_name(), "precision": su.precision, "units": su.space.n_units,
+           "seconds": time.perf_counter() - t0, "cost_model_seconds": getattr(cm, "seconds", None)}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "sublayer_cost_model.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budgets", nargs="+", default=["B4"], choices=["B4", "Bmid"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the spaces and the block runs found; run nothing")
+    p.add_argument("--cost-model-only", action="store_true",
+                   help="time the sublayer space's cost model alone (what the search's preparation costs) "
+                        "→ results/sublayer_cost_model.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -123,6 +148,8 @@ def main(argv=None) -> int:
                 blk = block_run(name, bud[name], seed)
                 print(name, seed, "block run:", blk and blk.get("key"), blk and chosen(blk).bits[:4])
         return 0
+    if args.cost_model_only:
+        return time_cost_model(model, tok, bud["B4"])
     doc: dict = {"cpu": cpu_name(), "uniform4_r8": mean(eb.get("uniform4_r8_test")),
                  "lora16_r8": mean(eb.get("lora16_r8_test")), "runs": []}
     for name in args.budgets:
