@@ -37,7 +37,8 @@ from autoqra.layer_cache import (  # noqa: F401
 from autoqra.quant_backends import UNQUANTIZED_BITS, QuantBackend, get_backend
 from autoqra.quant_backends._experts import as_linear, dense_experts, quantize_experts, quiet_pattern_warnings
 from autoqra.quant_backends._experts import lora_custom_modules as experts_lora_modules
-from autoqra.space import GRANULARITIES, Assignment, SearchSpace
+from autoqra.space import Assignment, SearchSpace
+from autoqra.unit_types import GRANULARITIES
 from autoqra.units import expert_params, is_linear_like
 
 log = logging.getLogger(__name__)

@@ -195,7 +195,7 @@ class Progress:
             self.stored += 1
         else:
             self.n_run += 1
-            ran = (getattr(result, "metrics", None) or {}).get("steps_run", steps)  # a continued rung runs fewer
+            ran = result.metrics.get("steps_run", steps)  # a continued rung runs fewer
             self.times.add(phase, label, result.seconds, ran)
         if result.ok and feasible is not False:
             self._best[label] = max(self._best.get(label, -math.inf), float(result.score))

@@ -30,7 +30,8 @@ from torch import nn
 from autoqra.assignment import Assignment
 from autoqra.lora import lora_config
 from autoqra.quant_backends import UNQUANTIZED_BITS
-from autoqra.space_units import EMBEDDING_BITS, GRANULARITIES, embedding_options, model_units  # noqa: F401
+from autoqra.space_units import EMBEDDING_BITS, embedding_options, model_units  # noqa: F401
+from autoqra.unit_types import GRANULARITIES
 from autoqra.units import Coverage, Unit, WeightTensor
 
 if TYPE_CHECKING:

@@ -10,7 +10,6 @@ from typing import Any
 from torch import nn
 
 from autoqra.quant_backends import UNQUANTIZED_BITS, get_backend
-from autoqra.unit_types import GRANULARITIES  # noqa: F401 - re-exported
 from autoqra.units import Coverage, Unit, WeightTensor, coverage, discover, embedding_units, matches
 
 log = logging.getLogger("autoqra.space")  # the space's messages (coverage warning, embedding options)
@@ -60,7 +59,7 @@ def model_units(model: nn.Module, bits_t: tuple[int, ...], granularity: str, tar
 
 def unit_key(block: str, module: str, granularity: str) -> str:
     """The unit a weight of ``module`` inside decoder block ``block`` belongs to at ``granularity``
-    (:data:`GRANULARITIES`): the block, the block's child that holds the module (``model.layers.3.self_attn``,
+    (:data:`autoqra.unit_types.GRANULARITIES`): the block, the block's child that holds the module (``model.layers.3.self_attn``,
     ``model.layers.3.mlp``; the module itself when it sits directly in the block), or the module."""
     if granularity == "block":
         return block

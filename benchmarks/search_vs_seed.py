@@ -43,7 +43,7 @@ from autoqra.guidance.importance import compute_importance
 from autoqra.guidance.moves import random_edit
 from autoqra.guidance.repair import make_repair
 from autoqra.precision import cpu_bf16_native, cpu_name
-from autoqra.searchers import nsga2_ops as ops
+from autoqra.searchers.nsga2_seeds import anchored_seeds
 from autoqra.space import Assignment
 from autoqra.stages.runner import TrialRunner
 from autoqra.store import TrialStore
@@ -129,7 +129,7 @@ def old_seed(model, tok, run: dict, work: Path, cache: Cache) -> tuple[dict, flo
     imp = compute_importance(model, su.space, su.backend, data.train[: cfg.resolved("importance_blocks")],
                              seed=cfg.seed, precision=su.precision)
     bytes_of = make_repair(su.memory, su.budget_bytes).bytes_encoded
-    a = su.space.decode(ops.anchored_seeds(su.space, imp.q, imp.r, bytes_of, su.budget_bytes)[0])
+    a = su.space.decode(anchored_seeds(su.space, imp.q, imp.r, bytes_of, su.budget_bytes)[0])
     store = TrialStore(work / f"{run['budget']}-s{run['search_seed']}.db")
     s = high_eval(store, su, a, Fidelity(cfg.resolved("high_steps"), "high"), "old-seed", run["fingerprint"])
     store.close()

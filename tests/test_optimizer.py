@@ -178,7 +178,7 @@ def test_anchored_warm_start_reaches_phase1(tiny, run):
     from autoqra.guidance.seeds import anchored_cost_seed
     from autoqra.memory.model import MemoryModel
     from autoqra.quant_backends import backend_from_spec
-    from autoqra.searchers import nsga2_ops as ops
+    from autoqra.searchers.nsga2_seeds import anchored_seeds
 
     res, path, _ = run
     assert res.config["warm_start"] == "anchored" and res.config["guidance"] == "cost"
@@ -205,7 +205,7 @@ def test_anchored_warm_start_reaches_phase1(tiny, run):
     assert pri.budget_bytes == budget  # the "4bit" reference keeps the embedding 16-bit in both spaces
     bytes_of = make_repair(MemoryModel(tiny, space, backend_from_spec(res.info["backend_spec"]), train=FAST["train"]),
                            budget).bytes_encoded
-    want = space.decode(ops.anchored_seeds(space, iq, ir, bytes_of, budget)[0])
+    want = space.decode(anchored_seeds(space, iq, ir, bytes_of, budget)[0])
     assert first.assignment == want
     eq6 = next(t for t in eq6_run.history if t.phase == "phase1")
     assert eq6.assignment != want and min(want.bits) >= 4 and min(eq6.assignment.bits) == 2

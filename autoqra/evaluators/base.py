@@ -115,8 +115,9 @@ class FitStats:
     optimizer: Any = attrs.field(default=None, repr=False)
     steps_run: int = 0
 
-    def losses(self) -> dict[str, float]:
-        """The losses (and the steps this run took, ``steps_run``: what its wall time paid for) as trial metrics."""
+    def metrics(self) -> dict[str, float]:
+        """The run's trial metrics: its first and last losses and the steps it took (``steps_run``: what its wall
+        time paid for)."""
         return {"train_loss_first": float(self.train_loss_first), "train_loss_last": float(self.train_loss_last),
                 "steps_run": float(self.steps_run)}
 

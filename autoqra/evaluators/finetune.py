@@ -323,7 +323,7 @@ class FinetuneEvaluator(Evaluator):
                 hooks.mark_complete({"score": score, **metrics})
             mem = measure_memory(model, stats.optimizer).to_dict()
             mem["peak_bytes"] = int(stats.peak_bytes)
-            metrics.update(stats.losses())
+            metrics.update(stats.metrics())
             return EvalResult(score=score, metrics=metrics, status="ok", seconds=time.perf_counter() - t0, memory=mem)
         except NonFiniteLoss as e:
             return EvalResult(status="nan", error=str(e), seconds=time.perf_counter() - t0)

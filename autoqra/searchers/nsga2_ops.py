@@ -3,8 +3,8 @@ r"""Variation operators of the Phase-I NSGA-II (paper §2.3-2.4), as pure functi
 All operators work on the integer encoding of :meth:`SearchSpace.encode`
 (``[bit_idx_1..L, rank_idx_1..L]``, lower bound 0, upper bound ``space.upper``).
 
-* the starts of Phase I (:func:`warm_start_seed`, :func:`anchored_seeds`) live in
-  :mod:`autoqra.searchers.nsga2_seeds` and are re-exported here.
+* the starts of Phase I (:func:`~autoqra.searchers.nsga2_seeds.warm_start_seed`,
+  :func:`~autoqra.searchers.nsga2_seeds.anchored_seeds`) are :mod:`autoqra.searchers.nsga2_seeds`.
 * :func:`importance_mutation` — one ladder step on a unit drawn with probability ∝ (I_q + I_r)^gamma;
   bits or rank 50/50; up with probability I_t(u) (the importance of the chosen kind), else down;
   a step that would leave the ladder goes the other way.
@@ -27,7 +27,6 @@ from pymoo.core.repair import Repair
 from pymoo.core.sampling import Sampling
 
 from autoqra.guidance.moves import swap_down, swap_up
-from autoqra.searchers.nsga2_seeds import anchored_seeds, warm_start_seed  # noqa: F401
 
 EncodedRepair = Callable[[np.ndarray], np.ndarray]
 _UNIQUE_TRIES = 20

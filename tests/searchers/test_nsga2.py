@@ -19,6 +19,7 @@ from autoqra.models import tiny_llama
 from autoqra.pareto import hypervolume_2d, pareto_mask
 from autoqra.problem import Problem
 from autoqra.searchers import nsga2_ops as ops
+from autoqra.searchers import nsga2_seeds
 from autoqra.searchers.base import get_searcher
 from autoqra.searchers.nsga2 import NSGA2Searcher
 from autoqra.space import SearchSpace
@@ -54,19 +55,19 @@ def _run(searcher, f, gens, n=100):
 
 def test_warm_start_seed_is_eq6_rounding(tiny):
     space = SearchSpace.from_model(tiny, bits=(2, 3, 4, 8), ranks=(0, 4, 8, 16), granularity="block")
-    seed = ops.warm_start_seed(space, np.array([0.5, 0.75]), np.array([0.3, 0.1]))
+    seed = nsga2_seeds.warm_start_seed(space, np.array([0.5, 0.75]), np.array([0.3, 0.1]))
     # bits: 2 + 6*0.5 = 5 -> 4; 2 + 6*0.75 = 6.5 -> 8; ranks: 16*0.3 = 4.8 -> 4; 16*0.1 = 1.6 -> 0
     assert seed.bits == (4, 8) and seed.ranks == (4, 0)
-    seed = ops.warm_start_seed(space, np.array([0.0, 0.1]), np.array([1.0, 0.2]))
+    seed = nsga2_seeds.warm_start_seed(space, np.array([0.0, 0.1]), np.array([1.0, 0.2]))
     assert seed.bits == (2, 3) and seed.ranks == (16, 4)
-    assert ops.warm_start_seed(space, np.array([0.5, 0.5]), np.array([0.5, 0.5]), tau="square").bits == (3, 3)
+    assert nsga2_seeds.warm_start_seed(space, np.array([0.5, 0.5]), np.array([0.5, 0.5]), tau="square").bits == (3, 3)
 
 
 def test_first_ask_starts_with_the_seed(tiny):
     c = _ctx(tiny, budget=(8, 16))  # the seed always fits
     s = get_searcher("nsga2", c, warm_start="eq6")
     first = s.ask(100)
-    assert first[0] == ops.warm_start_seed(c.space, c.importance_q, c.importance_r)
+    assert first[0] == nsga2_seeds.warm_start_seed(c.space, c.importance_q, c.importance_r)
     assert len(first) == 16 and len(set(first)) == 16
 
 
@@ -225,8 +226,8 @@ def test_anchored_seed_stays_at_or_above_the_affordable_uniform_level_and_fills_
     iq = np.zeros(space.n_units)
     iq[: space.n_units // 2] = 1.0  # half the units look unimportant: Eq. 6 sends them to 2 bits
     ir = np.full(space.n_units, 0.5)
-    assert min(ops.warm_start_seed(space, iq, ir).bits) == 2
-    x = ops.anchored_seeds(space, iq, ir, _bytes_of(c), budget)[0]
+    assert min(nsga2_seeds.warm_start_seed(space, iq, ir).bits) == 2
+    x = nsga2_seeds.anchored_seeds(space, iq, ir, _bytes_of(c), budget)[0]
     a = space.decode(x)
     assert _bytes_of(c)(x) <= budget
     assert min(a.bits) == level  # nobody below the uniform level the budget affords
@@ -244,17 +245,17 @@ def test_anchored_seed_puts_the_bit_width_before_the_eq6_ranks(tiny):
     space, f = c.space, _bytes_of(c)
     top = space.ranks[-1]
     iq, ir = np.full(space.n_units, 0.5), np.ones(space.n_units)  # Eq. 6 ranks: the top rung everywhere
-    assert set(ops.warm_start_seed(space, iq, ir).ranks) == {top}
+    assert set(nsga2_seeds.warm_start_seed(space, iq, ir).ranks) == {top}
 
     def uni(b, r):
         return f(space.encode(space.uniform(b, r)))
 
     budget = max(uni(4, 0), uni(3, top))
     assert uni(4, top) > budget and uni(8, 0) > budget  # Eq. 6 ranks fit at 3 bits, not at 4; 4 bits fit
-    a = space.decode(ops.anchored_seeds(space, iq, ir, f, budget)[0])
+    a = space.decode(nsga2_seeds.anchored_seeds(space, iq, ir, f, budget)[0])
     assert min(a.bits) == 4 and f(space.encode(a)) <= budget
     # the start that keeps the Eq. 6 ranks (3 bits here) is the second seed; the first generation holds both
-    seeds = [space.decode(x) for x in ops.anchored_seeds(space, iq, ir, f, budget)]
+    seeds = [space.decode(x) for x in nsga2_seeds.anchored_seeds(space, iq, ir, f, budget)]
     assert len(seeds) == 2 and seeds[0] == a and min(seeds[1].bits) == 3 and set(seeds[1].ranks) == {top}
     assert f(space.encode(seeds[1])) <= budget
     ctx = Problem(space, c.memory, budget, importance_q=iq, importance_r=ir,
@@ -262,12 +263,12 @@ def test_anchored_seed_puts_the_bit_width_before_the_eq6_ranks(tiny):
     first = get_searcher("nsga2", ctx, pop_size=8).ask(100)
     assert first[:2] == seeds
     # with a budget where the Eq. 6 ranks fit at the highest bit-width, there is one start only
-    assert len(ops.anchored_seeds(space, iq, ir, f, uni(4, top))) == 1
+    assert len(nsga2_seeds.anchored_seeds(space, iq, ir, f, uni(4, top))) == 1
 
 
 def test_anchored_seed_below_the_ladder_minimum_returns_the_minimum(tiny):
     c = _ctx(tiny)
-    x = ops.anchored_seeds(c.space, c.importance_q, c.importance_r, _bytes_of(c), 1)[0]
+    x = nsga2_seeds.anchored_seeds(c.space, c.importance_q, c.importance_r, _bytes_of(c), 1)[0]
     assert not x.any()
 
 
@@ -275,7 +276,7 @@ def test_first_ask_with_anchored_warm_start_starts_with_the_anchored_seed(tiny):
     c = _ctx(tiny, budget=(4, 8))
     s = get_searcher("nsga2", c, pop_size=8, warm_start="anchored")
     first = s.ask(100)
-    want = c.space.decode(ops.anchored_seeds(c.space, c.importance_q, c.importance_r, _bytes_of(c), c.budget_bytes)[0])
+    want = c.space.decode(nsga2_seeds.anchored_seeds(c.space, c.importance_q, c.importance_r, _bytes_of(c), c.budget_bytes)[0])
     assert first[0] == want and min(want.bits) >= 4
     assert all(_bytes_of(c)(c.space.encode(a)) <= c.budget_bytes for a in first)
     assert get_searcher("nsga2", c, warm_start="none").warm_start == "none"
