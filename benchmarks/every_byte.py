@@ -26,10 +26,10 @@ import sys
 import torch
 from _common import FINAL_SEEDS, RESULTS, budgets, cpu_name, demo_search, final_scores, load
 
-from autoqra.api import prepare
 from autoqra.bench.rows import fixed_assignment
 from autoqra.config import OptimizeConfig
 from autoqra.memory.model import MemoryModel
+from autoqra.preparation import prepare
 from autoqra.space import Assignment
 
 log = logging.getLogger("every_byte")
@@ -40,8 +40,7 @@ def rows(model, tok) -> tuple[dict[str, Assignment], MemoryModel]:
     """The fixed rows as assignments of the search's space (with the embedding unit), and their memory model."""
     su = prepare(model, OptimizeConfig(**CONFIG), tokenizer=tok)
     space = su.space.with_unquantized()
-    mm = MemoryModel(model, space, su.backend, train=su.config.train, precision=su.precision) \
-        if hasattr(su, "config") else su.memory.with_space(space)
+    mm = su.memory.with_space(space)
     out = {
         "uniform4_r8": space.uniform(4, 8),
         "uniform4_r8_emb8": fixed_assignment(space, 4, 8, emb_bits=8),

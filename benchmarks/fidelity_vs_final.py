@@ -45,13 +45,13 @@ from _common import (
     load,
 )
 
-from autoqra.api import prepare
 from autoqra.config import PRESETS, OptimizeConfig
 from autoqra.evaluators.base import Fidelity
 from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.guidance.importance import spearman
 from autoqra.guidance.moves import random_edit
 from autoqra.guidance.repair import make_repair
+from autoqra.preparation import prepare
 from autoqra.space import Assignment
 
 log = logging.getLogger("fidelity_vs_final")

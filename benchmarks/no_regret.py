@@ -43,10 +43,10 @@ from _common import (
     search_key,
 )
 
-from autoqra.api import prepare
 from autoqra.config import OptimizeConfig
 from autoqra.guidance.costmodel import CostModel
 from autoqra.guidance.importance import spearman
+from autoqra.preparation import prepare
 from autoqra.space import Assignment
 
 log = logging.getLogger("no_regret")

@@ -35,7 +35,6 @@ import torch
 from _common import Cache
 
 import autoqra
-from autoqra.api import prepare
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Fidelity
 from autoqra.final import evaluator_for, run_final
@@ -43,6 +42,7 @@ from autoqra.guidance.importance import compute_importance
 from autoqra.guidance.moves import random_edit
 from autoqra.guidance.repair import make_repair
 from autoqra.precision import cpu_bf16_native, cpu_name
+from autoqra.preparation import prepare
 from autoqra.searchers.nsga2_seeds import anchored_seeds
 from autoqra.space import Assignment
 from autoqra.stages.runner import TrialRunner

@@ -219,9 +219,9 @@ def test_build_evaluator_offers_run_settings_and_checks_options(tiny):
 
 
 def test_prepare_builds_the_search_evaluator_as_before(tiny):
-    """build_evaluator gives api.prepare the evaluator it built inline before (same spec: same trial keys)."""
-    from autoqra.api import prepare
+    """build_evaluator gives preparation.prepare the evaluator it built inline before (same spec: same trial keys)."""
     from autoqra.evaluators.data import ByteTokenizer, build_task_data
+    from autoqra.preparation import prepare
 
     cfg = OptimizeConfig(**{k: v for k, v in FAST.items() if k != "progress"}, seed=3)
     su = prepare(tiny, cfg)

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from autoqra.api import prepare
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Fidelity
 from autoqra.guidance.importance import Importance
 from autoqra.guidance.repair import make_repair
+from autoqra.preparation import prepare
 from autoqra.stages.runner import TrialRunner
 
 log = logging.getLogger(__name__)

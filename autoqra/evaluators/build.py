@@ -1,6 +1,6 @@
 r"""One way to build an evaluator from an :class:`~autoqra.config.OptimizeConfig`.
 
-:func:`build_evaluator` makes the search's evaluator (``api.prepare``: the config's ``evaluator``, by name)
+:func:`build_evaluator` makes the search's evaluator (``preparation.prepare``: the config's ``evaluator``, by name)
 and the final recipe's (``Result.train`` through :func:`autoqra.final.evaluator_for`, and the benchmark
 harness's final trainings): the same task data, :class:`~autoqra.config.TrainSpec`, backend and precision.
 """

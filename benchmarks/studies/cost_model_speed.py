@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared _common
 from _common import load
 
-from autoqra.api import prepare
 from autoqra.apply import quantized_layers
 from autoqra.config import OptimizeConfig
 from autoqra.guidance.costmodel import leave_one_out, quant_damage
 from autoqra.precision import cpu_bf16_native, cpu_name
+from autoqra.preparation import prepare
 from autoqra.quant_backends import UNQUANTIZED_BITS
 from autoqra.space import Assignment
 

@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 from _common import RESULTS, Cache, load
 from _common import ROOT as BENCHMARKS
 
-from autoqra.api import prepare
 from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Fidelity
 from autoqra.guidance import CostModel, measure_cost_model
 from autoqra.precision import cpu_name
+from autoqra.preparation import prepare
 from autoqra.space import Assignment
 from autoqra.store import TrialStore
 

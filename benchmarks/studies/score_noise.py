@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared _common
 from _common import RESULTS, Cache, load
 
-from autoqra.api import prepare
 from autoqra.config import OptimizeConfig
 from autoqra.precision import cpu_name
+from autoqra.preparation import prepare
 from autoqra.space import Assignment
 
 ROOT = Path(__file__).resolve().parent
