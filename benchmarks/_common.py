@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 import autoqra
-from autoqra.api import prepare
 from autoqra.config import PRESETS, OptimizeConfig
 from autoqra.evaluators.finetune import FinetuneEvaluator, heldout_metrics
 from autoqra.precision import compute_dtype, cpu_name, resolve_precision
+from autoqra.preparation import prepare
 from autoqra.space import Assignment
 
 ROOT = Path(__file__).resolve().parent
@@ -121,12 +121,13 @@ def search_key(name: str, seed: int, cfg: OptimizeConfig) -> str:
 
 
 def demo_search(model, tok, name: str, budget: int, seed: int, work: Path | None = None,
-                granularity: str = "block") -> dict:
+                granularity: str | None = None) -> dict:
     """One ``autoqra.optimize`` at the demo preset's defaults (final rung included) with search seed ``seed``
-    (``granularity``: of the units; the default's blocks unless a study asks otherwise), cached in the benchmarks'
+    (``granularity``: of the units; the config's default unless a study asks for another), cached in the benchmarks'
     shared ``results/searches.cache.json`` (no_regret and every_byte read the same runs); its trial store lives
     under ``runs/searches/`` so an interrupted search resumes."""
-    cfg = OptimizeConfig(budget=budget, preset="demo", seed=seed, granularity=granularity)
+    cfg = OptimizeConfig(budget=budget, preset="demo", seed=seed,
+                         **({} if granularity is None else {"granularity": granularity}))
     key = search_key(name, seed, cfg)
     cache = Cache(SEARCHES)
     if cache.get(key) is not None:

@@ -61,7 +61,8 @@ def tests(model, tok, a: Assignment, granularity: str) -> list[float]:
 def block_run(name: str, budget: int, seed: int) -> dict | None:
     """Today's default demo search (block units) of the same budget and seed from the shared cache (None when
     not run)."""
-    return Cache(SEARCHES_CACHE).get(search_key(name, seed, OptimizeConfig(budget=budget, preset="demo", seed=seed)))
+    cfg = OptimizeConfig(budget=budget, preset="demo", seed=seed, granularity="block")
+    return Cache(SEARCHES_CACHE).get(search_key(name, seed, cfg))
 
 
 def summary(run: dict, a: Assignment, test: list[float]) -> dict:
@@ -104,7 +105,7 @@ def time_cost_model(model, tok, budget: int) -> int:
     store), timed alone; compare with the block space's, which the searches' progress lines time."""
     import time
 
-    from autoqra.api import _cost_model, prepare
+    from autoqra.preparation import cost_model_for, prepare
     from autoqra.progress import Progress
     from autoqra.store import TrialStore
 
@@ -112,7 +113,7 @@ def time_cost_model(model, tok, budget: int) -> int:
     su = prepare(model, cfg, tokenizer=tok)
     t0 = time.perf_counter()
     with Progress(enabled=True) as prog:
-        cm = _cost_model(su.space, su.backend, su.evaluator, cfg, TrialStore(None), prog)
+        cm = cost_model_for(su.space, su.backend, su.evaluator, cfg, TrialStore(None), prog)
     out = {"cpu": cpu_name(), "precision": su.precision, "units": su.space.n_units,
            "seconds": time.perf_counter() - t0, "cost_model_seconds": getattr(cm, "seconds", None)}
     OUT.mkdir(parents=True, exist_ok=True)
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     eb = json.loads((RESULTS / "every_byte.json").read_text()) if (RESULTS / "every_byte.json").is_file() else {}
     mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
     if args.dry_run:
-        from autoqra.api import prepare
+        from autoqra.preparation import prepare
 
         for g in ("block", "sublayer"):
             su = prepare(model, OptimizeConfig(preset="demo", budget=bud["B4"], granularity=g), tokenizer=tok)
