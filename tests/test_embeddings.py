@@ -93,6 +93,18 @@ CASES = [("tied", "hqq"), ("untied", "hqq"), ("untied", "bnb"), ("untied", "gptq
 
 @pytest.mark.parametrize(("kind", "backend"), CASES)
 def test_predicted_bytes_equal_measured_for_random_assignments(kind, backend):
+    _predicted_equals_measured(kind, backend)
+
+
+def test_predicted_bytes_equal_measured_with_a_group_size_per_bit_width():
+    """hqq with ``group_size={4: 32, 8: 128}`` (a Q4_0/Q4_1 model's grid at 4 bits): every layer, the
+    embedding / head included, is priced at its own bit-width's group size."""
+    from autoqra.quant_backends.hqq import HQQBackend
+
+    _predicted_equals_measured("tied", HQQBackend(group_size={4: 32, 8: 128}))
+
+
+def _predicted_equals_measured(kind, backend):
     m = MODELS[kind]()
     bits = (4, 8) if backend == "bnb" else (2, 4, 8)
     sp = SearchSpace.from_model(m, bits=bits, ranks=(0, 8), embeddings="search", backend=backend)
@@ -182,25 +194,27 @@ def test_cost_model_damage_and_table_cover_the_embedding():
     assert cm.damage(a) == pytest.approx(q[0, 2] + q[1, 2] + q[2, 2])
 
 
-def test_export_load_keeps_parity_for_a_quantized_tied_embedding(tmp_path):
+@pytest.mark.parametrize("group_size", [64, {4: 32, 8: 128}], ids=["g64", "g-per-bits"])
+def test_export_load_keeps_parity_for_a_quantized_tied_embedding(tmp_path, group_size):
     from autoqra.artifact.export import export_model
     from autoqra.artifact.loader import load_artifact
 
+    be = get_backend("hqq", group_size=group_size)
     m = tiny_llama()
-    sp = SearchSpace.from_model(m, bits=(2, 4, 8), ranks=(0, 8), embeddings="search")
+    sp = SearchSpace.from_model(m, bits=(2, 4, 8), ranks=(0, 8), embeddings="search", backend=be)
     a = Assignment(sp.unit_names, [4, 8, 4], [0, 8, 8])
-    pm = apply_assignment(m, a, "hqq", space=sp)
+    pm = apply_assignment(m, a, be, space=sp)
     train_step(pm, 512)
     pm.eval()
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = pm(input_ids=ids).logits
-    export_model(pm, tmp_path / "e", get_backend("hqq"))
+    export_model(pm, tmp_path / "e", be)
     art = load_artifact(tmp_path / "e")
     with torch.no_grad():
         got = art.model(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5)
-    assert measure_memory(art.model).model_bytes == MemoryModel(m, sp, "hqq").predict(a).model_bytes
+    assert measure_memory(art.model).model_bytes == MemoryModel(m, sp, be).predict(a).model_bytes
 
 
 def test_an_8b_shaped_plan_lists_the_embedding_and_head_options():

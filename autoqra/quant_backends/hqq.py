@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -44,6 +45,33 @@ _FEATURE = "backend 'hqq'"
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: bits -> (values per storage element, bytes per storage element)
 _PACKING: dict[int, tuple[int, int]] = {8: (1, 1), 6: (1, 1), 5: (1, 1), 4: (2, 1), 3: (10, 4), 2: (4, 1), 1: (8, 1)}
+
+
+DEFAULT_GROUP_SIZE = 64
+
+
+def _group_sizes(group_size: Any, supported: tuple[int, ...]) -> dict[int, int]:
+    """``{bits: group size}`` of every supported bit-width from an int or a ``{bits: group_size}`` mapping
+    (keys may be strings, as in a JSON spec)."""
+    def ok(g: Any) -> bool:
+        return not isinstance(g, bool) and isinstance(g, int) and g > 0 and g % 8 == 0
+
+    if isinstance(group_size, Mapping):
+        out = {b: DEFAULT_GROUP_SIZE for b in supported}
+        for k, g in group_size.items():
+            try:
+                b = int(k)
+            except (TypeError, ValueError):
+                b = None
+            if b not in supported or not ok(g):
+                raise ValueError(f"group_size={dict(group_size)!r} is invalid; allowed: a positive int multiple of "
+                                 f"8, or {{bits: such an int}} with bits in {list(supported)}")
+            out[b] = g
+        return out
+    if not ok(group_size):
+        raise ValueError(f"group_size={group_size!r} is invalid; allowed: a positive int multiple of 8, or "
+                         "{bits: such an int}")
+    return {b: group_size for b in supported}
 
 
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
@@ -79,7 +107,9 @@ class HQQBackend(QuantBackend):
     """HQQ quantization of single linears (1-8 bits, PyTorch kernels, CPU friendly).
 
     Args:
-        group_size: weights per scale/zero group (a positive multiple of 8).
+        group_size: weights per scale/zero group (a positive multiple of 8), or one per bit-width as a mapping
+            ``{bits: group_size}`` (bit-widths not named take 64), e.g. ``{4: 32}`` for a model whose weights
+            were stored at 4 bits in groups of 32 (a Q4_0 / Q4_1 GGUF): hqq then finds that grid again.
         compute_dtype: dtype of the scales, zeros, bias and the dequantized matmul
             (``torch.float32``, ``torch.float16`` or ``torch.bfloat16``; fp32 is fastest on CPU).
         axis: grouping axis of hqq (``1``: consecutive weights of a row; ``0``: hqq's column grouping).
@@ -95,14 +125,15 @@ class HQQBackend(QuantBackend):
     install_hint = "pip install hqq"
     dtype_option = "compute_dtype"
 
-    def __init__(self, group_size: int = 64, compute_dtype: torch.dtype = torch.float32, axis: int = 1) -> None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
-            raise ValueError(f"group_size={group_size!r} is invalid; allowed: a positive int multiple of 8")
+    def __init__(self, group_size: int | Mapping[int | str, int] = DEFAULT_GROUP_SIZE,
+                 compute_dtype: torch.dtype = torch.float32, axis: int = 1) -> None:
+        self.group_sizes = _group_sizes(group_size, self.supported_bits)
         if compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={compute_dtype!r} is invalid; allowed: {list(_COMPUTE_DTYPES)}")
         if axis not in (0, 1) or isinstance(axis, bool):
             raise ValueError(f"axis={axis!r} is invalid; allowed: 0 or 1")
-        self.group_size = group_size
+        #: the group size of every bit-width when they are all the same, else None (see :meth:`group_size_of`)
+        self.group_size = group_size if isinstance(group_size, int) else None
         self.compute_dtype = compute_dtype
         self.axis = axis
 
@@ -111,18 +142,24 @@ class HQQBackend(QuantBackend):
         return available("hqq")
 
     def spec(self) -> dict[str, Any]:
-        """JSON-able identity: name, group_size, axis, compute dtype and the hqq version."""
+        """JSON-able identity: name, group_size (an int, or ``{bits: group_size}`` with string keys), axis,
+        compute dtype and the hqq version."""
         try:
             lib = version("hqq")
         except PackageNotFoundError:
             lib = None
         return {
             "name": self.name,
-            "group_size": self.group_size,
+            "group_size": self.group_size if self.group_size is not None else {
+                str(b): g for b, g in sorted(self.group_sizes.items())},
             "axis": self.axis,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "hqq_version": lib,
         }
+
+    def group_size_of(self, bits: int) -> int:
+        """The group size hqq uses at ``bits``."""
+        return self.group_sizes.get(int(bits), DEFAULT_GROUP_SIZE)
 
     # ----------------------------------------------------------------- accounting
     def _bits(self, bits: int) -> int:
@@ -140,19 +177,19 @@ class HQQBackend(QuantBackend):
 
     def _layout(self, out_features: int, in_features: int, bits: int) -> tuple[int, int, int]:
         """``(groups, pack_dim, other_dim)`` for a layer, validating that hqq can pack it."""
-        n = out_features * in_features
-        if n % self.group_size:
+        n, g = out_features * in_features, self.group_size_of(bits)
+        if n % g:
             raise ValueError(
                 f"backend 'hqq' cannot quantize a {out_features}x{in_features} weight: its {n} elements "
-                f"are not a multiple of group_size={self.group_size}"
+                f"are not a multiple of group_size={g} (at {bits} bits)"
             )
-        groups = n // self.group_size
-        pack, other = (groups, self.group_size) if self.axis == 1 else (self.group_size, groups)
+        groups = n // g
+        pack, other = (groups, g) if self.axis == 1 else (g, groups)
         per = _PACKING[bits][0]
         if per in (2, 4, 8) and pack % per:
             raise ValueError(
                 f"backend 'hqq' cannot pack a {out_features}x{in_features} weight at {bits} bits with "
-                f"group_size={self.group_size}, axis={self.axis}: the packed dimension ({pack}) must be a "
+                f"group_size={g}, axis={self.axis}: the packed dimension ({pack}) must be a "
                 f"multiple of {per}; use other bits, a group_size dividing {n // per}, or leave the layer at 16 bits"
             )
         return groups, pack, other
@@ -207,7 +244,7 @@ class HQQBackend(QuantBackend):
         shell.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
         if linear.bias is not None:
             shell.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        cfg = hqq_quantize.BaseQuantizeConfig(nbits=bits, group_size=self.group_size, axis=self.axis)
+        cfg = hqq_quantize.BaseQuantizeConfig(nbits=bits, group_size=self.group_size_of(bits), axis=self.axis)
         q = layer_cls(
             shell, cfg, del_orig=True, compute_dtype=self.compute_dtype, device=str(linear.weight.device)
         )
@@ -221,9 +258,8 @@ class HQQBackend(QuantBackend):
         """4 and 8 bits for an embedding (its rows are looked up in the packed storage: ``axis=1`` and a
         ``group_size`` dividing the hidden size) and for a head (tied or not: the dequantize-matmul)."""
         t = unit.tensors[0]
-        if unit.kind == "embedding" and (self.axis != 1 or t.in_features % self.group_size):
-            return ()
-        return tuple(b for b in (4, 8) if self._shape_ok(t.out_features, t.in_features, b))
+        return tuple(b for b in (4, 8) if self._shape_ok(t.out_features, t.in_features, b) and not (
+            unit.kind == "embedding" and (self.axis != 1 or t.in_features % self.group_size_of(b))))
 
     def quantize_embedding(self, embedding: nn.Embedding, bits: int) -> nn.Module:
         """An :class:`~autoqra.quant_backends._hqq_layer.HQQEmbedding` of ``embedding`` at 4 or 8 bits
@@ -232,10 +268,10 @@ class HQQBackend(QuantBackend):
         if bits == UNQUANTIZED_BITS:
             return embedding
         vocab, hidden = embedding.weight.shape
-        if bits not in (4, 8) or self.axis != 1 or hidden % self.group_size:
+        if bits not in (4, 8) or self.axis != 1 or hidden % self.group_size_of(bits):
             raise ValueError(f"backend 'hqq' quantizes embeddings at 4 or 8 bits with axis=1 and a group_size "
                              f"dividing the hidden size ({hidden}); got bits={bits}, axis={self.axis}, "
-                             f"group_size={self.group_size}")
+                             f"group_size={self.group_size_of(bits)}")
         require("hqq.core.quantize", _FEATURE)
         from autoqra.quant_backends._experts import linear_shell
         from autoqra.quant_backends._hqq_layer import HQQEmbedding

@@ -190,3 +190,43 @@ def test_bits_and_dims_types(hqq):
     for dims in ((0, 128), (64, -1), (64.0, 128), (True, 128)):
         with pytest.raises(ValueError, match="_features=.*allowed: a positive int"):
             hqq.weight_bytes(*dims, 4)
+
+
+def test_group_size_per_bit_width_is_used_and_priced_exactly():
+    """``group_size={4: 32}``: 4-bit layers in groups of 32, the other bit-widths at 64; bytes exact for both,
+    the spec round-trips (string keys, as in a JSON store) and prices the same."""
+    from autoqra.quant_backends import backend_from_spec
+
+    be = HQQBackend(group_size={4: 32})
+    assert be.group_size is None and be.group_size_of(4) == 32 and be.group_size_of(8) == 64
+    for bits, g in ((4, 32), (8, 64), (3, 64)):
+        q = be.quantize(_linear(64, 128, bias=True), bits)
+        assert q.meta["scale"].numel() == 64 * 128 // g, bits
+        assert_exact_bytes(be, q, 64, 128, bits, bias_bytes=64 * be.compute_dtype.itemsize)
+    assert be.weight_bytes(576, 1536, 4) == (442_368, 2 * (576 * 1536 // 32) * 4)
+    assert be.weight_bytes(576, 1536, 8) == HQQBackend().weight_bytes(576, 1536, 8)
+    spec = be.spec()
+    assert spec["group_size"]["4"] == 32 and spec["group_size"]["8"] == 64
+    again = backend_from_spec(spec)
+    assert again.spec() == spec and again.weight_bytes(576, 1536, 4) == be.weight_bytes(576, 1536, 4)
+    assert HQQBackend(group_size=32).spec()["group_size"] == 32  # an int stays an int (stores keep matching)
+
+
+@pytest.mark.parametrize("group_size", [{7: 32}, {4: 60}, {"four": 32}, {4: True}, "32"])
+def test_bad_per_bit_group_sizes_raise(group_size):
+    with pytest.raises(ValueError, match="group_size=.*allowed"):
+        HQQBackend(group_size=group_size)
+
+
+def test_embedding_options_follow_each_bit_widths_group_size():
+    """An embedding is looked up row by row: a bit-width whose group size does not divide the hidden size is
+    not offered (and refused when asked for), the others still are."""
+    from types import SimpleNamespace
+
+    emb = SimpleNamespace(kind="embedding", tensors=[SimpleNamespace(out_features=512, in_features=96)])
+    assert HQQBackend().embedding_bits(emb) == ()  # 96 % 64 != 0
+    assert HQQBackend(group_size={4: 32}).embedding_bits(emb) == (4,)  # 8 bits still in groups of 64
+    assert HQQBackend(group_size={4: 32, 8: 32}).embedding_bits(emb) == (4, 8)
+    assert HQQBackend(group_size=32).embedding_bits(emb) == (4, 8)
+    with pytest.raises(ValueError, match="group_size=64"):
+        HQQBackend(group_size={4: 32}).quantize_embedding(nn.Embedding(512, 96), 8)
