@@ -63,20 +63,34 @@ FINALS = RESULTS / "finals.cache.json"
 SEARCHES = RESULTS / "searches.cache.json"
 
 
-def final_key(a: Assignment, seed: int, steps: int = 60) -> str:
+def options_tag(backend_options: dict | None) -> str:
+    """``bo-<digest>`` of non-default backend options ('' for the default backend): keys of runs on another
+    quantization format must not collide with the default's."""
+    if not backend_options:
+        return ""
+    return "bo-" + hashlib.sha256(json.dumps(backend_options, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def final_key(a: Assignment, seed: int, steps: int = 60, backend_options: dict | None = None) -> str:
     """Cache key of one final training: the assignment without 16-bit embedding / head units (the same model
-    with ``embeddings="keep"``), the training seed, the steps when not 60."""
+    with ``embeddings="keep"``), the training seed, the steps when not 60; with backend options, the steps and
+    their :func:`options_tag` always (such keys are not :func:`parse_final_key`'s: pooled studies skip them)."""
     keep = [i for i, (u, b) in enumerate(zip(a.units, a.bits)) if not (u in EMBEDDING_UNITS and b == 16)]
     c = Assignment([a.units[i] for i in keep], [a.bits[i] for i in keep], [a.ranks[i] for i in keep])
+    if backend_options:
+        return f"final:{c.to_json()}:{seed}:{steps}:{options_tag(backend_options)}"
     return f"final:{c.to_json()}:{seed}" + ("" if steps == 60 else f":{steps}")
 
 
 def parse_final_key(key: str) -> tuple[Assignment, int, int] | None:
-    """``(assignment, seed, steps)`` of a :func:`final_key` (None: not a final-training key)."""
+    """``(assignment, seed, steps)`` of a :func:`final_key` of the default backend (None: not a final-training
+    key, or one on other backend options)."""
     if not key.startswith("final:"):
         return None
     body, _, tail = key[len("final:"):].rpartition("}")
     parts = tail.lstrip(":").split(":")
+    if len(parts) > 2:
+        return None
     steps = int(parts[1]) if len(parts) > 1 else 60
     return Assignment.from_json(body + "}"), int(parts[0]), steps
 
@@ -86,7 +100,7 @@ def final_scores(model, tok, cfg: OptimizeConfig, a: Assignment, seed: int, cach
     test loss on 64 test blocks and loss on the whole validation split; cached by (assignment, seed, steps) in
     the benchmarks' shared ``results/finals.cache.json`` (``cache``: another file, for a study of its own)."""
     steps = cfg.resolved("final_steps")
-    key = final_key(a, seed, steps)
+    key = final_key(a, seed, steps, cfg.backend_options)
     cache = cache if cache is not None else Cache(FINALS)
     if cache.get(key) is not None:
         return cache.get(key)
@@ -117,17 +131,20 @@ def search_key(name: str, seed: int, cfg: OptimizeConfig) -> str:
     sizes = json.dumps({k: cfg.resolved(k) for k in sorted(PRESETS[cfg.preset])}, sort_keys=True)
     return (f"search:{name}:{seed}:r{'-'.join(map(str, cfg.ranks))}:e-{cfg.embeddings}:"
             f"{hashlib.sha256(sizes.encode()).hexdigest()[:8]}"
-            + ("" if cfg.granularity == "block" else f":g-{cfg.granularity}"))
+            + ("" if cfg.granularity == "block" else f":g-{cfg.granularity}")
+            + (f":{options_tag(cfg.backend_options)}" if cfg.backend_options else ""))
 
 
 def demo_search(model, tok, name: str, budget: int, seed: int, work: Path | None = None,
-                granularity: str | None = None) -> dict:
+                granularity: str | None = None, backend_options: dict | None = None) -> dict:
     """One ``autoqra.optimize`` at the demo preset's defaults (final rung included) with search seed ``seed``
-    (``granularity``: of the units; the config's default unless a study asks for another), cached in the benchmarks'
+    (``granularity``: of the units, ``backend_options``: the backend's; the config's defaults unless a study asks
+    for others), cached in the benchmarks'
     shared ``results/searches.cache.json`` (no_regret and every_byte read the same runs); its trial store lives
     under ``runs/searches/`` so an interrupted search resumes."""
     cfg = OptimizeConfig(budget=budget, preset="demo", seed=seed,
-                         **({} if granularity is None else {"granularity": granularity}))
+                         **({} if granularity is None else {"granularity": granularity}),
+                         **({} if not backend_options else {"backend_options": backend_options}))
     key = search_key(name, seed, cfg)
     cache = Cache(SEARCHES)
     if cache.get(key) is not None:
