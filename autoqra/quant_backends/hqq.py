@@ -132,8 +132,9 @@ class HQQBackend(QuantBackend):
             raise ValueError(f"compute_dtype={compute_dtype!r} is invalid; allowed: {list(_COMPUTE_DTYPES)}")
         if axis not in (0, 1) or isinstance(axis, bool):
             raise ValueError(f"axis={axis!r} is invalid; allowed: 0 or 1")
+        sizes = set(self.group_sizes.values())
         #: the group size of every bit-width when they are all the same, else None (see :meth:`group_size_of`)
-        self.group_size = group_size if isinstance(group_size, int) else None
+        self.group_size = sizes.pop() if len(sizes) == 1 else None
         self.compute_dtype = compute_dtype
         self.axis = axis
 

@@ -230,3 +230,9 @@ def test_embedding_options_follow_each_bit_widths_group_size():
     assert HQQBackend(group_size=32).embedding_bits(emb) == (4, 8)
     with pytest.raises(ValueError, match="group_size=64"):
         HQQBackend(group_size={4: 32}).quantize_embedding(nn.Embedding(512, 96), 8)
+
+
+def test_a_mapping_of_one_group_size_is_that_int():
+    """Equal behaviour, equal identity: ``{4: 64}`` is the default backend (same spec, so the same stores)."""
+    assert HQQBackend(group_size={4: 64}).spec() == HQQBackend().spec()
+    assert HQQBackend(group_size={b: 32 for b in HQQBackend.supported_bits}).group_size == 32
