@@ -11,11 +11,11 @@ with groups of 32 already), which a model shipped in bf16 does not have.
 
 With ``--search-seeds 0 1``: also the demo search at B4 bytes with 4-bit layers in groups of 32 (the other
 bit-widths at 64; ``backend_options={"group_size": {4: 32}}``, everything else the default), and its chosen point's
-final trainings: what a user of such a model gets by setting the option (its searches and finals are in the shared
-caches under keys tagged with the options).
+final trainings: what a user of such a model gets by setting the option.
 
-The probe's results are cached in ``results/group_size.cache.json`` (not the shared finals cache: its keys do not name the
-backend's options).
+Searches and final trainings are in the benchmarks' shared caches (``results/searches.cache.json``,
+``results/finals.cache.json``; keys tagged with the backend options where they are not the default), so the study
+resumes.
 
 Run alone: .venv/bin/python benchmarks/studies/group_size.py [--groups 32 64 128] [--search-seeds 0 1]
 → benchmarks/studies/results/group_size.json / .md
@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared _common
-from _common import FINAL_SEEDS, RESULTS, Cache, budgets, cpu_name, demo_search, final_scores, load
+from _common import FINAL_SEEDS, RESULTS, budgets, cpu_name, demo_search, final_scores, load
 
+from autoqra.bench.rows import fixed_assignment
 from autoqra.config import OptimizeConfig
 from autoqra.preparation import prepare
 from autoqra.quant_backends.hqq import HQQBackend
@@ -43,14 +44,6 @@ OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_GROUP = HQQBackend().group_size
 #: the searches' per-bit group sizes: 4-bit on this model's own grid, the rest at the default
 SEARCH_GROUPS = {4: 32}
-
-
-def uniform_emb8(space) -> Assignment:
-    """Uniform 4-bit r8 on the blocks, the embedding / head unit at 8 bits, no adapter."""
-    u = space.uniform(4, 8)
-    bits = [8 if "embed" in n or n == "lm_head" else b for n, b in zip(u.units, u.bits)]
-    ranks = [0 if "embed" in n or n == "lm_head" else r for n, r in zip(u.units, u.ranks)]
-    return Assignment(u.units, bits, ranks)
 
 
 def main(argv=None) -> int:
@@ -66,24 +59,16 @@ def main(argv=None) -> int:
     b4 = budgets(model, tok)["B4"]
     eb = json.loads((RESULTS / "every_byte.json").read_text())
     lo, hi = statistics.fmean(eb["uniform4_r8_test"]), statistics.fmean(eb["lora16_r8_test"])
-    cache = Cache(OUT / "group_size.cache.json")
     rows = []
     for g in args.groups:
-        cfg = OptimizeConfig(preset="demo", backend_options={"group_size": g})
+        # the default group size is the default backend (the same finals as every_byte's "embedding/head 8-bit")
+        cfg = OptimizeConfig(preset="demo", **({} if g == DEFAULT_GROUP else {"backend_options": {"group_size": g}}))
         su = prepare(model, cfg, tokenizer=tok)
-        a = uniform_emb8(su.space)
+        a = fixed_assignment(su.space, 4, 8, emb_bits=8)
         model_bytes = int(su.memory.predict(a).model_bytes)
-        test = []
-        for s in FINAL_SEEDS:
-            key = f"g{g}:{a.to_json()}:{s}"
-            res = cache.get(key)
-            if res is None:
-                # the default group size is the shared cache's (every_byte's row "embedding/head 8-bit")
-                res = final_scores(model, tok, cfg, a, s, cache=None if g == DEFAULT_GROUP else _Scratch())
-                cache.put(key, res)
-            test.append(res["test"])
+        test = [final_scores(model, tok, cfg, a, s)["test"] for s in FINAL_SEEDS]
         m = statistics.fmean(test)
-        emb = [b for n, b in zip(a.units, a.bits) if "embed" in n or n == "lm_head"]
+        emb = [b for u, b in zip(su.space.units, a.bits) if not u.has_rank]
         rows.append({"group_size": g, "embedding_bits": emb[0] if emb else 16, "model_bytes": model_bytes,
                      "over_b4": model_bytes - b4, "test": test,
                      "mean": m, "gap_closed": (lo - m) / (lo - hi)})
@@ -129,16 +114,6 @@ def main(argv=None) -> int:
     (OUT / "group_size.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
-
-
-class _Scratch:
-    """A cache that keeps nothing (final_scores' own cache would key these runs without the group size)."""
-
-    def get(self, key):
-        return None
-
-    def put(self, key, value):
-        pass
 
 
 if __name__ == "__main__":
