@@ -127,7 +127,7 @@ class AutoQRA:
         t0 = time.perf_counter()
         try:
             self.final_choice, self.stop_reasons["final"] = self.final_rung.stage(
-                self.runner, self.front.feasible(), self.baseline_keys)
+                self.runner, self.front.feasible(), self.baseline_keys, self.problem, self.settings.high)
         finally:
             self.final_seconds = time.perf_counter() - t0
 

@@ -3,6 +3,12 @@ and the 16-bit reference (at the largest fitting rank, else unconstrained at ran
 
 They are trials at the top rung like any other; the cost model calibrates on them, the final rung enters the
 fitting ones, and the report compares the answer with them.
+
+Where the space searches the embedding / head (units without a rank), a uniform keeps them at 16 bits, so at a
+tight budget a bit-width may have no fitting uniform at all while the same blocks with an 8-bit embedding fit.
+:func:`embedding_variants` names those: each quantized bit-width, the embedding / head units at their highest
+option below 16, at the largest rank that fits. The final rung runs them (:func:`run_embedding_variants`) after the
+search, so they never change the calibration nor anything the search decides.
 """
 
 from __future__ import annotations
@@ -30,12 +36,49 @@ def uniform_baselines(problem: Problem) -> list[tuple[str, Assignment]]:
     return named
 
 
-def run_baselines(runner: TrialRunner, problem: Problem, high: Fidelity, out: dict[str, str]) -> dict[str, str]:
-    """Evaluate the baselines at ``high``; fills and returns ``out`` (``{name: trial key}``) with the finished
-    ones, so a limit mid-way keeps them."""
-    named = uniform_baselines(problem)
+def embedding_variants(problem: Problem, top_scores: dict[str, float], margin: float) -> list[tuple[str, Assignment]]:
+    """``(name, assignment)`` of the uniforms with the embedding / head units below 16 bits
+    (``"uniform-4bit-r8-emb8"``), in bit order.
+
+    For each quantized ladder bit-width ``b``: :meth:`~autoqra.space.SearchSpace.uniform` ``(b, r)`` with every
+    unit of its own options at its highest one below 16 (a unit without one keeps 16), at the largest positive
+    ladder rank ``r`` that fits; none when no rank fits, none at all when the space has no such unit or none of
+    them changes. The name's ``emb`` is the first changed unit's bit-width.
+
+    ``top_scores``: ``{baseline name: top-rung score}`` of the regular baselines that ran (fitting, ok). A ``b``
+    whose regular baseline is there and scored more than ``margin`` below the best of them is left out (its
+    variant cannot be near the best either); so is a variant that repeats a regular baseline.
+    """
+    space, fits = problem.space, problem.feasible
+    low = {n: max(o for o in opts if o < UNQUANTIZED_BITS) for n, opts in space.own_bits
+           if any(o < UNQUANTIZED_BITS for o in opts)}
+    if not low:
+        return []
+    eb = next(iter(low.values()))
+    seen = {a for _, a in uniform_baselines(problem)}
+    best = max(top_scores.values(), default=0.0)
+    out: list[tuple[str, Assignment]] = []
+    for b in [b for b in space.bits if b != UNQUANTIZED_BITS]:
+        if any(n.startswith(f"uniform-{b}bit-r") and s < best - margin for n, s in top_scores.items()):
+            continue
+        fitting = []
+        for r in [r for r in space.ranks if r > 0]:
+            u = space.uniform(b, r)
+            a = space.make([low.get(n, x) for n, x in zip(u.units, u.bits)], u.ranks)
+            if fits(a):
+                fitting.append((r, a))
+        if fitting and fitting[-1][1] not in seen:
+            r, a = fitting[-1]
+            out.append((f"uniform-{b}bit-r{r}-emb{eb}", a))
+    return out
+
+
+def _evaluate(runner: TrialRunner, named: list[tuple[str, Assignment]], high: Fidelity, label: str,
+              out: dict[str, str]) -> dict[str, str]:
+    """Evaluate ``named`` at ``high`` as ``"baseline"`` trials (planned in the progress); fills and returns ``out``
+    (``{name: trial key}``) with the finished ones, so a limit mid-way keeps them."""
     runner.progress.plan("baseline", len(named), high)
-    runner.progress.phase("baselines", len(named))
+    runner.progress.phase(label, len(named))
     results: list[EvalResult | None] = []
     try:
         results = list(runner.evaluate_many([a for _, a in named], high, "baseline"))
@@ -47,3 +90,28 @@ def run_baselines(runner: TrialRunner, problem: Problem, high: Fidelity, out: di
             if res is not None:
                 out[name] = runner.key_of(a, high)
     return out
+
+
+def run_baselines(runner: TrialRunner, problem: Problem, high: Fidelity, out: dict[str, str]) -> dict[str, str]:
+    """Evaluate the baselines at ``high``; fills and returns ``out`` (``{name: trial key}``) with the finished
+    ones, so a limit mid-way keeps them."""
+    return _evaluate(runner, uniform_baselines(problem), high, "baselines", out)
+
+
+def run_embedding_variants(runner: TrialRunner, problem: Problem, high: Fidelity, out: dict[str, str],
+                           top_scores: dict[str, float], margin: float) -> dict[str, str]:
+    """Evaluate the :func:`embedding_variants` at ``high`` like the baselines; adds the finished ones to ``out``
+    (``{name: trial key}``) and returns ``{name: trial key}`` of those alone. A variant this run has already
+    evaluated at ``high`` (the search found it) is named, not asked for again: a repeat would count against the
+    trial limit without adding a trial."""
+    named = embedding_variants(problem, top_scores, margin)
+    ran = set(runner.run_keys)
+    got = {n: k for n, a in named if (k := runner.key_of(a, high)) in ran}
+    todo = [(n, a) for n, a in named if n not in got]
+    try:
+        if todo:
+            _evaluate(runner, todo, high, "baselines with the embedding / head below 16 bits", got)
+    finally:
+        added = {n: got[n] for n, _ in named if n in got}  # in bit order
+        out.update(added)
+    return added

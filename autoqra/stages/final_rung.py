@@ -6,7 +6,11 @@ and bits differently from a long one (``shared/research/search-facts.md``). So t
 
 * its best ``candidates`` *distinct* feasible candidates, by top-rung score, and
 * every uniform baseline that fits the budget and scored within ``uniform_margin`` nats of the best fitting
-  uniform at the top rung (a uniform far below cannot win; the margin only saves trainings),
+  uniform at the top rung (a uniform far below cannot win; the margin only saves trainings). Where the space
+  searches the embedding / head, the rung first runs, at the top rung, the uniforms with those units at their
+  highest option below 16 bits (``uniform-4bit-r8-emb8``, :func:`~autoqra.stages.baselines.embedding_variants`):
+  at a tight budget the 16-bit-embedding uniform of a bit-width may not fit at all while this one does. They
+  join the baselines (the result and the report list them) and enter under the same rule,
 
 with exactly the recipe ``Result.train()`` uses (``TrainSpec``, ``final_steps``, its schedule), on the
 training split, scored on the validation split, once per training seed in ``seeds`` — every entrant trained
@@ -29,7 +33,9 @@ import attrs
 import numpy as np
 
 from autoqra.evaluators.base import EvalResult, Evaluator, Fidelity
+from autoqra.problem import Problem
 from autoqra.space import Assignment
+from autoqra.stages.baselines import run_embedding_variants
 from autoqra.stages.runner import TrialRunner
 from autoqra.trial import Trial
 
@@ -151,9 +157,21 @@ class FinalRung:
         ok = [e for e in self.entries if math.isfinite(e.mean)]
         return max(ok, key=lambda e: e.mean) if ok else None
 
-    def stage(self, runner: TrialRunner, feasible: Sequence[Trial], baseline_keys: dict[str, str]) -> tuple[Trial | None, str]:
+    def stage(self, runner: TrialRunner, feasible: Sequence[Trial], baseline_keys: dict[str, str],
+              problem: Problem | None = None, high: Fidelity | None = None) -> tuple[Trial | None, str]:
         """Run the rung over the run's ``feasible`` top-rung trials (``baseline_keys``: which are the uniform
-        baselines); returns ``(the top-rung trial of the chosen entry or None, the stop reason)``."""
+        baselines); returns ``(the top-rung trial of the chosen entry or None, the stop reason)``.
+
+        With ``problem`` and the top rung ``high``, the embedding / head variants of the uniforms are evaluated
+        first (stored ``"baseline"`` trials) and added to ``baseline_keys`` and to the entrants' pool."""
+        feasible = list(feasible)
+        if problem is not None and high is not None:
+            base = {k: n for n, k in baseline_keys.items()}
+            top = {base[t.key]: t.score for t in feasible if t.key in base and t.ok}
+            have = {t.key for t in feasible}
+            added = run_embedding_variants(runner, problem, high, baseline_keys, top, self.settings.uniform_margin)
+            new = [t for k in added.values() if k not in have and (t := runner.store.get(k)) is not None and t.ok]
+            feasible += [t for t in new if problem.feasible(t.assignment)]
         base = {k: n for n, k in baseline_keys.items()}
         entrants = self.entrants([t for t in feasible if t.key not in base],
                                  {base[t.key]: t for t in feasible if t.key in base})

@@ -13,6 +13,7 @@ from autoqra.memory.model import MemoryModel
 from autoqra.optimizer import AutoQRA, SearchSettings
 from autoqra.problem import Problem
 from autoqra.space import SearchSpace
+from autoqra.stages.baselines import embedding_variants, run_embedding_variants, uniform_baselines
 from autoqra.stages.final_rung import FinalEntry, FinalRung, FinalRungSettings
 from autoqra.store import TrialStore
 
@@ -57,9 +58,16 @@ def parts(tiny):
     return space, mm, attrs.evolve(space, bits=(2, 4, 8, 16))
 
 
-def run_with(parts, final, final_on=True, seeds=(0, 1)):
+@pytest.fixture(scope="module")
+def emb_parts(tiny):
+    """The tiny model with its (tied) embedding a unit of bits 4 / 8 / 16; it holds most of the bytes."""
+    space = SearchSpace.from_model(tiny, bits=(2, 4, 8), ranks=(0, 4, 8), embeddings="search")
+    return space, MemoryModel(tiny, space, "hqq"), attrs.evolve(space, bits=(2, 4, 8, 16))
+
+
+def run_with(parts, final, final_on=True, seeds=(0, 1), budget=None):
     space, mm, eval_space = parts
-    budget = mm.predict(space.uniform(4, 8)).model_bytes
+    budget = budget or mm.predict(space.uniform(4, 8)).model_bytes
     problem = Problem.build(space, mm, budget, importance=Importance.uniform(space.n_units), seed=0)
     fs = FinalRungSettings(steps=9, seeds=seeds, candidates=3, uniform_margin=100.0) if final_on else None
     settings = SearchSettings(low=LOW, mid=MID, high=HIGH, phase1="nsga2", phase2="turbo", pop_size=4, promote_k=2,
@@ -125,6 +133,60 @@ def test_entrants_are_distinct_and_near_the_best_uniform(parts):
     assert FinalEntry("x", a, (1.0, float("nan")), ("k1", "k2")).mean != FinalEntry("x", a, (1.0, 2.0), ("", "")).mean
 
 
+def test_embedding_variants_fit_at_the_largest_rank_and_skip_hopeless_bit_widths(parts, emb_parts):
+    space, mm, _ = emb_parts
+
+    def problem(budget, sp=space):
+        return Problem.build(sp, mm, budget, importance=Importance.uniform(sp.n_units), seed=0)
+
+    p = problem(530_000)  # 16-bit embedding: 2-bit r8 and 4-bit r4 fit, no 8-bit uniform does
+    assert [n for n, _ in uniform_baselines(p)][:2] == ["uniform-2bit-r8", "uniform-4bit-r4"]
+    got = embedding_variants(p, {}, 0.1)
+    assert [n for n, _ in got] == ["uniform-2bit-r8-emb8", "uniform-4bit-r8-emb8", "uniform-8bit-r4-emb8"]
+    for (_, a), (b, r) in zip(got, [(2, 8), (4, 8), (8, 4)]):
+        assert a == space.make([8, b, b], [0, r, r]) and p.feasible(a)
+        assert not p.feasible(space.make([8, b, b], [0, 8, 8])) or r == 8  # r is the largest that fits
+    # a regular baseline more than the margin below the best: its bit-width's variant is left out
+    top = {"uniform-2bit-r8": -3.0, "uniform-4bit-r4": -1.0}
+    assert [n for n, _ in embedding_variants(p, top, 0.5)] == ["uniform-4bit-r8-emb8", "uniform-8bit-r4-emb8"]
+    assert len(embedding_variants(p, top, 5.0)) == 3
+    # a tight budget: only 2-bit blocks fit, at rank 4; nothing fits a 16-bit embedding
+    tight = problem(300_000)
+    assert not any(tight.feasible(a) for n, a in uniform_baselines(tight) if n.startswith("uniform"))
+    assert [n for n, _ in embedding_variants(tight, {}, 0.1)] == ["uniform-2bit-r4-emb8"]
+    assert embedding_variants(problem(100_000), {}, 0.1) == []  # nothing fits
+    # no embedding unit, or one without an option below 16: no variant
+    kspace, kmm, _ = parts
+    assert embedding_variants(Problem.build(kspace, kmm, 10**9, seed=0), {}, 0.1) == []
+    only16 = attrs.evolve(space, own_bits={"model.embed_tokens": (16,)})
+    assert embedding_variants(problem(10**9, only16), {}, 0.1) == []
+
+
+def test_the_final_rung_enters_and_chooses_a_fitting_embedding_variant(emb_parts):
+    space, mm, _ = emb_parts
+    want = space.make([8, 4, 4], [0, 8, 8])  # 4-bit r8 with an 8-bit embedding: fits, its 16-bit sibling does not
+
+    def final(a, seed):
+        return 1.0 if a == want else 0.01 * np.mean(a.bits)
+
+    budget = 400_000
+    assert mm.predict(want).model_bytes <= budget < mm.predict(space.uniform(2, 4)).model_bytes
+    run, out, calls, _ = run_with(emb_parts, final, budget=budget)
+    names = ["uniform-2bit-r8-emb8", "uniform-4bit-r8-emb8"]
+    assert [n for n in out.baselines if "-emb" in n] == names  # run at the top rung, listed with the baselines
+    assert run.baseline_keys["uniform-4bit-r8-emb8"] == run.runner.key_of(want, HIGH)
+    trials = {t.key: t for t in run.trials()}
+    assert trials[run.baseline_keys["uniform-4bit-r8-emb8"]].phase == "baseline"
+    entries = {e.label: e for e in run.final_rung.entries}
+    assert set(names) <= set(entries) and all(entries[n].uniform for n in names)
+    assert out.best.assignment == want and run.final_rung.choose().label == "uniform-4bit-r8-emb8"
+    assert (want, 9, 0) in calls
+    assert run.progress.done == run.progress.planned
+    n = run.runner.n_evals  # asked for again: named from the run's trials, no evaluation counted
+    assert list(run_embedding_variants(run.runner, run.problem, HIGH, {}, {}, 100.0)) == names
+    assert run.runner.n_evals == n
+
+
 def test_result_train_reads_the_final_rung_back(tiny, tmp_path):
     res = autoqra.optimize(tiny, "4bit", store=tmp_path / "trials.db", seed=0, preset="tiny", bits=(2, 4, 8),
                            ranks=(0, 4, 8), train=TrainSpec(batch_size=2, seq_len=32, lr=2e-3), progress=False)
@@ -176,7 +238,7 @@ def test_a_search_stopped_in_the_final_rung_resumes_it(tiny, tmp_path):
               progress=False, seed=0, store=tmp_path / "t.db")
     full = autoqra.optimize(tiny, "4bit", **kw)
     n_final = sum(t.phase == "final" for t in full.history)
-    n_before = len(full.history) - n_final
+    n_before = full.info["n_evals"] - n_final  # evaluations counted before the final rung (repeats included)
     assert n_final >= 2
     (tmp_path / "t.db").unlink()
     import shutil
