@@ -128,10 +128,10 @@ def optimize(
 def _search(model: nn.Module, cfg: OptimizeConfig, be_obj: QuantBackend | None, ev_obj: Evaluator | None,
             ex_obj: Executor | None, tokenizer: Any, store: Any, phase1: Any, phase2: Any, prog: Progress) -> Result:
     """:func:`optimize` after its arguments are resolved: prepare, guide, search (``prog``: its progress)."""
-    su = prepare(model, cfg, be_obj, ev_obj, tokenizer)
+    st = store if isinstance(store, TrialStore) else TrialStore(store)
+    su = prepare(model, cfg, be_obj, ev_obj, tokenizer, choose=True, store=st, progress=prog)
     device, precision, be, space, memory, budget_bytes, ev_obj = (
         su.device, su.precision, su.backend, su.space, su.memory, su.budget_bytes, su.evaluator)
-    st = store if isinstance(store, TrialStore) else TrialStore(store)
     fp = model_fingerprint(model)
     st.check_compatible({"model": fp, "backend": be.spec(), "evaluator": ev_obj.spec()})
     cost_model = cost_model_for(space, be, ev_obj, cfg, st, prog) if cfg.guidance == "cost" else None
@@ -151,7 +151,7 @@ def _search(model: nn.Module, cfg: OptimizeConfig, be_obj: QuantBackend | None, 
         if ex_obj is None:
             run.executor.close()
     res = _result(run, out, cfg, importance, st, final_root)
-    res.info.update(tokenizer=su.tokenizer_name, device=str(device),
+    res.info.update(formats=su.formats.to_dict() if su.formats is not None else None, tokenizer=su.tokenizer_name, device=str(device),
                     model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                     precision=getattr(ev_obj, "precision", precision))
     return res

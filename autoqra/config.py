@@ -77,6 +77,9 @@ class OptimizeConfig:
         embeddings: ``"search"`` (default: the token embedding and the output head are units with bits
             16 / 8 / 4 where the backend stores them, no rank; one unit when tied) or ``"keep"`` (16-bit,
             outside the space: the paper's space). Budget references (``"4bit"``) keep them 16-bit either way.
+        formats: ``"choose"`` (default: before the search, each bit-width's group size is measured and chosen
+            for this model, :mod:`autoqra.guidance.formats`; only backends with a group size per bit-width,
+            and only when ``backend_options`` names no ``group_size``) or ``"fixed"`` (the backend's).
         target: the budget applies to "model" bytes or "train" bytes.
         data: "pydoc" (embedded) or a JSONL path / datasets name.
         preset: "demo", "tiny" or "default": fills fidelities and sizes not given explicitly.
@@ -154,6 +157,7 @@ class OptimizeConfig:
     granularity: str = attrs.field(default="block", validator=_one_of(*GRANULARITIES))
     target_modules: tuple[str, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
     embeddings: str = attrs.field(default="search", validator=_one_of("search", "keep"))
+    formats: str = attrs.field(default="choose", validator=_one_of("choose", "fixed"))
     target: str = attrs.field(default="model", validator=_one_of("model", "train"))
     data: str = "pydoc"
     train: TrainSpec = attrs.field(factory=TrainSpec, converter=lambda v: TrainSpec.from_dict(v) if isinstance(v, dict) else v)

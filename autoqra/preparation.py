@@ -22,6 +22,8 @@ from autoqra.evaluators.build import build_evaluator
 from autoqra.evaluators.finetune import FinetuneEvaluator
 from autoqra.executors import Executor, make_executor
 from autoqra.guidance.costmodel import CostModel, measure_cost_model
+from autoqra.guidance.formats import DEFAULT_CANDIDATES as FORMAT_CANDIDATES
+from autoqra.guidance.formats import FormatChoice, choose_formats, supports_formats
 from autoqra.guidance.importance import Importance, compute_importance
 from autoqra.memory.model import MemoryModel
 from autoqra.models import tokenizer_for
@@ -32,6 +34,8 @@ from autoqra.space import SearchSpace
 from autoqra.store import TrialStore
 
 log = logging.getLogger(__name__)
+#: calibration blocks (training split) the format choice measures its KL on
+FORMAT_BLOCKS = 8
 
 
 def _digest(obj: Any) -> str:
@@ -48,6 +52,7 @@ class Setup:
             memory model; budget_bytes: the resolved hard budget (bytes on ``cfg.target``).
         evaluator: the evaluator (built on the space with 16 bits added); tokenizer_name: which
             tokenizer the task data was built with.
+        formats: the group sizes chosen per bit-width (:mod:`autoqra.guidance.formats`), None when not chosen.
     """
 
     device: Any
@@ -58,13 +63,73 @@ class Setup:
     budget_bytes: int
     evaluator: Evaluator
     tokenizer_name: str
+    formats: FormatChoice | None = None
 
 
 def prepare(model: nn.Module, cfg: OptimizeConfig, backend: QuantBackend | None = None,
-            evaluator: Evaluator | None = None, tokenizer: Any = None) -> Setup:
+            evaluator: Evaluator | None = None, tokenizer: Any = None, choose: bool = False,
+            store: TrialStore | None = None, progress: Progress | None = None) -> Setup:
     """Resolve device and precision (moving the model if asked), build backend, space (``cfg.bits_for``: the
     backend's own subset of the default bit ladder unless ``bits`` are given), memory model, budget and
-    evaluator (:func:`~autoqra.evaluators.build.build_evaluator`) exactly as :func:`optimize` does."""
+    evaluator (:func:`~autoqra.evaluators.build.build_evaluator`) exactly as :func:`optimize` does.
+
+    With ``choose`` (what :func:`optimize` passes; benchmarks that evaluate given points leave it off and pass the
+    search's chosen formats as ``backend_options``) and ``cfg.formats == "choose"`` (and no backend object, no ``group_size`` in ``cfg.backend_options``, a
+    backend with a group size per bit-width) each bit-width's group size is measured and chosen first
+    (:mod:`autoqra.guidance.formats`; kept in ``store`` when given) and everything is built again in the
+    chosen formats; the budget stays the one resolved in the backend's default formats (``"4bit"`` means the
+    same bytes either way). ``Setup.formats`` holds the choice (None when none was made)."""
+    su = _prepare(model, cfg, backend, evaluator, tokenizer)
+    if (not choose or cfg.formats != "choose" or backend is not None or "group_size" in cfg.backend_options
+            or not supports_formats(su.backend)):
+        return su
+    fc = formats_for(model, cfg, su, store, progress)
+    if fc is None:
+        return su
+    changed = fc.changed(su.backend)
+    if not changed:
+        return attrs.evolve(su, formats=fc)
+    cfg2 = attrs.evolve(cfg, budget=su.budget_bytes,
+                        backend_options={**cfg.backend_options, "group_size": dict(sorted(changed.items()))})
+    return attrs.evolve(_prepare(model, cfg2, None, evaluator, tokenizer), formats=fc)
+
+
+def as_searched(cfg: OptimizeConfig, info: dict[str, Any] | None) -> OptimizeConfig:
+    """``cfg`` with the formats a search chose (``Result.info["formats"]``) as its backend's ``group_size`` and
+    ``formats="fixed"``: the config that builds that search's backend, to evaluate points exactly as it did."""
+    fc = (info or {}).get("formats")
+    if not fc:
+        return cfg
+    sizes = {int(b): int(g) for b, g in fc["group_sizes"].items()}
+    return attrs.evolve(cfg, formats="fixed", backend_options={**cfg.backend_options, "group_size": sizes})
+
+
+def formats_for(model: nn.Module, cfg: OptimizeConfig, su: Setup, store: TrialStore | None = None,
+                prog: Progress | None = None) -> FormatChoice | None:
+    """The format choice of :func:`prepare` (read back from ``store`` when measured before), or None when the
+    evaluator has no training data. It measures on :data:`FORMAT_BLOCKS` calibration blocks whatever the preset
+    or ``importance_blocks`` (a backend setting: searches of one model and data share their formats and stores)."""
+    data = getattr(su.evaluator, "data", None)
+    if data is None:
+        return None
+    n = min(FORMAT_BLOCKS, len(data.train))
+    name = "formats:" + _digest([su.space.spec(), su.backend.spec(), data.fingerprint(), n, list(FORMAT_CANDIDATES),
+                                 describe(model_device(model), su.precision)])
+    cached = store.get_blob(name) if store is not None else None
+    if cached is not None:
+        if prog is not None:
+            prog.note("formats: read back from the store")
+        return FormatChoice.from_dict(cached)
+    calib = su.evaluator.calib_ids() if hasattr(su.evaluator, "calib_ids") else None
+    fc = choose_formats(model, su.space, su.backend, data.train[:n], su.precision, FORMAT_CANDIDATES,
+                        calib_ids=calib, progress=prog.callback("formats") if prog is not None else None)
+    if store is not None:
+        store.put_blob(name, fc.to_dict())
+    return fc
+
+
+def _prepare(model: nn.Module, cfg: OptimizeConfig, backend: QuantBackend | None, evaluator: Evaluator | None,
+             tokenizer: Any) -> Setup:
     device = resolve_device(cfg.device, model)
     if device != model_device(model):
         log.info("moving the model to %s", device)

@@ -15,6 +15,7 @@ from autoqra.config import PRESETS, OptimizeConfig
 from autoqra.evaluators.finetune import FinetuneEvaluator, heldout_metrics
 from autoqra.precision import compute_dtype, cpu_name, resolve_precision
 from autoqra.preparation import prepare
+from autoqra.quant_backends.hqq import DEFAULT_GROUP_SIZE
 from autoqra.space import Assignment
 
 ROOT = Path(__file__).resolve().parent
@@ -23,7 +24,7 @@ FINAL_SEEDS = (0, 1)
 FINAL_TEST_BLOCKS = 64
 
 __all__ = ["EMBEDDING_UNITS", "FINALS", "FINAL_SEEDS", "FINAL_TEST_BLOCKS", "RESULTS", "ROOT", "SEARCHES", "Cache",
-           "budgets", "cpu_name", "demo_search", "final_key", "final_scores", "load", "search_key"]
+           "budgets", "chooses_formats", "chosen_options", "cpu_name", "demo_search", "final_key", "final_scores", "load", "search_key"]
 
 
 class Cache:
@@ -132,19 +133,37 @@ def search_key(name: str, seed: int, cfg: OptimizeConfig) -> str:
     return (f"search:{name}:{seed}:r{'-'.join(map(str, cfg.ranks))}:e-{cfg.embeddings}:"
             f"{hashlib.sha256(sizes.encode()).hexdigest()[:8]}"
             + ("" if cfg.granularity == "block" else f":g-{cfg.granularity}")
-            + (f":{options_tag(cfg.backend_options)}" if cfg.backend_options else ""))
+            + (f":{options_tag(cfg.backend_options)}" if cfg.backend_options else "")
+            + (":fmt-choose" if chooses_formats(cfg) else ""))
+
+
+def chooses_formats(cfg: OptimizeConfig) -> bool:
+    """Whether ``optimize`` measures and chooses group sizes under ``cfg`` (hqq, ``formats="choose"``, no
+    ``group_size`` given): such a search is not the one the keys without this mark name (those were fixed)."""
+    return cfg.formats == "choose" and cfg.backend == "hqq" and "group_size" not in cfg.backend_options
+
+
+def chosen_options(backend_spec: dict | None) -> dict:
+    """The backend options that rebuild a search's backend in the formats it chose: ``{"group_size": {bits: g}}``
+    for the bit-widths not at hqq's default group size (``{}`` when none)."""
+    gs = (backend_spec or {}).get("group_size")
+    if not isinstance(gs, dict):
+        return {} if gs in (None, DEFAULT_GROUP_SIZE) else {"group_size": gs}
+    changed = {int(b): g for b, g in gs.items() if g != DEFAULT_GROUP_SIZE}
+    return {"group_size": changed} if changed else {}
 
 
 def demo_search(model, tok, name: str, budget: int, seed: int, work: Path | None = None,
-                granularity: str | None = None, backend_options: dict | None = None) -> dict:
+                granularity: str | None = None, backend_options: dict | None = None, formats: str | None = None) -> dict:
     """One ``autoqra.optimize`` at the demo preset's defaults (final rung included) with search seed ``seed``
-    (``granularity``: of the units, ``backend_options``: the backend's; the config's defaults unless a study asks
-    for others), cached in the benchmarks'
+    (``granularity``: of the units, ``backend_options``: the backend's, ``formats``: ``"choose"`` / ``"fixed"``;
+    the config's defaults unless a study asks for others), cached in the benchmarks'
     shared ``results/searches.cache.json`` (no_regret and every_byte read the same runs); its trial store lives
     under ``runs/searches/`` so an interrupted search resumes."""
     cfg = OptimizeConfig(budget=budget, preset="demo", seed=seed,
                          **({} if granularity is None else {"granularity": granularity}),
-                         **({} if not backend_options else {"backend_options": backend_options}))
+                         **({} if not backend_options else {"backend_options": backend_options}),
+                         **({} if formats is None else {"formats": formats}))
     key = search_key(name, seed, cfg)
     cache = Cache(SEARCHES)
     if cache.get(key) is not None:
@@ -167,7 +186,8 @@ def demo_search(model, tok, name: str, budget: int, seed: int, work: Path | None
                          for n, t in res.baselines.items()},
            "final_rung": [{"label": e["label"], "assignment": e["assignment"], "val_score": e["val_score"],
                            "top_rung_score": e["top_rung_score"]} for e in fr],
-           "cost_model": res.info.get("cost_model") or {}, "stop_reasons": res.info.get("stop_reasons"),
+           "cost_model": res.info.get("cost_model") or {},
+           "formats": res.info.get("formats"), "backend_options": chosen_options(res.info.get("backend_spec")), "stop_reasons": res.info.get("stop_reasons"),
            "evaluations": len(res.history), "key": key}
     cache.put(key, out)
     return out

@@ -57,8 +57,10 @@ def spend(space, a: Assignment, mm: MemoryModel) -> dict:
     return {"model_bytes": int(mm.predict(a).model_bytes), "embedding_bits": emb}
 
 
-def tests(model, tok, a: Assignment) -> list[float]:
-    cfg = OptimizeConfig(**CONFIG)
+def tests(model, tok, a: Assignment, backend_options: dict | None = None) -> list[float]:
+    """Final-recipe test losses of ``a`` at the final seeds, in hqq's default formats or ``backend_options``'s (a
+    search's chosen formats)."""
+    cfg = OptimizeConfig(**CONFIG, **({"backend_options": backend_options} if backend_options else {}))
     return [final_scores(model, tok, cfg, a, s)["test"] for s in FINAL_SEEDS]
 
 
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
                    if k not in ("cost_model", "baselines")}
             doc["precision"] = doc["precision"] or run.get("precision")
             a = Assignment.from_dict({k: run["chosen"][k] for k in ("units", "bits", "ranks")})
-            doc["runs"].append({**run, "chosen_test": tests(model, tok, a)})
+            doc["runs"].append({**run, "chosen_test": tests(model, tok, a, run.get("backend_options"))})
             write(doc)
     write(doc)
     return 0

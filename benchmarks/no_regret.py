@@ -56,7 +56,7 @@ EMB = EMBEDDING_UNITS
 def search(model, tok, name: str, budget: int, seed: int) -> tuple[dict, dict]:
     """The shared demo search (``_common.demo_search``) plus the rank tables' Spearman on its final rung; returns
     the run (without its cost model, kept out of the report) and the cost model's dict."""
-    run = dict(demo_search(model, tok, name, budget, seed))
+    run = dict(demo_search(model, tok, name, budget, seed, formats="fixed"))
     cm = run.pop("cost_model", {}) or {}
     run["rank_spearman"] = rank_spearman(cm, run["final_rung"])
     return run, cm
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     runs = []
     for seed in args.seeds:  # seeds outer: seeds 0 and 1 at both budgets are also every_byte.py's searches
         for name in args.budgets:
-            key = search_key(name, seed, OptimizeConfig(budget=bud[name], preset="demo", seed=seed))
+            key = search_key(name, seed, OptimizeConfig(budget=bud[name], preset="demo", seed=seed, formats="fixed"))
             if args.report_only and searches.get(key) is None:
                 continue
             run, cm = search(model, tok, name, bud[name], seed)

@@ -41,7 +41,7 @@ from autoqra.evaluators.data import ByteTokenizer, build_task_data
 from autoqra.memory.model import MemoryModel
 from autoqra.models import load_model
 from autoqra.precision import compute_dtype, resolve_precision
-from autoqra.quant_backends import backend_for_precision
+from autoqra.quant_backends import backend_for_precision, backend_from_spec
 from autoqra.space import SearchSpace
 from autoqra.stages.runner import TrialRunner
 from autoqra.store import TrialStore, model_fingerprint, trial_key
@@ -231,11 +231,29 @@ class Bench:
             return a, self.backend_key(a), summary
         res = self.search(row.id)
         a = res.best.assignment if res.best else None
-        return a, self.backend_key(a), self.search_summary(res)
+        return a, self.backend_key(a, res), self.search_summary(res)
 
-    def backend_key(self, a) -> str:
-        """``"hqq+emb"`` for an HQQ assignment naming the embedding / head units (a search's default), else ``"hqq"``."""
-        return "hqq+emb" if a is not None and a.units != self.space.unit_names else "hqq"
+    def backend_key(self, a, res: Any = None) -> str:
+        """``"hqq+emb"`` for an HQQ assignment naming the embedding / head units (a search's default), else ``"hqq"``;
+        for a search ``res`` that chose its formats (``info["formats"]``), that key plus the chosen group sizes
+        (``"hqq+emb/g4=32"``), registered here with the search's backend, space and memory model."""
+        key = "hqq+emb" if a is not None and a.units != self.space.unit_names else "hqq"
+        spec = (res.info.get("backend_spec") or {}) if res is not None and res.info.get("formats") else {}
+        gs = spec.get("group_size")
+        if not isinstance(gs, dict) or spec == self.backends[key].spec():
+            return key
+        base = self.backends[key].group_sizes
+        name = key + "/g" + ",".join(f"{b}={g}" for b, g in sorted((int(b), g) for b, g in gs.items())
+                                     if base.get(b) != g)
+        if name not in self.backends:
+            be = backend_from_spec(spec)
+            sp = SearchSpace.from_model(self.model, self.p.bits, self.p.ranks, "block", backend=be,
+                                        embeddings="search" if key == "hqq+emb" else "keep")
+            self.backends[name] = be
+            self.spaces[name] = attrs.evolve(sp, bits=tuple(sorted({*self.p.bits, 16})))
+            self.memory[name] = MemoryModel(self.model, self.spaces[name], be, train=self.p.train,
+                                            precision=self.precision)
+        return name
 
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from autoqra.config import OptimizeConfig
 from autoqra.evaluators.base import Fidelity
 from autoqra.guidance.importance import Importance
 from autoqra.guidance.repair import make_repair
-from autoqra.preparation import prepare
+from autoqra.preparation import as_searched, prepare
 from autoqra.stages.runner import TrialRunner
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,12 @@ def random_search(bench: Any, ref_id: str) -> tuple[Any, dict[str, Any], int]:
     cfg = OptimizeConfig.from_dict(ref.config)
     row = {r.id: r for r in bench.rows}.get(ref_id)
     n = sum(t.fidelity.name == "high" and t.phase in ("phase1", "phase2") for t in ref.history)
-    ev = prepare(bench.model, cfg, tokenizer=bench.tok).evaluator  # the reference search's evaluator, exactly
+    ev = prepare(bench.model, as_searched(cfg, ref.info), tokenizer=bench.tok).evaluator  # the search's, exactly
     be, store = ev.backend, bench.store_for(ref.config, row.budget if row else "4bit", row.store if row else None)
     store.check_compatible({"model": bench.fp, "backend": be.spec(), "evaluator": ev.spec()})
     imp = Importance.from_dict(ref.info["importance"])
     space = ref.space  # the reference search's space (with the embedding / head units by default)
-    mm = bench.memory["hqq"].with_space(space)
+    mm = bench.memory[bench.backend_key(ref.best.assignment if ref.best else None, ref)].with_space(space)
     repair = make_repair(mm, ref.budget_bytes, imp.q, imp.r, "model")
     rng, cands = np.random.default_rng(bench.p.search_seed), []
     for _ in range(100 * max(n, 1)):

@@ -38,6 +38,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--embeddings", choices=["search", "keep"],
                    help="search: the token embedding / output head are units (16/8/4 bits, no rank; default); "
                         "keep: 16-bit, outside the space (the paper's)")
+    o.add_argument("--formats", choices=["choose", "fixed"],
+                   help="choose: measure each bit-width's group size for this model first (default; hqq); "
+                        "fixed: the backend's")
     o.add_argument("--target", choices=["model", "train"], help="budget on model bytes or training bytes")
     o.add_argument("--data", help="'pydoc' (embedded) or a JSONL file")
     o.add_argument("--max-trials", type=int)
@@ -97,7 +100,7 @@ def _search_options(args: argparse.Namespace) -> dict:
     """OptimizeConfig fields given on the command line (besides device and precision)."""
     options = {
         k: getattr(args, k) for k in ("budget", "evaluator", "phase1", "phase2", "preset", "bits", "ranks",
-                                      "granularity", "target", "data", "warm_start", "embeddings")
+                                      "granularity", "target", "data", "warm_start", "embeddings", "formats")
         if getattr(args, k, None) is not None
     }
     if args.no_phase2:

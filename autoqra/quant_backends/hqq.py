@@ -158,6 +158,10 @@ class HQQBackend(QuantBackend):
             "hqq_version": lib,
         }
 
+    def with_group_sizes(self, group_sizes: Mapping[int, int]) -> HQQBackend:
+        """The same backend (compute dtype, axis) with these group sizes (``{bits: size}``; unnamed: 64)."""
+        return HQQBackend(dict(group_sizes), compute_dtype=self.compute_dtype, axis=self.axis)
+
     def group_size_of(self, bits: int) -> int:
         """The group size hqq uses at ``bits``."""
         return self.group_sizes.get(int(bits), DEFAULT_GROUP_SIZE)
