@@ -73,15 +73,16 @@ def prepare(model: nn.Module, cfg: OptimizeConfig, backend: QuantBackend | None 
     backend's own subset of the default bit ladder unless ``bits`` are given), memory model, budget and
     evaluator (:func:`~autoqra.evaluators.build.build_evaluator`) exactly as :func:`optimize` does.
 
-    With ``choose`` (what :func:`optimize` passes; benchmarks that evaluate given points leave it off and pass the
-    search's chosen formats as ``backend_options``) and ``cfg.formats == "choose"`` (and no backend object, no ``group_size`` in ``cfg.backend_options``, a
-    backend with a group size per bit-width) each bit-width's group size is measured and chosen first
-    (:mod:`autoqra.guidance.formats`; kept in ``store`` when given) and everything is built again in the
-    chosen formats; the budget stays the one resolved in the backend's default formats (``"4bit"`` means the
-    same bytes either way). ``Setup.formats`` holds the choice (None when none was made)."""
+    Formats: with ``choose`` (what :func:`optimize` passes) and ``cfg.formats == "choose"``, each bit-width's group
+    size is measured and chosen first (:mod:`autoqra.guidance.formats`; kept in ``store`` when given) and everything
+    is built again in the chosen formats. The budget stays the one resolved in the backend's default formats
+    (``"4bit"`` names the same bytes either way). Nothing is chosen when a backend or an evaluator object is given
+    (each comes with its own backend), when ``cfg.backend_options`` names a ``group_size``, or when the backend has
+    no group size per bit-width. Benchmarks that evaluate given points leave ``choose`` off and pass a search's
+    formats as ``backend_options`` (:func:`as_searched`). ``Setup.formats`` holds the choice (None: none made)."""
     su = _prepare(model, cfg, backend, evaluator, tokenizer)
-    if (not choose or cfg.formats != "choose" or backend is not None or "group_size" in cfg.backend_options
-            or not supports_formats(su.backend)):
+    if (not choose or cfg.formats != "choose" or backend is not None or evaluator is not None
+            or "group_size" in cfg.backend_options or not supports_formats(su.backend)):
         return su
     fc = formats_for(model, cfg, su, store, progress)
     if fc is None:

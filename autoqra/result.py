@@ -224,6 +224,12 @@ class Result:
             lines.append(cov.line())
             if cov.warning():
                 lines.append("warning: " + cov.warning())
+        fc = self.info.get("formats")
+        if fc:  # the group size each bit-width was stored with, when the search chose them
+            sizes = {int(b): g for b, g in fc["group_sizes"].items()}
+            ladder = [b for b in self.space.bits if b in sizes]
+            lines.append("formats (chosen for this model): " + ", ".join(f"{b}-bit in groups of {sizes[b]}"
+                                                                         for b in ladder))
         rows = [("AutoQRA (chosen)", self.best)] if self.best else []
         ukey = self.info.get("best_utility_key")
         if ukey and self.best and ukey != self.best.key:

@@ -142,7 +142,7 @@ def choose_formats(model: nn.Module, space: SearchSpace, backend: QuantBackend, 
         batch_size: blocks per forward pass.
         calib_ids: calibration ids for backends that need them.
         min_gain: a format other than the default must lower the rule's figure by this share of ``D(b, g₀)``.
-        progress: ``fn("formats", done, total)`` after each measurement.
+        progress: ``fn("whole-decoder KL", done, total, "formats")`` after each measurement.
     """
     if not supports_formats(backend):
         raise ValueError(f"backend {backend.name!r} has no group size per bit-width to choose")
@@ -160,7 +160,7 @@ def choose_formats(model: nn.Module, space: SearchSpace, backend: QuantBackend, 
             for b in ladder[:-1]}
     total, done = 1 + sum(len(v) for v in plan.values()), 0
     if progress is not None:
-        progress("formats", 0, total)
+        progress("whole-decoder KL", 0, total, "formats")
 
     def measure(b: int, g: int) -> tuple[float, int]:
         nonlocal done
@@ -168,7 +168,7 @@ def choose_formats(model: nn.Module, space: SearchSpace, backend: QuantBackend, 
         out = _damage(model, work, space, be, b, batches, ref, calib_ids, precision), _decoder_bytes(space, be, b)
         done += 1
         if progress is not None:
-            progress("formats", done, total)
+            progress("whole-decoder KL", done, total, "formats")
         return out
 
     top = ladder[-1]

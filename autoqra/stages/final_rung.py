@@ -169,7 +169,9 @@ class FinalRung:
             base = {k: n for n, k in baseline_keys.items()}
             top = {base[t.key]: t.score for t in feasible if t.key in base and t.ok}
             have = {t.key for t in feasible}
-            added = run_embedding_variants(runner, problem, high, baseline_keys, top, self.settings.uniform_margin)
+            best = max((t.score for t in feasible if t.ok), default=None)
+            added = run_embedding_variants(runner, problem, high, baseline_keys, top, self.settings.uniform_margin,
+                                           best)
             new = [t for k in added.values() if k not in have and (t := runner.store.get(k)) is not None and t.ok]
             feasible += [t for t in new if problem.feasible(t.assignment)]
         base = {k: n for n, k in baseline_keys.items()}

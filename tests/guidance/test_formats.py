@@ -104,3 +104,18 @@ def test_prepare_builds_in_the_chosen_formats_at_the_same_budget(gridded, monkey
     monkeypatch.setattr("autoqra.preparation.choose_formats", lambda *a, **k: pytest.fail("measured again"))
     again = prepare(gridded, OptimizeConfig(**CFG), choose=True, store=st)  # read back from the store
     assert again.backend.spec() == first.backend.spec() == chosen.backend.spec()
+
+
+def test_optimize_searches_in_the_chosen_formats_and_says_so(gridded, tmp_path):
+    import autoqra
+    from autoqra.result import load_result
+
+    res = autoqra.optimize(gridded, "4bit", **{**CFG, "precision": "fp32"}, max_trials=8, phase2=None, final_rung=False,
+                           progress=False, store=tmp_path / "t.db")
+    assert res.info["formats"]["group_sizes"]["4"] == 32
+    assert res.info["backend_spec"]["group_size"]["4"] == 32  # what Result.train / export rebuild the backend from
+    assert "4-bit in groups of 32" in res.summary()
+    uni = res.baselines["uniform-4bit-r4"]  # g32 costs more: r8 no longer fits the default format's "4bit" bytes
+    assert uni.memory.model_bytes <= res.budget_bytes and "uniform-4bit-r8" not in res.baselines
+    back = load_result(res.save(tmp_path / "run"))
+    assert back.info["formats"] == res.info["formats"] and "groups of 32" in back.summary()

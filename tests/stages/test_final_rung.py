@@ -150,6 +150,10 @@ def test_embedding_variants_fit_at_the_largest_rank_and_skip_hopeless_bit_widths
     top = {"uniform-2bit-r8": -3.0, "uniform-4bit-r4": -1.0}
     assert [n for n, _ in embedding_variants(p, top, 0.5)] == ["uniform-4bit-r8-emb8", "uniform-8bit-r4-emb8"]
     assert len(embedding_variants(p, top, 5.0)) == 3
+    # ... or more than the margin below the run's best top-rung score (a search candidate): also left out
+    only2 = {"uniform-2bit-r8": -3.0}
+    assert len(embedding_variants(p, only2, 0.5)) == 3  # the best baseline is itself
+    assert [n for n, _ in embedding_variants(p, only2, 0.5, best=-1.0)] == ["uniform-4bit-r8-emb8", "uniform-8bit-r4-emb8"]
     # a tight budget: only 2-bit blocks fit, at rank 4; nothing fits a 16-bit embedding
     tight = problem(300_000)
     assert not any(tight.feasible(a) for n, a in uniform_baselines(tight) if n.startswith("uniform"))
